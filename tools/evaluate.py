@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Evaluate quality, diversity and forgetting on your own JSONL (see docs/evaluation.md).
+
+    python tools/evaluate.py --prompts eval.jsonl --generations gens.jsonl --out results.json
+    python tools/evaluate.py --prompts eval.jsonl --model hf_dir --n 16 --heldout heldout.jsonl \
+        --base-model hf_base_dir --out results.json --csv results.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from megatron_gem import evaluation as E  # noqa: E402
+from megatron_gem.metrics import sentence_embedder  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="JSONL: {messages, valid?, id?, split?} per line")
+    src = p.add_argument_group("what to evaluate (at least one)")
+    src.add_argument("--generations", help="JSONL: {prompt_id | index, generations: [...]} per line")
+    src.add_argument("--model", help="HF model directory to sample from (and to score valid sets / held-out text)")
+    s = p.add_argument_group("sampling (with --model and no --generations)")
+    d = E.SamplingConfig()
+    s.add_argument("--n", type=int, default=d.n, help="responses per prompt (default %(default)s)")
+    s.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)")
+    s.add_argument("--top-p", type=float, default=d.top_p)
+    s.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default)")
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generate() call")
+    s.add_argument("--template", choices=("auto", "plain"), default="auto",
+                   help="prompt template: the tokenizer's chat template when it has one (auto), "
+                        "or 'User: ...\\nAssistant:' (plain)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--save-generations", help="also write the sampled responses as a generations JSONL")
+    f = p.add_argument_group("forgetting (with --model)")
+    f.add_argument("--heldout", help="JSONL of {text} held-out pre-training documents")
+    f.add_argument("--heldout-loss-before", type=float, help="held-out loss of the model before SFT")
+    f.add_argument("--base-model", help="HF directory of the model before SFT (computes the loss before)")
+    p.add_argument("--no-score", action="store_true", help="skip exact scoring of valid sets")
+    p.add_argument("--embedding-model", help="sentence-transformers model (local path) for embedding diversity")
+    p.add_argument("--out", required=True, help="output JSON (metrics per prompt set, per prompt, generations)")
+    p.add_argument("--csv", help="also write one CSV row per prompt set")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_texts(path: str) -> list[str]:
+    texts = []
+    for lineno, rec in E._read_jsonl(path):
+        if not isinstance(rec.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: needs a string 'text' (keys present: {sorted(rec)})")
+        texts.append(rec["text"])
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.generations and not a.model:
+        parser.error("give --generations, --model, or both")
+    if (a.heldout or a.base_model) and not a.model:
+        parser.error("--heldout/--base-model need --model (the loss is the model's)")
+    if a.base_model and a.heldout_loss_before is not None:
+        parser.error("give --base-model or --heldout-loss-before, not both")
+    if (a.base_model or a.heldout_loss_before is not None) and not a.heldout:
+        parser.error("forgetting needs --heldout")
+    outs = [Path(x) for x in (a.out, a.csv, a.save_generations) if x]
+    clash = [str(x) for x in outs if x.exists()]
+    if clash and not a.overwrite:
+        parser.error(f"output exists: {', '.join(clash)} (pass --overwrite to replace)")
+    try:
+        sampling = E.SamplingConfig(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                    max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size)
+    except ValueError as e:
+        parser.error(str(e))
+
+    say = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        prompts = E.read_prompts(a.prompts)
+        gens = E.read_generations(a.generations, prompts) if a.generations else None
+        heldout = _read_texts(a.heldout) if a.heldout else None
+        model = fmt = None
+        before = a.heldout_loss_before
+        if a.model:
+            say(f"loading {a.model}")
+            model, tok = E.load_hf(a.model, device=a.device)
+            fmt = E.hf_chat_format(tok, render=E.plain_render if a.template == "plain" else None)
+            if a.base_model:
+                say(f"held-out loss of the base model {a.base_model}")
+                base, btok = E.load_hf(a.base_model, device=a.device)
+                before = E.heldout_loss(base, E.hf_chat_format(btok), heldout)
+                del base
+        embedder = sentence_embedder(a.embedding_model)
+        if a.embedding_model and embedder is None:
+            say("sentence-transformers is not installed: embedding diversity skipped")
+        result = E.evaluate(model, fmt, prompts, sampling, generations=gens, heldout_texts=heldout,
+                            heldout_loss_before=before, score=not a.no_score, embedder=embedder,
+                            progress=say)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if before is not None:
+        result["heldout_loss_before"] = before
+    result["note"] = "all metrics are computed on the response text only (the prompt is excluded)"
+
+    _write_atomic(Path(a.out), json.dumps(result, indent=1) + "\n")
+    if a.csv:
+        keys = sorted({k for d in result["sets"].values() for k in d})
+        rows = [{"set": s, **d, "heldout_loss": result["heldout_loss"], "forgetting": result["forgetting"]}
+                for s, d in result["sets"].items()]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["set", *keys, "heldout_loss", "forgetting"])
+        w.writeheader()
+        w.writerows(rows)
+        _write_atomic(Path(a.csv), buf.getvalue())
+    if a.save_generations and gens is None:
+        _write_atomic(Path(a.save_generations), "".join(
+            json.dumps({"prompt_id": r["id"], "generations": r["generations"]}) + "\n" for r in result["prompts"]))
+
+    shown = ("quality", "valid_mass", "effective_valid", "coverage", "ngram_diversity", "self_bleu_diversity",
+             "embedding_diversity")
+    print("set".ljust(10) + "".join(m[:14].rjust(16) for m in shown))
+    for s, d in result["sets"].items():
+        print(s[:10].ljust(10) + "".join((f"{d[m]:.4f}" if m in d else "-").rjust(16) for m in shown))
+    for k in ("heldout_loss", "forgetting"):
+        if result[k] is not None:
+            print(f"{k}: {result[k]:.4f}")
+    print(f"wrote {a.out}" + (f" and {a.csv}" if a.csv else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,22 +97,23 @@ def _validate(logits, target, beta, h, ignore_index) -> None:
         raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
 
 
-def _row_sums(z, m, zy, inv_beta, beta, logsigmoid, with_stats):
+def _row_sums(z, m, zy, inv_beta, beta, logsigmoid, with_stats, x, e, p):
     """Per-row sums over one chunk of the local vocabulary shard, in fp32.
 
-    z: [r, V_local] logits (any float dtype); m, zy: [r] global row max and target logit.
+    z: [r, V_local] logits (any float dtype); m, zy: [r] global row max and target logit;
+    x, e (and p, with stats at beta != 1): fp32 [r, V_local] scratch buffers, reused across
+    chunks so the CPU pays no page faults for fresh allocations.
     Returns [r, k]: S = sum e, B = sum e w (z - z_y), A = sum e w, and with stats
     S1 = sum exp(z - m), U1 = sum exp(z - m) (z - m). Padded -inf logits give e = 0 and their
     0 * (-inf) products are skipped by nansum (a NaN logit still poisons S, as it should).
     """
-    x = torch.add((-m * inv_beta).unsqueeze(-1), z, alpha=inv_beta)  # (z - m) / beta, fp32
+    torch.add((-m * inv_beta).unsqueeze(-1), z, alpha=inv_beta, out=x)  # (z - m) / beta
     stats = []
     if with_stats and beta != 1.0:
-        y = x * beta  # z - m
-        p = torch.exp(y)
-        stats = [p.sum(-1), torch.nansum(p.mul_(y), -1)]
-        del y, p
-    e = torch.exp(x)
+        torch.mul(x, beta, out=e)  # z - m
+        torch.exp(e, out=p)
+        stats = [p.sum(-1), torch.nansum(p.mul_(e), -1)]
+    torch.exp(x, out=e)
     s = e.sum(-1)
     if logsigmoid:
         if with_stats and beta == 1.0:
@@ -129,8 +130,7 @@ def _row_sums(z, m, zy, inv_beta, beta, logsigmoid, with_stats):
         stats = [s, ewx]  # p = q: S1 = S, U1 = sum e x
     # sum e w (z - z_y) = beta * sum e w x + (m - z_y) * sum e w
     b = beta * ewx + (m - zy) * a
-    cols = [s, b, a] + stats
-    return torch.stack(cols, dim=-1)
+    return torch.stack([s, b, a] + stats, dim=-1)
 
 
 class _VocabParallelGEM(torch.autograd.Function):
@@ -180,9 +180,12 @@ class _VocabParallelGEM(torch.autograd.Function):
         k = 5 if with_stats else 3
         sums = torch.empty(n, k, dtype=torch.float32, device=z.device)
         step = _chunk_rows(z)
+        scratch = torch.empty(3 if with_stats and beta != 1.0 else 2, min(step, n), v_local, dtype=torch.float32, device=z.device)
         for i in range(0, n, step):
             j = min(n, i + step)
-            sums[i:j] = _row_sums(z[i:j], m[i:j], zy[i:j], inv_beta, beta, logsigmoid, with_stats)
+            bufs = [b[: j - i] for b in scratch] + [None]
+            sums[i:j] = _row_sums(z[i:j], m[i:j], zy[i:j], inv_beta, beta, logsigmoid, with_stats, *bufs[:3])
+        del scratch
         if world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
 
@@ -220,9 +223,11 @@ class _VocabParallelGEM(torch.autograd.Function):
             target_add = torch.where(own, -target_coef, torch.zeros_like(target_coef))
             grad = torch.empty_like(z)
             step = _chunk_rows(z)
+            scratch = torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
             for i in range(0, n, step):
                 j = min(n, i + step)
-                x = torch.add((-m[i:j] * inv_beta).unsqueeze(-1), z[i:j], alpha=inv_beta).exp_()
+                x = scratch[: j - i]
+                torch.add((-m[i:j] * inv_beta).unsqueeze(-1), z[i:j], alpha=inv_beta, out=x).exp_()
                 if logsigmoid:
                     w = torch.add(
                         (LOGSIGMOID_SCALE * -zy[i:j]).unsqueeze(-1), z[i:j], alpha=LOGSIGMOID_SCALE

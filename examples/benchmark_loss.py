@@ -1,0 +1,158 @@
+"""Benchmark: GEM forward+backward against Megatron's own cross-entropy, in one run.
+
+Prints, per (tensor-parallel size, logits dtype), the time and the peak extra memory of
+megatron_gem.vocab_parallel_gem_loss and of Megatron's unfused `vocab_parallel_cross_entropy`
+and fused native cross-entropy, and their ratios (GEM / Megatron unfused CE).
+
+"Peak extra memory" is the peak over forward+backward minus what was held before (the
+inputs): on CUDA from torch's allocator statistics, on CPU from the process's peak resident
+set size (Linux /proc VmHWM, reset before each measurement).
+
+    python examples/benchmark_loss.py                      # 4096 tokens x 32064 local vocab
+    python examples/benchmark_loss.py --tp 1 --dtypes bf16 --tokens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+class PeakMemory:
+    """Peak extra bytes over a block: CUDA allocator stats, or the Linux peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+                f.write("5")
+            self.base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.extra = _rss_kib("VmHWM") * 1024 - self.base
+
+
+def _methods(group):
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_gem import vocab_parallel_gem_loss
+
+    return {
+        "gem": lambda z, t: vocab_parallel_gem_loss(z, t, beta=0.7, tp_group=group),
+        "gem+stats": lambda z, t: vocab_parallel_gem_loss(z, t, beta=0.7, tp_group=group, return_stats=True)[0],
+        "megatron_ce": lambda z, t: vocab_parallel_cross_entropy(z, t, tp_group=group),
+        "megatron_fused_ce": lambda z, t: fused_vocab_parallel_cross_entropy(z, t, group),
+    }
+
+
+def _measure(fn, logits, target, grad, repeats, device):
+    """Median fwd+bwd seconds and peak extra bytes. A fresh copy of the logits each time:
+    Megatron's cross-entropy overwrites fp32 input logits in place."""
+    times, extras = [], []
+    for _ in range(repeats + 1):  # first call warms up (and compiles the fused CE)
+        z = logits.detach().clone().requires_grad_()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            loss = fn(z, target)
+            loss.backward(grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            del loss, z
+        times.append(dt)
+        extras.append(mem.extra)
+    return statistics.median(times[1:]), max(extras[1:])
+
+
+def _worker(rank, world, args, results):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    methods = _methods(group)
+    gen = torch.Generator().manual_seed(1234)  # same full logits on every rank: slice this rank's shard
+    for dtype_name in args.dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        full_v = args.local_vocab * world
+        target = torch.randint(0, full_v, (args.tokens, 1), generator=gen).to(device)
+        grad = torch.rand(args.tokens, 1, generator=gen).to(device)
+        logits = (
+            torch.randn(args.tokens, 1, args.local_vocab, generator=gen) * 3
+        ).to(device=device, dtype=dtype)
+        for name in args.methods:
+            if name == "megatron_fused_ce" and dtype != torch.bfloat16:
+                continue  # it hard-casts its gradient to bf16: only meaningful for bf16 logits
+            try:
+                sec, extra = _measure(methods[name], logits, target, grad, args.repeats, device)
+            except Exception as exc:  # e.g. the fused CE's torch.compile failing on a host
+                sec, extra = float("nan"), float("nan")
+                if rank == 0:
+                    print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            if rank == 0:
+                results.append((world, dtype_name, name, sec, extra))
+        del logits
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096, help="rows (s*b) of logits")
+    p.add_argument("--local-vocab", type=int, default=32064, help="vocabulary shard per TP rank")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes (processes)")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    p.add_argument("--methods", nargs="+", default=["gem", "gem+stats", "megatron_ce", "megatron_fused_ce"])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    torch._dynamo.config.suppress_errors = False
+
+    print(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+          f"torch {torch.__version__}, {args.tokens} tokens x {args.local_vocab} local vocab, "
+          f"median of {args.repeats} fwd+bwd")
+    rows = []
+    for world in args.tp:
+        with mp.Manager() as manager:
+            results = manager.list()
+            os.environ["MASTER_PORT"] = str(29500 + (os.getpid() % 1000) + world)
+            mp.spawn(_worker, args=(world, args, results), nprocs=world, join=True)
+            rows.extend(results)
+
+    ref = {(w, d): (s, e) for w, d, n, s, e in rows if n == "megatron_ce"}
+    header = f"| TP | logits | method | fwd+bwd ms | peak extra MiB | time / Megatron CE | memory / Megatron CE |"
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    for w, d, n, s, e in rows:
+        rs, re_ = ref.get((w, d), (float("nan"), float("nan")))
+        print(f"| {w} | {d} | {n} | {s * 1e3:.0f} | {e / 2**20:.0f} | {s / rs:.2f} | {e / re_:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

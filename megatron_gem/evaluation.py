@@ -265,12 +265,14 @@ def sample(model, fmt: ChatFormat, prompts: Sequence[list[dict]], cfg: SamplingC
             mask[r, width - len(x):] = 1
         kw = dict(do_sample=False, num_beams=1) if greedy else dict(
             do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        reps = 1 if greedy else cfg.n  # greedy: one decode per prompt, repeated n times
         gen = model.generate(
             input_ids=input_ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=cfg.max_new_tokens,
-            num_return_sequences=cfg.n, eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, **kw)
+            num_return_sequences=reps, eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id, **kw)
         new = gen[:, width:].tolist()
         for r in range(len(ids)):
-            out.append([fmt.decode_response(new[r * cfg.n + j]) for j in range(cfg.n)])
+            texts = [fmt.decode_response(new[r * reps + j]) for j in range(reps)]
+            out.append(texts * cfg.n if greedy else texts)
         if progress:
             progress(len(out), len(prompts))
     return out

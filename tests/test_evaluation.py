@@ -1,0 +1,266 @@
+"""Sampling, exact scoring, held-out loss and the evaluation CLI on tiny random HF models."""
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_gem import evaluation as E
+
+transformers = pytest.importorskip("transformers")
+
+# Char-level format: ids 0 pad, 1 bos, 2 eos, 3.. = letters a..m (a tokenizer-like object, no HF).
+LETTERS = "abcdefghijklm"
+V = 3 + len(LETTERS)
+
+
+def char_format():
+    return E.ChatFormat(
+        encode=lambda s: [3 + LETTERS.index(c) for c in s if c != " "],
+        decode=lambda ids: "".join(LETTERS[i - 3] for i in ids if i >= 3),
+        render=lambda msgs: msgs[-1]["content"], eos_id=2, pad_id=0, bos_id=1)
+
+
+def tiny_llama(vocab=V, seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper distributions than the tiny init gives, so greedy ties are unlikely
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def ref_logprob(model64, ctx, tgt):
+    """Independent reference: float64 model, one sequence, one full forward per target token."""
+    seq, total = list(ctx), 0.0
+    for t in tgt:
+        logits = model64(input_ids=torch.tensor([seq])).logits[0, -1]
+        total += torch.log_softmax(logits.double(), -1)[t].item()
+        seq.append(t)
+    return total
+
+
+def test_sequence_logprobs_match_float64_reference(model):
+    import copy
+    m64 = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randint(3, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist(),
+              torch.randint(2, V, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist())
+             for _ in range(11)]
+    got = E.sequence_logprobs(model, pairs, batch_size=4)  # padded batches of mixed lengths
+    with torch.no_grad():
+        for (c, t), v in zip(pairs, got):
+            assert v == pytest.approx(ref_logprob(m64, c, t), abs=2e-4)
+
+
+def test_response_probabilities_sum_to_one(model):
+    """Exactness of 'sequence probability incl. the end token': over all responses of up to 2
+    tokens plus the mass of not having ended after 2 tokens, probabilities sum to 1."""
+    fmt = char_format()
+    ctx = fmt.prompt_ids([{"role": "user", "content": "cab"}])
+    body = [t for t in range(V) if t != fmt.eos_id]
+    pairs = [(ctx, list(s) + [fmt.eos_id]) for k in range(2) for s in itertools.product(body, repeat=k)]
+    pairs += [(ctx, list(s)) for s in itertools.product(body, repeat=2)]  # not ended after 2 tokens
+    total = math.fsum(math.exp(x) for x in E.sequence_logprobs(model, pairs, batch_size=128))
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_greedy_batched_equals_manual_greedy_loop(model):
+    fmt = char_format()
+    prompts = [[{"role": "user", "content": c}] for c in ("a", "bcdefg", "mmk", "hij")]
+    got = E.sample(model, fmt, prompts, E.SamplingConfig(n=2, temperature=0, max_new_tokens=6, batch_size=3))
+    for p, g in zip(prompts, got):
+        seq, new = fmt.prompt_ids(p), []
+        with torch.no_grad():
+            for _ in range(6):
+                t = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+                if t == fmt.eos_id:
+                    break
+                seq.append(t)
+                new.append(t)
+        assert g == [fmt.decode(new)] * 2
+
+
+def test_sampling_distribution_temperature_and_top_k(model):
+    fmt = char_format()
+    prompt = [{"role": "user", "content": "dab"}]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([fmt.prompt_ids(prompt)])).logits[0, -1].double()
+
+    def expected(probs):  # distribution over decoded strings (special tokens decode to "")
+        out = {}
+        for t, p in enumerate(probs.tolist()):
+            s = fmt.decode([t])
+            out[s] = out.get(s, 0.0) + p
+        return out
+
+    n = 4000
+    for temp, top_k in ((0.7, 0), (1.3, 3)):
+        z = logits / temp
+        if top_k:
+            z = torch.where(z >= z.topk(top_k).values[-1], z, torch.tensor(-math.inf, dtype=z.dtype))
+        want = expected(torch.softmax(z, -1))
+        got = E.sample(model, fmt, [prompt], E.SamplingConfig(n=n, temperature=temp, top_k=top_k, max_new_tokens=1,
+                                                               seed=3))[0]
+        freq = {s: got.count(s) / n for s in set(got)}
+        tv = 0.5 * sum(abs(freq.get(s, 0) - want.get(s, 0)) for s in set(freq) | set(want))
+        assert tv < 0.04, (temp, top_k, tv)
+        if top_k:
+            assert len(freq) <= top_k
+    cfg = E.SamplingConfig(n=5, max_new_tokens=4, seed=11)
+    assert E.sample(model, fmt, [prompt], cfg) == E.sample(model, fmt, [prompt], cfg)
+
+
+def test_heldout_loss_matches_reference(model):
+    import copy
+    m64 = copy.deepcopy(model).double()
+    fmt = char_format()
+    texts = ["abc de", "m", "hhhh gg fe"]
+    got = E.heldout_loss(model, fmt, texts, batch_size=2)
+    with torch.no_grad():
+        lp = [ref_logprob(m64, d[:1], d[1:]) for d in map(fmt.document_ids, texts)]
+    n = sum(len(fmt.document_ids(t)) - 1 for t in texts)
+    assert got == pytest.approx(-sum(lp) / n, abs=1e-4)
+    # Windows: with max_len=4, each window of up to 4 tokens predicts its last 3 from its first.
+    d = fmt.document_ids("hhhh gg fe")  # 10 tokens -> windows 4, 4, 2
+    with torch.no_grad():
+        lp = [ref_logprob(m64, w[:1], w[1:]) for w in (d[0:4], d[4:8], d[8:10])]
+    assert E.heldout_loss(model, fmt, ["hhhh gg fe"], max_len=4) == pytest.approx(-sum(lp) / 7, abs=1e-4)
+
+
+def test_summarise_hand_example():
+    prompts = [E.EvalPrompt("p0", [{"role": "user", "content": "q"}], ["a", "b"], "seen"),
+               E.EvalPrompt("p1", [{"role": "user", "content": "q"}], ["x"], "unseen"),
+               E.EvalPrompt("p2", [{"role": "user", "content": "q"}], None, "unseen")]
+    gens = [["a", "A.", "c"], ["x", "x"], ["a b", "a c"]]
+    lps = [[math.log(0.5), math.log(0.25)], [math.log(0.1)], None]
+    sets, per = E.summarise(prompts, gens, lps)
+    assert per[0]["metrics"]["quality"] == pytest.approx(2 / 3) and per[0]["metrics"]["coverage"] == 0.5
+    assert per[0]["metrics"]["valid_mass"] == pytest.approx(0.75)
+    assert sets["all"]["quality"] == pytest.approx((2 / 3 + 1) / 2) and sets["all"]["n_quality"] == 2
+    assert sets["seen"]["effective_valid"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
+    assert sets["unseen"]["valid_mass"] == pytest.approx(0.1)
+    # n-gram diversity: p1 ["x","x"] -> 1/2 ; p2 ["a b","a c"] -> (3/4 + 2/2) / 2
+    assert sets["unseen"]["ngram_diversity"] == pytest.approx((0.5 + 0.875) / 2)
+    assert sets["unseen"]["n_prompts"] == 2 and sets["all"]["n_samples"] == 7
+    assert sets["unseen"]["self_bleu_diversity"] == pytest.approx(
+        (0.0 + (1 - E.M.self_bleu(["a b", "a c"]) / 100)) / 2)
+    assert "quality" not in per[2]["metrics"]
+
+
+def _write(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+def test_readers_give_line_numbered_errors(tmp_path):
+    ok = {"messages": [{"role": "user", "content": "q"}], "valid": ["a"]}
+    cases = [
+        (["{bad json"], r":1: invalid JSON"),
+        ([ok, {"valid": ["a"]}], r":2: missing 'messages'"),
+        ([ok, {"messages": [{"role": "user", "content": "q"}], "valid": "a"}], r":2: 'valid' must be"),
+        ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}], r":1: the last"),
+        ([{**ok, "id": "x"}, {**ok, "id": "x"}], r":2: duplicate id 'x' \(first on line 1\)"),
+        ([{"messages": [{"role": "user"}]}], r":1: messages\[0\]"),
+    ]
+    for lines, match in cases:
+        with pytest.raises(ValueError, match=match):
+            E.read_prompts(_write(tmp_path / "p.jsonl", lines))
+    prompts = E.read_prompts(_write(tmp_path / "p.jsonl", [{**ok, "id": "a"}, ok, "", {**ok, "split": "unseen"}]))
+    assert [p.id for p in prompts] == ["a", "1", "2"] and prompts[2].split == "unseen"
+    gens = E.read_generations(_write(tmp_path / "g.jsonl", [
+        {"prompt_id": "a", "generations": ["u"]}, {"index": 1, "generations": ["v", "w"]},
+        {"prompt_id": 2, "generations": ["z"]}, {"prompt_id": "a", "generations": ["u2"]}]), prompts)
+    assert gens == [["u", "u2"], ["v", "w"], ["z"]]
+    for lines, match in [([{"prompt_id": "nope", "generations": []}], r":1: prompt_id 'nope'"),
+                         ([{"index": 7, "generations": []}], r":1: index 7 out of range"),
+                         ([{"generations": ["a"]}], r":1: needs 'prompt_id' or 'index'"),
+                         ([{"index": 0, "generations": "a"}], r":1: 'generations' must be"),
+                         ([{"index": 0, "generations": ["a"]}], r"no generations for prompt id\(s\) \['1', '2'\]")]:
+        with pytest.raises(ValueError, match=match):
+            E.read_generations(_write(tmp_path / "g.jsonl", lines), prompts)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Llama + word-level HF tokenizer saved as an HF model directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "User", "Assistant", ":", ".", "name", "a", "b", "c", "d", "and"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                               pad_token="<pad>", unk_token="<unk>")
+    d = tmp_path_factory.mktemp("hf")
+    for name, seed in (("base", 0), ("sft", 1)):
+        tiny_llama(len(words), seed).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    return d
+
+
+def test_evaluate_end_to_end_on_hf_dir(hf_dir):
+    model, tok = E.load_hf(hf_dir / "sft")
+    fmt = E.hf_chat_format(tok)
+    assert fmt.prompt_ids([{"role": "user", "content": "name a"}]) == tok("User: name a\nAssistant:")["input_ids"]
+    prompts = [E.EvalPrompt("0", [{"role": "user", "content": "name a"}], ["a", "b and c"], "seen"),
+               E.EvalPrompt("1", [{"role": "user", "content": "name b . d"}], ["d"], "unseen")]
+    r = E.evaluate(model, fmt, prompts, E.SamplingConfig(n=6, max_new_tokens=5),
+                   heldout_texts=["a b c d", "a and b"], heldout_loss_before=2.0)
+    assert set(r["sets"]) == {"all", "seen", "unseen"}
+    for s in r["sets"].values():
+        assert 0 <= s["quality"] <= 1 and 0 < s["valid_mass"] <= 1 and 1 <= s["effective_valid"] <= 2
+        assert 0 <= s["self_bleu_diversity"] <= 1
+    lp = E.score_valid(model, fmt, prompts)
+    assert r["prompts"][0]["metrics"]["valid_mass"] == pytest.approx(sum(math.exp(x) for x in lp[0]))
+    assert r["forgetting"] == pytest.approx(r["heldout_loss"] - 2.0)
+    assert all(len(p["generations"]) == 6 for p in r["prompts"])
+    with pytest.raises(ValueError, match="no config.json"):
+        E.load_hf(hf_dir / "missing")
+
+
+def test_cli_on_user_jsonl(hf_dir, tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate as cli
+
+    prompts = _write(tmp_path / "eval.jsonl", [
+        {"id": "q1", "split": "seen", "messages": [{"role": "user", "content": "name a"}], "valid": ["a", "b"]},
+        {"id": "q2", "messages": [{"role": "user", "content": "name c"}]}])
+    gens = _write(tmp_path / "gens.jsonl", [{"prompt_id": "q1", "generations": ["a", "b", "c", "a"]},
+                                             {"index": 1, "generations": ["a b c", "a b d"]}])
+    out = tmp_path / "r.json"
+    assert cli.main(["--prompts", str(prompts), "--generations", str(gens), "--out", str(out),
+                     "--csv", str(tmp_path / "r.csv")]) == 0
+    r = json.loads(out.read_text())
+    assert r["sets"]["seen"]["quality"] == 0.75 and r["sets"]["seen"]["coverage"] == 1.0
+    assert "valid_mass" not in r["sets"]["seen"]  # no model: nothing to score
+    assert "response text only" in r["note"]
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("set,")
+    # Refuses to overwrite; sampling from a model + forgetting against a base model.
+    with pytest.raises(SystemExit):
+        cli.main(["--prompts", str(prompts), "--generations", str(gens), "--out", str(out)])
+    assert "--overwrite" in capsys.readouterr().err
+    held = _write(tmp_path / "held.jsonl", [{"text": "a b c d"}, {"text": "a and b"}])
+    assert cli.main(["--prompts", str(prompts), "--model", str(hf_dir / "sft"), "--n", "3", "--max-new-tokens", "4",
+                     "--heldout", str(held), "--base-model", str(hf_dir / "base"), "--out", str(out), "--overwrite",
+                     "--save-generations", str(tmp_path / "g2.jsonl")]) == 0
+    r = json.loads(out.read_text())
+    assert r["forgetting"] == pytest.approx(r["heldout_loss"] - r["heldout_loss_before"])
+    assert 0 < r["sets"]["seen"]["valid_mass"] <= 1
+    g2 = E.read_generations(tmp_path / "g2.jsonl", E.read_prompts(prompts))
+    assert [len(g) for g in g2] == [3, 3]
+    # Malformed input: a clear message with the line number, exit code 2.
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, "{oops"])
+    assert cli.main(["--prompts", str(bad), "--generations", str(gens), "--out", str(tmp_path / "x.json")]) == 2
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err

@@ -1,0 +1,689 @@
+"""SFT data: chat JSONL -> prompt-masked, packed training samples for Megatron.
+
+Two halves:
+
+* **Preparation** (``prepare_sft_data``, CLI ``tools/prepare_sft_data.py``). Each line
+  ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` becomes one
+  sample: token ids plus an *assistant mask* (True on the tokens the model must learn to emit).
+  With a HuggingFace tokenizer that has a chat template, the conversation is rendered with the
+  template and assistant character spans are found by prefix-diffing renders (see
+  ``ChatTemplateEncoder``); otherwise the plain template of ``PlainTemplateEncoder`` is used.
+  Samples are stored in ONE Megatron ``IndexedDataset`` (``PREFIX.bin/.idx``, int32) with the
+  mask sign-encoded: a prompt token ``t`` is stored as ``t``, an assistant token as ``~t =
+  -t-1``. Why: tokens and mask are aligned by construction (no second index that can drift or
+  be half-written), one memory-mapped read gives both, and a file mistakenly used as
+  pre-training data fails loudly (negative ids) instead of training on prompts. The cost, 4
+  bytes a token instead of 2 for vocabularies under 65k, is small for SFT-sized data.
+  ``PREFIX.sft.json`` records the format, tokenizer, template and the preparation counts.
+
+* **Training** (``build_sft_datasets(args, train_val_test_num_samples)``): Megatron's
+  ``BlendedMegatronDatasetBuilder`` (so ``--data-path`` blends, ``--split`` and
+  ``--train/valid/test-data-path`` behave as for GPT data) over ``PackedSFTDataset``, which
+  packs whole samples up to ``--seq-length`` (shuffled per epoch from ``--seed``, as many
+  epochs as the requested number of samples needs). A sample of ``L`` tokens fills ``L - 1``
+  positions (inputs ``ids[:-1]``, labels ``ids[1:]``), so no label ever crosses into the next
+  sample; ``loss_mask`` is 1 exactly where the label is an assistant token; ``position_ids``
+  restart at 0 per sample; ``attention_mask`` (``[1, S, S]`` bool, True = masked, Megatron's
+  convention) is block-diagonal causal, so packed samples never see each other and no
+  Transformer Engine is needed. The padding tail is its own block (it must attend to
+  something, or softmax rows would be NaN) with loss 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+from megatron.core.datasets.utils import Split
+from megatron.core.utils import log_single_rank
+
+from megatron_gem.tokenizer import (
+    hf_tokenizer,
+    pad_or_eod,
+    text_to_ids,
+    tokenizer_from_megatron_args,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PLAIN_HEADERS",
+    "ChatTemplateEncoder",
+    "PlainTemplateEncoder",
+    "PackedSFTDataset",
+    "SFTDatasetConfig",
+    "SFTIndexedData",
+    "SFTPrepReport",
+    "build_sft_datasets",
+    "decode_sample",
+    "make_encoder",
+    "pack_next_fit",
+    "parse_chat_line",
+    "prepare_sft_data",
+]
+
+FORMAT = "megatron-gem-sft"
+FORMAT_VERSION = 1
+ROLES = ("system", "user", "assistant")
+# The plain template (SentencePiece, or any tokenizer without a chat template), defined on ids:
+#   for each message: ids(HEADER[role]) + ids(content) + ([eod] if assistant)
+# Each piece is tokenized on its own, so the result does not depend on how a tokenizer
+# normalizes newlines or merges across the join. Loss: the assistant content ids and its eod.
+PLAIN_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
+META_SUFFIX = ".sft.json"
+ON_ERROR_CHOICES = ("fail", "skip")
+
+
+class SampleError(ValueError):
+    """A line that cannot become a sample; ``malformed`` ones obey --on-error."""
+
+    def __init__(self, reason: str, malformed: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.malformed = malformed
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_chat_line(line: str, messages_key: str = "messages") -> list[dict]:
+    """The messages of one JSONL line; ``SampleError`` says what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SampleError(f"invalid JSON ({err.msg} at column {err.colno})")
+    if not isinstance(obj, dict):
+        raise SampleError(f"not a JSON object (got {type(obj).__name__})")
+    if messages_key not in obj:
+        raise SampleError(f"no {messages_key!r} key")
+    messages = obj[messages_key]
+    if not isinstance(messages, list) or not messages:
+        raise SampleError(f"{messages_key!r} is not a non-empty list")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise SampleError(f"message {k} is not an object with a string 'role'")
+        if m["role"] not in ROLES:
+            raise SampleError(f"message {k} has role {m['role']!r} (expected one of {ROLES})")
+        if not isinstance(m.get("content"), str):
+            raise SampleError(f"message {k} has no string 'content'")
+    return messages
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+class PlainTemplateEncoder:
+    """``ids(HEADER[role]) + ids(content) (+ [eod] for assistant)`` per message.
+
+    The generation prompt for inference is the encoding of the history followed by
+    ``ids("Assistant:")``; the model ends its answer with ``eod``.
+    """
+
+    name = "plain"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eod = int(tokenizer.eod)
+        self._headers = {r: text_to_ids(tokenizer, h) for r, h in PLAIN_HEADERS.items()}
+
+    def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        ids: list[int] = []
+        mask: list[bool] = []
+        for m in messages:
+            head = self._headers[m["role"]]
+            body = text_to_ids(self.tokenizer, m["content"])
+            is_asst = m["role"] == "assistant"
+            if is_asst:
+                body = body + [self.eod]
+            ids += head + body
+            mask += [False] * len(head) + [is_asst] * len(body)
+        return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+
+    def metadata(self) -> dict:
+        return {"template": self.name, "headers": PLAIN_HEADERS}
+
+
+class ChatTemplateEncoder:
+    """A HuggingFace chat template; assistant spans found by prefix-diffing renders.
+
+    For assistant message ``i``: ``P = render(messages[:i], add_generation_prompt=True)`` ends
+    where the answer starts, ``F = render(messages[:i+1])`` ends after its end-of-turn
+    marker. Both must be prefixes of the full render ``T`` (else the template rewrites history,
+    e.g. drops earlier reasoning, and the sample is refused with that reason); the answer is
+    ``T[len(P):len(F)]``, its end-of-turn tokens included so the model learns to stop. ``T``
+    is tokenized once (``add_special_tokens=False``, as ``apply_chat_template`` does; the
+    template writes its own BOS), and a token carries loss when its character span overlaps an
+    answer span. Multi-turn conversations get every assistant turn.
+    """
+
+    name = "chat"
+
+    def __init__(self, tokenizer, chat_template: Optional[str] = None):
+        hf = hf_tokenizer(tokenizer)
+        if hf is None:
+            raise ValueError("the chat template needs --tokenizer-type HuggingFaceTokenizer")
+        if not getattr(hf, "is_fast", False):
+            raise ValueError(
+                "the chat template path needs a fast HuggingFace tokenizer (character offsets)"
+            )
+        template = chat_template or getattr(tokenizer, "chat_template", None) or hf.chat_template
+        if not template:
+            raise ValueError(
+                "the tokenizer has no chat template: pass --chat-template or use --template plain"
+            )
+        self.hf = hf
+        self.template = template
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        try:
+            return self.hf.apply_chat_template(
+                messages,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        except Exception as err:  # jinja raises many types; the reason goes to the report
+            raise SampleError(f"chat template failed: {type(err).__name__}: {err}")
+
+    def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        text = self._render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = self._render(messages[:i], True)
+            end = self._render(messages[: i + 1], False)
+            if not (text.startswith(start) and text.startswith(end) and len(end) >= len(start)):
+                raise SampleError(
+                    f"chat template is not prefix-stable at message {i}: "
+                    "cannot locate the assistant tokens"
+                )
+            spans.append((len(start), len(end)))
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        s, e = offsets[:, 0], offsets[:, 1]
+        mask = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            mask |= (s < b) & (e > a)  # any overlap with the answer
+            mask |= (s == e) & (s >= a) & (s < b)  # zero-width tokens inside it
+        return ids, mask
+
+    def metadata(self) -> dict:
+        return {"template": self.name, "chat_template": self.template}
+
+
+def make_encoder(tokenizer, template: str = "auto", chat_template: Optional[str] = None):
+    """``auto``: the chat template when the tokenizer is HuggingFace and has one, else plain."""
+    if template not in ("auto", "chat", "plain"):
+        raise ValueError(f"--template must be auto, chat or plain, got {template!r}")
+    if template == "auto":
+        hf = hf_tokenizer(tokenizer)
+        has = chat_template or getattr(tokenizer, "chat_template", None)
+        has = has or (hf.chat_template if hf is not None else None)
+        template = "chat" if hf is not None and has else "plain"
+    if template == "chat":
+        return ChatTemplateEncoder(tokenizer, chat_template)
+    return PlainTemplateEncoder(tokenizer)
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclasses.dataclass
+class SFTPrepReport:
+    """What ``prepare_sft_data`` did with every line of the input."""
+
+    lines: int = 0
+    blank: int = 0
+    kept: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    skipped_lines: dict = dataclasses.field(default_factory=dict)  # reason -> first line numbers
+
+    MAX_LINES_LISTED = 10
+
+    def skip(self, reason: str, lineno: int) -> None:
+        self.skipped[reason] += 1
+        listed = self.skipped_lines.setdefault(reason, [])
+        if len(listed) < self.MAX_LINES_LISTED:
+            listed.append(lineno)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "lines": self.lines,
+            "blank_lines": self.blank,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "skipped": self.num_skipped,
+            "skipped_by_reason": dict(self.skipped),
+            "skipped_lines": self.skipped_lines,
+            "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
+        }
+
+    def format(self) -> str:
+        out = [
+            f"read {self.lines} lines ({self.blank} blank, ignored)",
+            f"kept {self.kept} samples ({self.truncated} truncated to --seq-length), "
+            f"{self.tokens} tokens, {self.loss_tokens} with loss",
+            f"skipped {self.num_skipped} samples",
+        ]
+        for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
+            lines = ", ".join(map(str, self.skipped_lines[reason]))
+            more = " ..." if n > len(self.skipped_lines[reason]) else ""
+            out.append(f"  {n} x {reason} (lines {lines}{more})")
+        return "\n".join(out)
+
+
+def _output_paths(prefix: str) -> dict:
+    return {"bin": prefix + ".bin", "idx": prefix + ".idx", "meta": prefix + META_SUFFIX}
+
+
+def prepare_sft_data(
+    input_path: str,
+    output_prefix: str,
+    tokenizer,
+    seq_length: int,
+    *,
+    template: str = "auto",
+    chat_template: Optional[str] = None,
+    messages_key: str = "messages",
+    on_error: str = "fail",
+    overwrite: bool = False,
+    tokenizer_info: Optional[dict] = None,
+) -> SFTPrepReport:
+    """Turn chat JSONL into ``output_prefix.{bin,idx,sft.json}``; return the report.
+
+    A sample keeps at most ``seq_length + 1`` tokens (it fills ``seq_length`` positions);
+    longer ones are truncated on the right and counted. Skipped, always with the reason and
+    line numbers in the report: samples without an assistant message, and samples whose
+    prompt fills ``--seq-length`` (no assistant token left to learn). Malformed lines and
+    chat-template failures raise ``ValueError`` naming the line (``on_error="fail"``) or are
+    skipped the same way (``"skip"``). Outputs are written under a temporary name and renamed
+    when complete; existing outputs are only replaced with ``overwrite=True``.
+    """
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"--seq-length must be a positive integer, got {seq_length!r}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"--on-error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    if not os.path.isfile(input_path):
+        raise ValueError(f"--input {input_path!r}: no such file")
+    if tokenizer.vocab_size >= 2**31 - 1:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the int32 encoding")
+    final = _output_paths(output_prefix)
+    existing = [p for p in final.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ValueError(f"--output-prefix {output_prefix!r}: {existing[0]} exists (--overwrite)")
+    encoder = make_encoder(tokenizer, template, chat_template)
+    max_tokens = seq_length + 1
+    report = SFTPrepReport()
+
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = {k: f"{p}.tmp-{os.getpid()}" for k, p in final.items()}
+    builder = IndexedDatasetBuilder(tmp["bin"], dtype=np.int32)
+    try:
+        with open(input_path, "r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                report.lines += 1
+                if not line.strip():
+                    report.blank += 1
+                    continue
+                try:
+                    messages = parse_chat_line(line, messages_key)
+                    if not any(m["role"] == "assistant" for m in messages):
+                        raise SampleError("no assistant message", malformed=False)
+                    ids, mask = encoder.encode(messages)
+                    truncated = len(ids) > max_tokens
+                    ids, mask = ids[:max_tokens], mask[:max_tokens]
+                    if not mask[1:].any():  # position 0 is never a label
+                        reason = (
+                            "no assistant token within --seq-length (prompt fills it)"
+                            if truncated
+                            else "no assistant token after the first token"
+                        )
+                        raise SampleError(reason, malformed=False)
+                except SampleError as err:
+                    if err.malformed and on_error == "fail":
+                        raise ValueError(
+                            f"{input_path}:{lineno}: {err.reason} "
+                            "(pass --on-error skip to skip such lines)"
+                        ) from None
+                    report.skip(err.reason, lineno)
+                    continue
+                if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+                    raise ValueError(f"{input_path}:{lineno}: token id out of the vocabulary")
+                stored = np.where(mask, ~ids, ids).astype(np.int32)
+                builder.add_item(torch.from_numpy(stored))
+                builder.end_document()
+                report.kept += 1
+                report.truncated += int(truncated)
+                report.tokens += int(len(ids))
+                report.loss_tokens += int(mask[1:].sum())
+        builder.finalize(tmp["idx"])
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "encoding": "int32: prompt token t stored as t, assistant token t as ~t = -t-1",
+            "source": os.path.abspath(input_path),
+            "seq_length": seq_length,
+            "vocab_size": int(tokenizer.vocab_size),
+            "eod": int(tokenizer.eod),
+            "pad": pad_or_eod(tokenizer),
+            "tokenizer": tokenizer_info or {},
+            **encoder.metadata(),
+            "report": report.as_dict(),
+        }
+        with open(tmp["meta"], "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        if report.kept == 0:
+            raise ValueError(f"--input {input_path!r}: no sample kept\n{report.format()}")
+        for k in ("bin", "idx", "meta"):  # the metadata last: its presence marks completion
+            os.replace(tmp[k], final[k])
+    finally:
+        if not builder.data_file.closed:
+            builder.data_file.close()
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+    return report
+
+
+def decode_sample(ids: np.ndarray, mask: np.ndarray, tokenizer) -> str:
+    """Text of a sample with the loss-carrying parts wrapped in [[ ]] (for eyeballing)."""
+    out, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or mask[k] != mask[start]:
+            piece = tokenizer.detokenize([int(t) for t in ids[start:k]])
+            out.append(f"[[{piece}]]" if mask[start] else piece)
+            start = k
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class SFTIndexedData:
+    """The samples of ``PREFIX.{bin,idx,sft.json}`` (the low-level dataset)."""
+
+    def __init__(self, prefix: str, mmap: bool = True):
+        meta_path = prefix + META_SUFFIX
+        if not os.path.exists(meta_path):
+            raise ValueError(
+                f"SFT data path {prefix!r}: no {meta_path}; make SFT data with "
+                "tools/prepare_sft_data.py (pre-training data cannot be used with --sft)"
+            )
+        with open(meta_path, "r", encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: not {FORMAT} version {FORMAT_VERSION} data")
+        self.prefix = prefix
+        self.indexed = IndexedDataset(prefix, mmap=mmap)
+        if self.indexed.index.dtype != np.int32:
+            raise ValueError(f"{prefix}.idx: expected int32 tokens, got {self.indexed.index.dtype}")
+        self.lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
+        self.pad = int(self.meta["pad"])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sample(self, i: int, max_tokens: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int64, assistant_mask bool)`` of sample ``i``, at most ``max_tokens`` long."""
+        n = int(self.lengths[i]) if max_tokens is None else min(int(self.lengths[i]), max_tokens)
+        stored = np.asarray(self.indexed.get(int(i), 0, n), dtype=np.int64)
+        mask = stored < 0
+        return np.where(mask, ~stored, stored), mask
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse data made with another tokenizer (vocabulary size or eod differ)."""
+        if tokenizer is None:
+            return
+        got = {"vocab_size": int(tokenizer.vocab_size), "eod": int(tokenizer.eod)}
+        want = {k: self.meta[k] for k in got}
+        if got != want:
+            raise ValueError(
+                f"SFT data {self.prefix!r} was made with a tokenizer with {want}, but the "
+                f"training tokenizer has {got}: use the same --tokenizer-type/--tokenizer-model"
+            )
+
+
+def pack_next_fit(positions: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Group ``order`` (indices into ``positions``) into consecutive bins of total <= capacity.
+
+    Next-fit keeps the shuffled order (so packing stays a pure function of the seed) and is
+    linear time. Every ``positions[i]`` must be in ``1..capacity``.
+    """
+    packs: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order.tolist():
+        n = int(positions[i])
+        if used + n > capacity and current:
+            packs.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        packs.append(current)
+    return packs
+
+
+@dataclasses.dataclass
+class SFTDatasetConfig(BlendedMegatronDatasetConfig):
+    """Megatron's dataset config; ``tokenizer`` (optional) is checked against the data."""
+
+
+class PackedSFTDataset(MegatronDataset):
+    """Packed, prompt-masked SFT samples in Megatron's GPT batch format (see module doc)."""
+
+    def __init__(
+        self,
+        dataset: SFTIndexedData,
+        dataset_path: Optional[str],
+        indices: np.ndarray,
+        num_samples: Optional[int],
+        index_split: Split,
+        config: SFTDatasetConfig,
+    ) -> None:
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        S = int(config.sequence_length)
+        self.seq_length = S
+        docs = np.asarray(indices, dtype=np.int64)
+        if docs.size == 0:
+            raise ValueError(
+                f"SFT data {dataset_path!r}: the {index_split.name} split is empty "
+                f"({len(dataset)} samples, --split {config.split!r}); use more samples "
+                "or change --split"
+            )
+        lengths = dataset.lengths[docs]
+        self.num_truncated = int((lengths > S + 1).sum())
+        positions = np.minimum(lengths, S + 1) - 1
+        keep = positions > 0
+        docs, positions = docs[keep], positions[keep]
+        if docs.size == 0:
+            raise ValueError(f"SFT data {dataset_path!r}: no sample has 2 or more tokens")
+        packs: list[list[int]] = []
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([int(config.random_seed), index_split.value, epoch])
+            packs += pack_next_fit(positions, rng.permutation(docs.size), S)
+            epoch += 1
+            if num_samples is None or len(packs) >= num_samples:
+                break
+        self.num_epochs = epoch
+        sizes = np.fromiter((len(p) for p in packs), dtype=np.int64, count=len(packs))
+        self._bounds = np.concatenate([[0], np.cumsum(sizes)])
+        flat = np.fromiter((i for p in packs for i in p), dtype=np.int64, count=sizes.sum())
+        self._docs = docs[flat]
+        used = positions[flat].sum()
+        self.fill = float(used) / (len(packs) * S)
+        log_single_rank(
+            logger,
+            logging.INFO,
+            f"> SFT {index_split.name}: {docs.size} samples of {dataset_path} packed into "
+            f"{len(packs)} sequences of {S} over {epoch} epoch(s), {100 * self.fill:.1f}% "
+            f"of positions used, {self.num_truncated} samples truncated to {S + 1} tokens",
+        )
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: SFTIndexedData) -> int:
+        return len(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: SFTDatasetConfig) -> SFTIndexedData:
+        data = SFTIndexedData(dataset_path, mmap=config.mmap_bin_files)
+        data.check_tokenizer(config.tokenizer)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        S = self.seq_length
+        pad = self.dataset.pad
+        tokens = np.full(S, pad, dtype=np.int64)
+        labels = np.full(S, pad, dtype=np.int64)
+        loss_mask = np.zeros(S, dtype=np.float32)
+        position_ids = np.zeros(S, dtype=np.int64)
+        segment = np.zeros(S, dtype=np.int64)
+        p = 0
+        docs = self._docs[self._bounds[idx] : self._bounds[idx + 1]]
+        for k, d in enumerate(docs):
+            ids, mask = self.dataset.sample(int(d), max_tokens=S + 1)
+            n = len(ids) - 1
+            tokens[p : p + n] = ids[:-1]
+            labels[p : p + n] = ids[1:]
+            loss_mask[p : p + n] = mask[1:]
+            position_ids[p : p + n] = np.arange(n)
+            segment[p : p + n] = k
+            p += n
+        # The padding tail: its own causal block, loss 0.
+        position_ids[p:] = np.arange(S - p)
+        segment[p:] = len(docs)
+        seg = torch.from_numpy(segment)
+        allowed = (seg[:, None] == seg[None, :]) & torch.ones(S, S, dtype=torch.bool).tril()
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.from_numpy(position_ids),
+            "attention_mask": (~allowed).unsqueeze(0),
+        }
+
+
+# --------------------------------------------------------------------------- from args
+
+
+def _default_is_built_on_rank() -> bool:
+    """Megatron's GPT convention: first/last pipeline stage, tensor-parallel rank 0."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return True
+    stage_needs_data = ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(
+        ignore_virtual=True
+    )
+    return stage_needs_data and ps.get_tensor_model_parallel_rank() == 0
+
+
+def _tokenizer_for(args):
+    """The training tokenizer: Megatron's global one if built, else built from ``args``."""
+    try:
+        from megatron.training import get_tokenizer
+
+        tok = get_tokenizer()
+        if tok is not None:
+            return tok
+    except Exception:  # not initialised (tests, tools)
+        pass
+    if getattr(args, "tokenizer_type", None) is None:
+        return None
+    return tokenizer_from_megatron_args(args)
+
+
+def build_sft_datasets(
+    args,
+    train_val_test_num_samples,
+    is_built_on_rank: Optional[Callable[[], bool]] = None,
+    tokenizer: Any = None,
+):
+    """``(train, valid, test)`` packed SFT datasets from Megatron's arguments.
+
+    Reads ``args.data_path`` (with ``args.split``) or ``args.train/valid/test_data_path``
+    (also ``data_args_path``/``per_split_data_args_path``), ``args.seq_length``,
+    ``args.seed``, and, when present, ``data_cache_path``, ``mmap_bin_files``,
+    ``num_dataset_builder_threads``, ``mid_level_dataset_surplus``, ``multiple_validation_sets``,
+    ``full_validation``. Each dataset's ``len`` is at least the requested number of samples.
+    Returns None for a split on ranks that do not build data (``is_built_on_rank``; default:
+    Megatron's GPT rule) or when that split is not requested.
+    """
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    def arg(name, default=None):
+        return getattr(args, name, default)
+
+    seq_length = arg("seq_length")
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"--seq-length must be a positive integer, got {seq_length!r}")
+    ns = copy.copy(args)
+    for name in (
+        "data_path",
+        "data_args_path",
+        "per_split_data_args_path",
+        "train_data_path",
+        "valid_data_path",
+        "test_data_path",
+    ):
+        setattr(ns, name, arg(name))
+    blend, blend_per_split = get_blend_and_blend_per_split(ns)
+    if blend is None and blend_per_split is None:
+        raise ValueError(
+            "SFT needs --data-path (or --train-data-path/--valid-data-path/--test-data-path) "
+            "pointing at data made by tools/prepare_sft_data.py"
+        )
+    split = arg("split")
+    if blend is not None and split is None:
+        split = "969, 30, 1"  # Megatron's legacy default for --data-path without --split
+    if tokenizer is None:
+        tokenizer = _tokenizer_for(args)
+    config = SFTDatasetConfig(
+        random_seed=int(arg("seed", 1234)),
+        sequence_length=seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split if blend is not None else None,
+        multiple_validation_sets=arg("multiple_validation_sets"),
+        full_validation=arg("full_validation"),
+        num_dataset_builder_threads=arg("num_dataset_builder_threads", 1) or 1,
+        path_to_cache=arg("data_cache_path"),
+        mmap_bin_files=arg("mmap_bin_files", True),
+        tokenizer=tokenizer,
+        mid_level_dataset_surplus=arg("mid_level_dataset_surplus", 0.005),
+    )
+    builder = BlendedMegatronDatasetBuilder(
+        PackedSFTDataset,
+        list(train_val_test_num_samples),
+        is_built_on_rank or _default_is_built_on_rank,
+        config,
+    )
+    train, valid, test = builder.build()
+    return train, valid, test
+

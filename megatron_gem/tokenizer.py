@@ -1,0 +1,231 @@
+"""Tokenizers exactly as Megatron's training entry builds them, and a SentencePiece trainer.
+
+The data tools must produce the token ids, ``eod`` and ``pad`` that training sees, so they do
+not wrap SentencePiece or transformers themselves: they fill a namespace with the defaults of
+Megatron's own ``TokenizerConfig`` (the ``--tokenizer-*`` flags) and call Megatron's
+``build_tokenizer(args)``, the function ``megatron.training`` uses for ``--tokenizer-type
+SentencePieceTokenizer --tokenizer-model FILE`` and ``--tokenizer-type HuggingFaceTokenizer
+--tokenizer-model DIR``. Megatron is imported lazily (it costs seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+__all__ = [
+    "TEXT_TOKENIZER_TYPES",
+    "add_tokenizer_args",
+    "build_tokenizer",
+    "hf_tokenizer",
+    "pad_or_eod",
+    "text_to_ids",
+    "tokenizer_args",
+    "tokenizer_from_args",
+    "tokenizer_from_megatron_args",
+    "train_sentencepiece",
+]
+
+# Megatron tokenizer types that turn text into ids from a model file/directory.
+SP_TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+TEXT_TOKENIZER_TYPES = SP_TOKENIZER_TYPES + (
+    "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
+    "TikTokenizer",
+)
+
+
+def _config_defaults() -> dict:
+    from megatron.training.config import TokenizerConfig
+
+    values = {}
+    for f in dataclasses.fields(TokenizerConfig):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # pragma: no cover - none today
+            values[f.name] = f.default_factory()
+    return values
+
+
+def tokenizer_args(tokenizer_type: str, tokenizer_model: str | None = None, **overrides):
+    """A namespace with every Megatron tokenizer argument at its command-line default.
+
+    ``overrides`` set other ``TokenizerConfig`` fields (``vocab_file``, ``merge_file``,
+    ``chat_template``...). ``pad_vocab_size`` is off: the tools need the tokenizer, not the
+    model's padded vocabulary.
+    """
+    if tokenizer_type not in TEXT_TOKENIZER_TYPES:
+        raise ValueError(
+            f"--tokenizer-type {tokenizer_type!r} is not supported here; "
+            f"choose one of {', '.join(TEXT_TOKENIZER_TYPES)}"
+        )
+    if tokenizer_type in SP_TOKENIZER_TYPES or tokenizer_type == "TikTokenizer":
+        if not tokenizer_model or not os.path.isfile(tokenizer_model):
+            raise ValueError(f"--tokenizer-model {tokenizer_model!r}: no such file")
+    if tokenizer_type == "HuggingFaceTokenizer" and not tokenizer_model:
+        raise ValueError("--tokenizer-model is required with HuggingFaceTokenizer (a directory)")
+    values = _config_defaults()
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f"unknown tokenizer argument(s): {sorted(unknown)}")
+    values.update(overrides)
+    values.update(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model)
+    values["pad_vocab_size"] = False
+    return argparse.Namespace(**values)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, **overrides):
+    """Megatron's tokenizer for these flags (a ``MegatronTokenizerText``)."""
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as _build
+
+    return _build(tokenizer_args(tokenizer_type, tokenizer_model, **overrides))
+
+
+def tokenizer_from_megatron_args(args):
+    """The tokenizer training builds from a (possibly partial) Megatron args namespace.
+
+    Missing tokenizer fields take Megatron's defaults; the caller's ``args`` is not modified
+    (Megatron's builder would set ``padded_vocab_size`` on it).
+    """
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as _build
+
+    values = _config_defaults()
+    for name in values:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    values["pad_vocab_size"] = False
+    return _build(argparse.Namespace(**values))
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The tokenizer flags of the data tools (same names as Megatron's)."""
+    g = parser.add_argument_group("tokenizer (same flags as training)")
+    g.add_argument("--tokenizer-type", required=True, choices=TEXT_TOKENIZER_TYPES)
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model file, or HuggingFace tokenizer directory/name",
+    )
+    g.add_argument("--vocab-file", default=None, help="vocab file (GPT2BPETokenizer)")
+    g.add_argument("--merge-file", default=None, help="BPE merge file (GPT2BPETokenizer)")
+    return parser
+
+
+def tokenizer_from_args(args: argparse.Namespace):
+    """Build the tokenizer from the flags of ``add_tokenizer_args``."""
+    return build_tokenizer(
+        args.tokenizer_type,
+        args.tokenizer_model,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+    )
+
+
+def hf_tokenizer(tokenizer):
+    """The transformers tokenizer inside a Megatron HuggingFace tokenizer, else None."""
+    if getattr(tokenizer, "library", None) != "huggingface":
+        return None
+    return tokenizer._tokenizer.tokenizer
+
+
+def text_to_ids(tokenizer, text: str) -> list[int]:
+    """Ids of a piece of text, with no special tokens added around it.
+
+    SentencePiece: Megatron's ``tokenize`` (it adds none). HuggingFace: ``add_special_tokens=
+    False``, as ``apply_chat_template`` does; Megatron's ``tokenize`` would add e.g. a BOS to
+    every piece.
+    """
+    hf = hf_tokenizer(tokenizer)
+    if hf is not None:
+        return list(hf(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer.tokenize(text))
+
+
+def pad_or_eod(tokenizer) -> int:
+    """A valid id for padding positions: the pad token if the tokenizer has one, else eod."""
+    try:
+        pad = tokenizer.pad
+    except Exception:  # some libraries raise instead of returning None
+        pad = None
+    if pad is None or pad < 0:
+        return int(tokenizer.eod)
+    return int(pad)
+
+
+def train_sentencepiece(
+    text: str | os.PathLike | Sequence[str | os.PathLike] | Iterable[str],
+    model_prefix: str | os.PathLike,
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    user_defined_symbols: Sequence[str] = (),
+    byte_fallback: bool = False,
+    max_sentence_length: int = 1 << 16,
+    overwrite: bool = False,
+    **trainer_options,
+) -> str:
+    """Train a SentencePiece model; return the path of ``<model_prefix>.model``.
+
+    ``text``: one file path (``str`` or ``PathLike``), a list of ``pathlib.Path`` files, or an
+    iterable of strings (one sentence or document each; a list of ``str`` is text, not paths). Special ids follow Llama's layout plus a real pad: unk 0, bos 1, eos 2
+    (Megatron's ``eod``), pad 3. Training is single-threaded, so the model is a deterministic
+    function of the text. Outputs are written under a temporary name and renamed when complete;
+    existing files are only replaced with ``overwrite=True``.
+    """
+    import sentencepiece as spm
+
+    if not isinstance(vocab_size, int) or vocab_size < 8:
+        raise ValueError(f"vocab_size must be an integer >= 8, got {vocab_size!r}")
+    if model_type not in ("bpe", "unigram", "char", "word"):
+        raise ValueError(f"model_type must be bpe, unigram, char or word, got {model_type!r}")
+    model_prefix = os.fspath(model_prefix)
+    final = {ext: f"{model_prefix}.{ext}" for ext in ("model", "vocab")}
+    existing = [p for p in final.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ValueError(f"model_prefix {model_prefix!r}: {existing[0]} exists (pass overwrite)")
+
+    options = dict(
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        user_defined_symbols=list(user_defined_symbols),
+        byte_fallback=byte_fallback,
+        max_sentence_length=max_sentence_length,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    options.update(trainer_options)
+    if isinstance(text, (str, os.PathLike)):
+        files = [os.fspath(text)]
+    elif isinstance(text, (list, tuple)) and text and all(isinstance(t, os.PathLike) for t in text):
+        files = [os.fspath(t) for t in text]
+    else:  # strings in a list are text, not paths: no guessing
+        files = None
+    if files is not None:
+        for f in files:
+            if not os.path.isfile(f):
+                raise ValueError(f"text file {f!r} does not exist")
+        options["input"] = ",".join(files)
+    else:
+        options["sentence_iterator"] = iter(text)
+
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".sp-train-") as tmp:
+        tmp_prefix = os.path.join(tmp, "sp")
+        try:
+            spm.SentencePieceTrainer.train(model_prefix=tmp_prefix, **options)
+        except RuntimeError as err:
+            # e.g. "Vocabulary size too high (5000). Please set it to a value <= 812."
+            raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {err}")
+        for ext, path in final.items():
+            os.replace(f"{tmp_prefix}.{ext}", path)
+    return final["model"]

@@ -1,0 +1,266 @@
+"""HF <-> Megatron conversion (megatron_gem/convert.py, tools/convert_checkpoint.py).
+
+Fast unit tests of the mapping (no Megatron import) first; the multi-process end-to-end checks
+(logits against transformers at TP=2 and TP=2 x PP=2, bit-exact round trip, export after GEM
+training) are grouped at the end, one spawn per group.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_gem import convert as C
+
+# --------------------------------------------------------------------------------------------
+# tiny configs (odd sizes: 3 query heads per KV group, ffn not a power of two)
+# --------------------------------------------------------------------------------------------
+
+
+def llama_cfg(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=203, hidden_size=48, intermediate_size=88, num_hidden_layers=4,
+                num_attention_heads=6, num_key_value_heads=2, head_dim=12,
+                max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def qwen2_cfg(**kw):
+    from transformers import Qwen2Config
+
+    base = dict(vocab_size=157, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                rms_norm_eps=1e-6, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    base.update(kw)
+    return Qwen2Config(**base)
+
+
+def random_hf_state(cfg, seed):
+    """Random weights for every tensor of the model (biases and norms included)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# architecture mapping
+# --------------------------------------------------------------------------------------------
+
+
+def test_arch_from_hf_llama_and_qwen2():
+    a = C.arch_from_hf_config(llama_cfg().to_dict())
+    assert (a.model_type, a.num_layers, a.hidden_size, a.ffn_hidden_size) == ("llama", 4, 48, 88)
+    assert (a.num_attention_heads, a.num_query_groups, a.head_dim) == (6, 2, 12)
+    assert (a.rope_theta, a.rope_scaling_factor, a.tie_word_embeddings, a.qkv_bias) == (
+        500000, 32.0, False, False)
+    q = C.arch_from_hf_config(qwen2_cfg().to_dict())
+    assert (q.model_type, q.qkv_bias, q.tie_word_embeddings, q.head_dim, q.rope_theta) == (
+        "qwen2", True, True, 10, 1000000)
+    assert q.rope_scaling_factor is None
+
+
+def test_arch_from_hf_transformers4_style_rope_keys():
+    d = llama_cfg().to_dict()
+    d.pop("rope_parameters")
+    d["rope_theta"] = 500000.0
+    d["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    a = C.arch_from_hf_config(d)
+    assert (a.rope_theta, a.rope_scaling_factor) == (500000, 8.0)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "mistral"}, "model_type='mistral'"),
+    ({"num_local_experts": 8}, "mixture-of-experts"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "linear"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                          "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192}}, "low_freq_factor=2.0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.5}}, "not an integer"),
+    ({"num_key_value_heads": 4}, "not a multiple"),
+])
+def test_arch_from_hf_refuses_what_it_cannot_map(change, match):
+    d = llama_cfg().to_dict()
+    d.update(change)
+    with pytest.raises(ValueError, match=match):
+        C.arch_from_hf_config(d)
+
+
+def test_arch_from_hf_refuses_qwen2_sliding_window():
+    d = qwen2_cfg().to_dict()
+    d["use_sliding_window"] = True
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        C.arch_from_hf_config(d)
+
+
+@pytest.mark.parametrize("make", [llama_cfg, qwen2_cfg])
+def test_hf_config_round_trip(make):
+    a = C.arch_from_hf_config(make().to_dict())
+    cfg = C.hf_config_from_arch(a, torch.bfloat16, {"eos_token_id": 7})
+    d = json.loads(cfg.to_json_string())
+    assert d["dtype"] == "bfloat16" and d["eos_token_id"] == 7 and d["bos_token_id"] is None
+    assert "rope_parameters" in d and "rope_theta" not in d
+    assert C.arch_from_hf_config(d) == a
+
+
+def test_megatron_args_round_trip_through_megatron_parser():
+    """The printed flags parse with Megatron's own parser and read back to the same arch."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    for make in (llama_cfg, qwen2_cfg):
+        a = C.arch_from_hf_config(make().to_dict())
+        ns = parser.parse_args(C.megatron_model_args(a, 64))
+        assert ns.make_vocab_size_divisible_by == 64
+        assert C.arch_from_megatron_args(ns, a.vocab_size) == a
+    ns.num_experts = 8
+    with pytest.raises(ValueError, match="num_experts=8"):
+        C.arch_from_megatron_args(ns, 10)
+
+
+def test_padded_vocab_size_matches_megatron():
+    from types import SimpleNamespace
+
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+
+    for v, d, tp in [(203, 128, 2), (128256, 128, 8), (256, 128, 1), (151665, 64, 4), (1, 1, 3)]:
+        ns = SimpleNamespace(make_vocab_size_divisible_by=d, tensor_model_parallel_size=tp, rank=1)
+        assert C.padded_vocab_size(v, d, tp) == vocab_size_with_padding(v, ns, False)
+
+
+# --------------------------------------------------------------------------------------------
+# tensor mapping
+# --------------------------------------------------------------------------------------------
+
+
+def test_qkv_layout_against_explicit_loop():
+    """Row order written from the layout rule: group i = [its query heads, k_i, v_i]."""
+    nh, g, d, h = 6, 2, 3, 5
+    q = torch.randn(nh * d, h)
+    k = torch.randn(g * d, h)
+    v = torch.randn(g * d, h)
+    rows = []
+    for i in range(g):
+        for j in range(nh // g):
+            head = i * (nh // g) + j
+            rows += [q[head * d + r] for r in range(d)]
+        rows += [k[i * d + r] for r in range(d)]
+        rows += [v[i * d + r] for r in range(d)]
+    ref = torch.stack(rows)
+    got = C.qkv_hf_to_megatron(q, k, v, nh, g, d)
+    assert torch.equal(got, ref)
+    q2, k2, v2 = C.qkv_megatron_to_hf(got, nh, g, d)
+    assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+    # biases (1-D)
+    qb, kb, vb = torch.randn(nh * d), torch.randn(g * d), torch.randn(g * d)
+    fused = C.qkv_hf_to_megatron(qb, kb, vb, nh, g, d)
+    assert torch.equal(fused, C.qkv_hf_to_megatron(qb[:, None], kb[:, None], vb[:, None],
+                                                    nh, g, d)[:, 0])
+
+
+def test_megatron_attention_split_recovers_hf_heads():
+    """Megatron's own QKV split (view [ng, (np/ng + 2) hn] per token) gives HF's heads."""
+    nh, g, d, h = 6, 2, 4, 7
+    # small integers in float64: every product is exact, whatever the matmul blocking
+    q, k, v, x = (torch.randint(-4, 5, s).double() for s in [(nh * d, h), (g * d, h),
+                                                           (g * d, h), (3, h)])
+    fused = x @ C.qkv_hf_to_megatron(q, k, v, nh, g, d).T  # [s, (nh + 2g) d]
+    mixed = fused.view(3, g, (nh // g + 2) * d)
+    mq, mk, mv = torch.split(mixed, [nh // g * d, d, d], dim=2)
+    assert torch.equal(mq.reshape(3, nh, d), (x @ q.T).view(3, nh, d))
+    assert torch.equal(mk.reshape(3, g, d), (x @ k.T).view(3, g, d))
+    assert torch.equal(mv.reshape(3, g, d), (x @ v.T).view(3, g, d))
+
+
+def _full_megatron_from_shards(kind, layer, arch, read, tp, padded):
+    parts = [C.local_megatron_tensor(kind, layer, arch, read, r, tp, padded) for r in range(tp)]
+    if kind in ("o", "fc2"):
+        return torch.cat(parts, 1)
+    if kind in ("input_norm", "post_norm", "final_norm"):
+        assert all(torch.equal(p, parts[0]) for p in parts)
+        return parts[0]
+    if kind == "fc1":  # each rank holds [gate shard; up shard]
+        gates, ups = zip(*(torch.chunk(p, 2) for p in parts))
+        return torch.cat(gates + ups)
+    return torch.cat(parts, 0)
+
+
+@pytest.mark.parametrize("make, tp", [(llama_cfg, 2), (qwen2_cfg, 2), (llama_cfg, 1)])
+def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
+    cfg = make()
+    model = random_hf_state(cfg, seed=3 + tp)
+    hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    a = C.arch_from_hf_config(cfg.to_dict())
+    padded = C.padded_vocab_size(a.vocab_size, 16, tp)
+    full = C.hf_to_megatron_full_state(hf, a, padded)
+
+    def read(name, rows=None, cols=None):
+        t = hf[name]
+        t = t[rows[0]:rows[1]] if rows else t
+        return t[:, cols[0]:cols[1]] if cols else t
+
+    for name, t in full.items():
+        kind, layer = C.parse_megatron_name(name)
+        assert torch.equal(_full_megatron_from_shards(kind, layer, a, read, tp, padded), t), name
+    emb = full["embedding.word_embeddings.weight"]
+    assert emb.shape == (padded, a.hidden_size) and padded > a.vocab_size
+    assert torch.equal(emb[: a.vocab_size], hf["model.embed_tokens.weight"])
+    assert not emb[a.vocab_size:].any()
+    assert ("output_layer.weight" in full) == (not a.tie_word_embeddings)
+    back = C.megatron_full_state_to_hf(full, a)
+    expected = {k: v for k, v in hf.items() if not (a.tie_word_embeddings and k == "lm_head.weight")}
+    assert back.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(back[k], expected[k]), k
+
+
+def test_parse_megatron_name_local_and_te_spec():
+    assert C.parse_megatron_name("module.decoder.layers.3.input_layernorm.weight") == (
+        "input_norm", 3)
+    assert C.parse_megatron_name(
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight") == ("input_norm", 0)
+    assert C.parse_megatron_name("decoder.layers.7.mlp.linear_fc1.layer_norm_weight") == (
+        "post_norm", 7)
+    assert C.parse_megatron_name("decoder.layers.7.pre_mlp_layernorm.weight") == ("post_norm", 7)
+    assert C.parse_megatron_name("output_layer.weight") == ("lm_head", None)
+    with pytest.raises(ValueError, match="q_layernorm"):
+        C.parse_megatron_name("decoder.layers.0.self_attention.q_layernorm.weight")
+
+
+def test_safetensors_reader_sharded_slices(tmp_path):
+    from safetensors.torch import save_file
+
+    a = torch.randn(10, 6)
+    b = torch.randn(4)
+    save_file({"a": a}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": b}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    r = C.SafetensorsReader(tmp_path)
+    assert torch.equal(r.get("a", rows=(2, 5)), a[2:5])
+    assert torch.equal(r.get("a", cols=(1, 4)), a[:, 1:4])
+    assert torch.equal(r.get("a", rows=(3, 9), cols=(0, 2)), a[3:9, 0:2])
+    assert torch.equal(r.get("b"), b) and r.shape("a") == [10, 6]
+    with pytest.raises(ValueError, match="'c' is missing"):
+        r.get("c")
+    with pytest.raises(ValueError, match="only safetensors"):
+        C.SafetensorsReader(tmp_path / "nothing")

@@ -1,0 +1,171 @@
+"""Command-line arguments of the training entry: Megatron-LM's own, plus the GEM loss.
+
+``add_gem_arguments(parser)`` is an ``extra_args_provider`` for Megatron's argument parser:
+
+* ``--loss {ce,gem}`` (default ``ce``): Megatron's cross-entropy, or GEM;
+* ``--gem-beta B`` (default 0.7), the temperature of GEM's ``q = softmax(z / B)``, in (0, 1];
+* ``--gem-h {linear,logsigmoid}`` (default ``linear``).
+
+``parse_args(argv)`` returns Megatron's fully parsed and validated arguments for an argv
+without initialising torch.distributed, building a tokenizer or touching any device: the
+launch-script dry-run uses it to check cluster flags on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import math
+import os
+import sys
+
+from megatron_gem.gem_loss import GEM_H_CHOICES
+
+__all__ = [
+    "add_gem_arguments",
+    "validate_gem_args",
+    "adapt_argv_to_host",
+    "parse_args",
+    "LOSS_CHOICES",
+    "DEFAULT_GEM_BETA",
+    "DEFAULT_GEM_H",
+]
+
+LOSS_CHOICES = ("ce", "gem")
+DEFAULT_GEM_BETA = 0.7
+DEFAULT_GEM_H = "linear"
+PROG = "megatron-gem-train"
+
+
+def _gem_beta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--loss``, ``--gem-beta``, ``--gem-h`` to Megatron's parser (returns it)."""
+    group = parser.add_argument_group(title="GEM loss (megatron-gem)")
+    group.add_argument(
+        "--loss", choices=LOSS_CHOICES, default="ce",
+        help="Token loss: 'ce' = Megatron's cross-entropy (default), 'gem' = the GEM loss "
+        "(Li et al., ICLR 2025). 'lm loss' in the logs is the cross-entropy either way.",
+    )
+    # None = not given, so that --gem-* with --loss ce is caught instead of silently ignored.
+    group.add_argument(
+        "--gem-beta", type=_gem_beta, default=None, metavar="BETA",
+        help=f"GEM temperature beta in (0, 1] (default {DEFAULT_GEM_BETA}); needs --loss gem. "
+        "beta=1 with --gem-h linear has exactly the cross-entropy gradient.",
+    )
+    group.add_argument(
+        "--gem-h", choices=GEM_H_CHOICES, default=None,
+        help=f"GEM weighting h (default {DEFAULT_GEM_H}); needs --loss gem. 'logsigmoid' weights "
+        "each term by sigmoid(0.01 (z_v - z_y)) as in the authors' code.",
+    )
+    return parser
+
+
+def _error(message: str):
+    """Exit like argparse does for a bad argument (status 2, message on stderr)."""
+    print(f"usage: {PROG} [Megatron-LM arguments] [--loss {{ce,gem}}] [--gem-beta BETA] [--gem-h H]", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject invalid combinations with an argparse-style error; fill the GEM defaults."""
+    if args.loss == "ce":
+        given = [f for f, v in (("--gem-beta", args.gem_beta), ("--gem-h", args.gem_h)) if v is not None]
+        if given:
+            _error(f"argument {', '.join(given)}: only applies with --loss gem (got --loss ce)")
+    else:
+        if getattr(args, "fp16_lm_cross_entropy", False):
+            _error("argument --fp16-lm-cross-entropy: selects Megatron's fp16 cross-entropy, "
+                   "which --loss gem replaces (GEM reduces in fp32); drop one of them")
+        if getattr(args, "cross_entropy_loss_fusion", False):
+            _error("argument --cross-entropy-loss-fusion: selects Megatron's fused cross-entropy, "
+                   "which --loss gem replaces; drop one of them")
+        if args.gem_beta is None:
+            args.gem_beta = DEFAULT_GEM_BETA
+        if args.gem_h is None:
+            args.gem_h = DEFAULT_GEM_H
+    if getattr(args, "sft", False) and not getattr(args, "create_attention_mask_in_dataloader", True):
+        _error("argument --no-create-attention-mask-in-dataloader: --sft needs the dataloader's "
+               "attention mask (it keeps packed samples from attending to each other)")
+    return args
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports (checked without importing it: that can raise)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def adapt_argv_to_host(argv: list[str]) -> list[str]:
+    """Host-dependent defaults a user did not set explicitly.
+
+    Without CUDA or without Transformer Engine, Megatron's defaults ``--transformer-impl
+    transformer_engine`` and RoPE fusion cannot run: use the local implementation and unfused
+    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend and no gradient-accumulation fusion. Explicit
+    flags win where Megatron has a flag for both choices.
+    """
+    import torch
+
+    argv = list(argv)
+    has_cuda = torch.cuda.is_available()
+    has_te = has_cuda and transformer_engine_available()
+    if not _has_flag(argv, "--transformer-impl") and not has_te:
+        argv += ["--transformer-impl", "local"]
+    if not has_te and not _has_flag(argv, "--no-rope-fusion"):
+        argv += ["--no-rope-fusion"]  # the fused RoPE kernel is Transformer Engine's
+    if not has_te and importlib.util.find_spec("fused_layer_norm_cuda") is None and not _has_flag(argv, "--no-persist-layer-norm"):
+        argv += ["--no-persist-layer-norm"]  # persistent LayerNorm needs Apex or TE
+    if not has_cuda and not _has_flag(argv, "--distributed-backend"):
+        argv += ["--distributed-backend", "gloo"]
+    if not has_cuda and not _has_flag(argv, "--no-gradient-accumulation-fusion"):
+        argv += ["--no-gradient-accumulation-fusion"]  # a fused CUDA kernel (Apex/TE)
+    return argv
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+@contextlib.contextmanager
+def _swapped_argv(argv: list[str]):
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else PROG] + list(argv)
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def parse_args(argv: list[str] | None = None, *, world_size: int | None = None, rank: int = 0,
+               adapt_to_host: bool = True) -> argparse.Namespace:
+    """Megatron's parsed + validated arguments for ``argv``, GEM arguments included.
+
+    No torch.distributed, no tokenizer, no global state: safe to call many times in one
+    process. ``world_size`` defaults to env ``WORLD_SIZE`` (else 1), as in Megatron.
+    ``adapt_to_host=False`` validates the flags as written (e.g. a GPU cluster's script on a
+    laptop); True applies the defaults ``megatron_gem.train`` applies on this machine.
+    ``--use-checkpoint-args`` is not resolved here (that needs the checkpoint).
+    """
+    from megatron.training.arguments import parse_args as megatron_parse_args
+    from megatron.training.arguments import validate_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if adapt_to_host:
+        argv = adapt_argv_to_host(argv)
+    with _swapped_argv(argv):
+        args = megatron_parse_args(extra_args_provider=add_gem_arguments)
+    if world_size is not None:
+        args.world_size = int(world_size)
+    args.rank = rank
+    validate_gem_args(args)
+    validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+    return args

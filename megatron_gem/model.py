@@ -1,0 +1,145 @@
+"""Megatron GPT with the GEM loss: a thin layer over megatron-core's ``GPTModel``.
+
+``GemGPTModel`` overrides one method, ``compute_language_model_loss(labels [b, s], logits
+[s, b, V/tp]) -> [b, s]``. ``GPTModel`` looks it up at call time for the main head AND for every
+Multi-Token-Prediction depth, so GEM covers them all. The loss runs on the last pipeline stage on
+this rank's vocabulary shard (``vocab_parallel_gem_loss`` reduces over the tensor-parallel group);
+with sequence parallelism the output layer has already gathered the sequence, with context
+parallelism the logits and labels are this rank's slice (the loss is per token, so that is exact).
+
+With ``loss="gem"`` the same call also returns the per-token cross-entropy and entropy of
+``p = softmax(z)`` (no extra collective); the main head's are stashed on the model for the entry's
+``loss_func`` to report (``pop_token_stats``).
+
+Models are built through Megatron's own builder (``GemGPTModelConfig`` / ``GemGPTModelBuilder``,
+the ``PretrainConfigContainer`` path of megatron.training 0.19), which picks the Transformer Engine
+layer spec when ``--transformer-impl transformer_engine`` and the local spec otherwise.
+``model_provider`` is the classic ``get_model``-style provider over the same builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from megatron.core.models.gpt import GPTModel
+from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
+
+from megatron_gem.gem_loss import GEM_H_CHOICES, vocab_parallel_gem_loss
+
+__all__ = [
+    "GemGPTModel",
+    "GemGPTModelConfig",
+    "GemGPTModelBuilder",
+    "gem_model_config_from_args",
+    "model_provider",
+    "unwrap_gem_model",
+]
+
+
+class GemGPTModel(GPTModel):
+    """``GPTModel`` whose token loss is GEM (``loss="gem"``) or Megatron's cross-entropy."""
+
+    # Class defaults so that a GPTModel converted with ``as_gem_model`` (no __init__) is valid.
+    gem_loss_type: str = "ce"
+    gem_beta: float = 0.7
+    gem_h: str = "linear"
+
+    def __init__(self, *args, loss: str = "ce", gem_beta: float = 0.7, gem_h: str = "linear", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_loss(loss, gem_beta, gem_h)
+
+    def set_loss(self, loss: str, gem_beta: float = 0.7, gem_h: str = "linear") -> None:
+        if loss not in ("ce", "gem"):
+            raise ValueError(f"loss must be 'ce' or 'gem', got loss={loss!r}")
+        if isinstance(gem_beta, bool) or not isinstance(gem_beta, (int, float)) or not 0.0 < gem_beta <= 1.0:
+            raise ValueError(f"gem_beta must be a number in (0, 1], got gem_beta={gem_beta!r}")
+        if gem_h not in GEM_H_CHOICES:
+            raise ValueError(f"gem_h must be one of {GEM_H_CHOICES}, got gem_h={gem_h!r}")
+        self.gem_loss_type, self.gem_beta, self.gem_h = loss, float(gem_beta), gem_h
+        self._gem_token_stats = None
+
+    def compute_language_model_loss(self, labels, logits):
+        """Per-token loss ``[b, s]`` (fp32) for labels ``[b, s]`` and logits ``[s, b, V/tp]``."""
+        if self.gem_loss_type == "ce":
+            return super().compute_language_model_loss(labels, logits)
+        target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], Megatron's layout
+        loss, ce, entropy = vocab_parallel_gem_loss(
+            logits, target, beta=self.gem_beta, h=self.gem_h, tp_group=self.tp_group, return_stats=True
+        )
+        # MTP depths call this first and the main head last, so the main head's stats stay.
+        self._gem_token_stats = (ce.transpose(0, 1), entropy.transpose(0, 1))
+        return loss.transpose(0, 1).contiguous()
+
+    def pop_token_stats(self):
+        """``(cross_entropy, entropy)`` per token ``[b, s]`` of the last GEM loss call, or None."""
+        stats, self._gem_token_stats = getattr(self, "_gem_token_stats", None), None
+        return stats
+
+
+def as_gem_model(model: GPTModel, loss: str = "ce", gem_beta: float = 0.7, gem_h: str = "linear") -> GemGPTModel:
+    """Turn a built ``GPTModel`` into a ``GemGPTModel`` in place.
+
+    Megatron's ``GPTModelBuilder.build_model`` hard-codes ``GPTModel(...)``; rather than copying
+    that method (and drifting from it), the built instance gets the subclass, which only adds an
+    overridden method and three attributes.
+    """
+    if not isinstance(model, GPTModel):
+        raise ValueError(f"expected a megatron GPTModel, got {type(model).__name__}")
+    if not isinstance(model, GemGPTModel):
+        model.__class__ = GemGPTModel
+    model.set_loss(loss, gem_beta, gem_h)
+    return model
+
+
+@dataclasses.dataclass(kw_only=True)
+class GemGPTModelConfig(GPTModelConfig):
+    """``GPTModelConfig`` plus the loss; built by ``GemGPTModelBuilder``."""
+
+    builder: ClassVar[str] = "megatron_gem.model.GemGPTModelBuilder"
+    loss: str = "ce"
+    gem_beta: float = 0.7
+    gem_h: str = "linear"
+
+
+class GemGPTModelBuilder(GPTModelBuilder):
+    """Megatron's GPT builder; every stage it builds is a ``GemGPTModel``."""
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        model = super().build_model(pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        cfg = self._model_config
+        return as_gem_model(model, getattr(cfg, "loss", "ce"), getattr(cfg, "gem_beta", 0.7), getattr(cfg, "gem_h", "linear"))
+
+
+def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConfig:
+    """``GemGPTModelConfig`` from Megatron args (as ``gpt_config_from_args``, plus ``--loss``...)."""
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    cfg = gpt_config_from_args(args, transformer_config, model_config_cls=GemGPTModelConfig)
+    cfg.loss = getattr(args, "loss", "ce")
+    if cfg.loss == "gem":
+        cfg.gem_beta = args.gem_beta
+        cfg.gem_h = args.gem_h
+    return cfg
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """Classic Megatron model provider (``get_model`` signature) building a ``GemGPTModel``.
+
+    Reads Megatron's global args (``megatron.training.get_args()``); the model-parallel state must
+    be initialised. ``config`` (a ``TransformerConfig``) overrides the one derived from args.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training import get_args
+
+    cfg = gem_model_config_from_args(get_args(), config)
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    return GemGPTModelBuilder(cfg).build_model(pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+def unwrap_gem_model(model):
+    """The ``GemGPTModel`` inside DDP / Float16Module wrappers (or None)."""
+    while not isinstance(model, GemGPTModel) and hasattr(model, "module"):
+        model = model.module
+    return model if isinstance(model, GemGPTModel) else None

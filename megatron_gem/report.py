@@ -1,0 +1,408 @@
+"""Study reports: results.csv, report.md and PNG plots from a list of run records.
+
+A run record is a flat dict, one per evaluated checkpoint of one SFT run::
+
+    {"method": "gem", "beta": 0.7, "model_size": "tiny", "params": 1.2e6, "seed": 0, "step": 40,
+     "all/quality": 0.81, "unseen/effective_valid": 3.2, ..., "forgetting": 0.12}
+
+(``make_record`` builds one from ``evaluation.evaluate``'s result.) Every record is shown: the
+CSV has one row per record, the equal-steps table one row per run, and the trade-off curves one
+point per saved checkpoint. Nothing is selected or averaged away.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from megatron_gem.evaluation import flat_metrics
+
+# Metrics shown in tables and plots, in order; (label, higher is better).
+SHOWN = {
+    "quality": ("quality (valid fraction)", True),
+    "valid_mass": ("valid-set probability mass", True),
+    "effective_valid": ("effective no. of valid answers", True),
+    "coverage": ("coverage of valid set", True),
+    "ngram_diversity": ("n-gram diversity", True),
+    "self_bleu_diversity": ("self-BLEU diversity", True),
+    "embedding_diversity": ("embedding diversity", True),
+}
+TOP_LEVEL = {"forgetting": ("forgetting (nats/token)", False), "heldout_loss": ("held-out loss (nats/token)", False)}
+KEY_COLUMNS = ("method", "beta", "model_size", "params", "seed", "step")
+
+CSV_FILE, REPORT_FILE = "results.csv", "report.md"
+SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG = "metrics_vs_size.png", "quality_vs_diversity.png", "quality_vs_forgetting.png"
+
+
+def make_record(method: str, beta: float | None, model_size: str, step: int, result: dict,
+                params: float | None = None, seed: int = 0, **extra) -> dict:
+    """A run record from one ``evaluation.evaluate`` result."""
+    return {"method": method, "beta": beta, "model_size": model_size, "params": params, "seed": seed,
+            "step": step, **extra, **flat_metrics(result)}
+
+
+def method_label(rec: dict) -> str:
+    m, b = str(rec["method"]), rec.get("beta")
+    if m.lower() == "ce":
+        return "CE"
+    name = m.upper() if m.lower() == "gem" else m
+    return f"{name} β={b:g}" if isinstance(b, (int, float)) else name
+
+
+def _check(records: Sequence[dict]) -> list[dict]:
+    if not records:
+        raise ValueError("write_report: no run records")
+    out = []
+    for i, r in enumerate(records):
+        missing = [k for k in ("method", "model_size", "step") if r.get(k) is None]
+        if missing:
+            raise ValueError(f"write_report: record {i} lacks {missing} (keys: {sorted(r)})")
+        out.append({"beta": None, "params": None, "seed": 0, **r})
+    return out
+
+
+def _get(rec: dict, metric: str, prompt_set: str):
+    v = rec.get(metric) if metric in TOP_LEVEL else rec.get(f"{prompt_set}/{metric}")
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _sizes(records) -> list[str]:
+    """Model sizes in increasing params (when every record has params), else first-seen order."""
+    sizes = list(dict.fromkeys(r["model_size"] for r in records))
+    params = {r["model_size"]: r["params"] for r in records}
+    if all(isinstance(params[s], (int, float)) for s in sizes):
+        sizes.sort(key=lambda s: params[s])
+    return sizes
+
+
+def _runs(records):
+    """{(size, label, seed): [records sorted by step]}"""
+    runs = defaultdict(list)
+    for r in records:
+        runs[(r["model_size"], method_label(r), r["seed"])].append(r)
+    for v in runs.values():
+        v.sort(key=lambda r: r["step"])
+    return runs
+
+
+def equal_step_records(records: Sequence[dict]) -> tuple[list[dict], dict[str, int | None]]:
+    """For each model size, the checkpoint of every run at the largest step that all runs of that
+    size reached (None and each run's last checkpoint when they share no step)."""
+    records = _check(records)
+    runs = _runs(records)
+    chosen, steps = [], {}
+    for size in _sizes(records):
+        mine = {k: v for k, v in runs.items() if k[0] == size}
+        common = set.intersection(*({r["step"] for r in v} for v in mine.values()))
+        step = max(common) if common else None
+        steps[size] = step
+        for v in mine.values():
+            chosen.append(next(r for r in v if r["step"] == step) if step is not None else v[-1])
+    return chosen, steps
+
+
+def _metrics_present(records, prompt_set):
+    m = [k for k in SHOWN if any(_get(r, k, prompt_set) is not None for r in records)]
+    return m + [k for k in TOP_LEVEL if any(_get(r, k, prompt_set) is not None for r in records)]
+
+
+def _label(metric):
+    return (SHOWN.get(metric) or TOP_LEVEL[metric])[0]
+
+
+def _arrow(metric):
+    return "↑" if (SHOWN.get(metric) or TOP_LEVEL[metric])[1] else "↓"
+
+
+# ---- CSV --------------------------------------------------------------------------------------
+
+def results_csv(records: Sequence[dict]) -> str:
+    records = _check(records)
+    metric_cols = sorted({k for r in records for k in r} - set(KEY_COLUMNS))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["label", *KEY_COLUMNS, *metric_cols], lineterminator="\n")
+    w.writeheader()
+    for r in sorted(records, key=lambda r: (str(r["model_size"]), method_label(r), r["seed"], r["step"])):
+        w.writerow({"label": method_label(r), **{k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames[1:]}})
+    return buf.getvalue()
+
+
+# ---- Markdown -------------------------------------------------------------------------------
+
+def _table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+
+
+def _diversity_metric(records, prompt_set, wanted):
+    if wanted:
+        return wanted
+    for m in ("effective_valid", "ngram_diversity", "self_bleu_diversity"):
+        if any(_get(r, m, prompt_set) is not None for r in records):
+            return m
+    return None
+
+
+def report_markdown(records: Sequence[dict], prompt_set: str = "all", diversity_metric: str | None = None,
+                    title: str = "CE vs GEM: quality, diversity and forgetting",
+                    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG)) -> str:
+    """The Markdown report; ``plots``: the PNG file names to link (those that were written)."""
+    records = _check(records)
+    sets = sorted({k.split("/")[0] for r in records for k in r if "/" in k}, key=lambda s: (s != "all", s))
+    div = _diversity_metric(records, prompt_set, diversity_metric)
+    chosen, steps = equal_step_records(records)
+    L = [f"# {title}", ""]
+    L += [f"{len(records)} evaluated checkpoints of {len(_runs(records))} runs "
+          f"({len(_sizes(records))} model size(s)). Every run and every saved checkpoint appears below and in "
+          f"[`{CSV_FILE}`]({CSV_FILE}); nothing is selected.", "",
+          "All metrics are computed on the **response text only** (the tokens generated after the prompt; "
+          "the prompt is never scored or compared). Quality = fraction of samples in the prompt's valid set; "
+          "valid-set mass = exact probability of the valid responses; effective valid answers = exp(entropy) "
+          "of the model's distribution restricted to the valid set; coverage = share of the valid set "
+          "sampled; n-gram diversity = distinct/total n-grams (n = 1..3) over a prompt's samples; self-BLEU "
+          "diversity = 1 - BLEU of each sample against all others; forgetting = held-out pre-training loss "
+          "after SFT minus before (lower is better). Means over prompts; ↑ higher is better, ↓ lower is better.",
+          ""]
+    # Equal steps.
+    L += ["## Equal-steps comparison", "",
+          "Each run at the largest step all runs of its model size reached (same learning rate and steps).", ""]
+    for s in sets:
+        ms = _metrics_present(records, s)
+        L += [f"### Prompt set `{s}`", ""]
+        header = ["model size", "method", "seed", "step"] + [f"{_label(m)} {_arrow(m)}" for m in ms]
+        rows = [[r["model_size"], method_label(r), r["seed"], r["step"]] + [_get(r, m, s) for m in ms]
+                for r in chosen]
+        L += _table(header, rows) + [""]
+    no_common = [z for z, st in steps.items() if st is None]
+    if no_common:
+        L += [f"Runs of size(s) {', '.join(map(str, no_common))} share no step: their last checkpoints are shown.", ""]
+    if SIZE_PNG in plots:
+        L += [f"![metrics vs model size]({SIZE_PNG})", ""]
+    # Trade-off curves.
+    L += ["## Trade-offs across checkpoints", "",
+          "Learning rate and number of steps move quality, diversity and forgetting together, so the "
+          "comparison that matters is along the curves: a method is better only if it reaches more "
+          f"diversity (or less forgetting) **at the same quality**. Prompt set `{prompt_set}`.", ""]
+    for name, alt in ((DIVERSITY_PNG, "quality vs diversity"), (FORGETTING_PNG, "quality vs forgetting")):
+        if name in plots:
+            L += [f"![{alt}]({name})", ""]
+    cols = [m for m in ("quality", div, "forgetting") if m]
+    runs = _runs(records)
+    for size in _sizes(records):
+        L += [f"### Model size `{size}`", ""]
+        rows = [[lab, seed, r["step"]] + [_get(r, m, prompt_set) for m in cols]
+                for (z, lab, seed), v in runs.items() if z == size for r in v]
+        L += _table(["method", "seed", "step"] + [f"{_label(m)} {_arrow(m)}" for m in cols], rows) + [""]
+    # Quality-matched comparison.
+    matched = _quality_matched(records, prompt_set, div)
+    if matched:
+        L += ["## Quality-matched comparison", "",
+              "For the last checkpoint of each non-CE run, the CE checkpoint (same size and seed) with the "
+              "closest quality: a diversity or forgetting gain that disappears here came from training "
+              "less, not from the loss.", ""]
+        L += _table(["model size", "seed", "run", "step", "quality", _label(div), "forgetting",
+                     "CE step", "CE quality", f"CE {_label(div)}", "CE forgetting"], matched) + [""]
+    return "\n".join(L)
+
+
+def _quality_matched(records, prompt_set, div):
+    runs = _runs(records)
+    out = []
+    for (size, lab, seed), v in runs.items():
+        ce = runs.get((size, "CE", seed))
+        if lab == "CE" or not ce:
+            continue
+        last = v[-1]
+        q = _get(last, "quality", prompt_set)
+        cands = [r for r in ce if _get(r, "quality", prompt_set) is not None]
+        if q is None or not cands:
+            continue
+        best = min(cands, key=lambda r: (abs(_get(r, "quality", prompt_set) - q), r["step"]))
+        out.append([size, seed, lab, last["step"], q, _get(last, div, prompt_set) if div else None,
+                    _get(last, "forgetting", prompt_set), best["step"], _get(best, "quality", prompt_set),
+                    _get(best, div, prompt_set) if div else None, _get(best, "forgetting", prompt_set)])
+    return out
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10})
+    return plt
+
+
+def _colours(labels):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _labels(records):
+    # CE first, then the others by beta.
+    labs = {method_label(r): (method_label(r) != "CE", str(r["method"]), r.get("beta") or 0) for r in records}
+    return sorted(labs, key=lambda k: labs[k])
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
+
+
+def plot_metrics_vs_size(records, path, prompt_set="all"):
+    plt = _pyplot()
+    records = _check(records)
+    chosen, steps = equal_step_records(records)
+    ms = _metrics_present(records, prompt_set)
+    sizes = _sizes(records)
+    params = {r["model_size"]: r["params"] for r in records}
+    numeric = all(isinstance(params[s], (int, float)) and params[s] > 0 for s in sizes)
+    xs = {s: (params[s] if numeric else i) for i, s in enumerate(sizes)}
+    ncol = min(3, len(ms))
+    nrow = math.ceil(len(ms) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow + 0.6), squeeze=False)
+    cols = _colours(_labels(records))
+    for ax, m in zip(axes.flat, ms):
+        for lab in _labels(records):
+            pts = [(xs[r["model_size"]], _get(r, m, prompt_set)) for r in chosen if method_label(r) == lab]
+            pts = [p for p in pts if p[1] is not None]
+            if not pts:
+                continue
+            # Every seed as a point; the line through the per-size means.
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=cols[lab], s=22, alpha=0.6)
+            by_x = defaultdict(list)
+            for x, y in pts:
+                by_x[x].append(y)
+            xm = sorted(by_x)
+            ax.plot(xm, [sum(by_x[x]) / len(by_x[x]) for x in xm], "-o", color=cols[lab], label=lab, ms=5)
+        ax.set_title(f"{_label(m)} {_arrow(m)}")
+        ax.set_xlabel("model parameters" if numeric else "model size")
+        ax.set_ylabel(_label(m).split(" (")[0])
+        if numeric:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks([xs[s] for s in sizes], [f"{s}\n{_human(params[s])}" for s in sizes])
+            lo, hi = min(xs.values()), max(xs.values())
+            ax.set_xlim(lo / 1.4, hi * 1.4)
+        else:
+            ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+            ax.set_xlim(-0.5, len(sizes) - 0.5)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ms):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    step_txt = ", ".join(f"{s}: {st}" for s, st in steps.items())
+    fig.suptitle(f"Metrics vs model size at equal steps ({step_txt}); prompt set '{prompt_set}'",
+                 y=1 - 0.45 / fig.get_figheight())
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+    _save(fig, path)
+
+
+def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
+    plt = _pyplot()
+    records = _check(records)
+    sizes = _sizes(records)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.6), squeeze=False)
+    cols = _colours(_labels(records))
+    runs = _runs(records)
+    for ax, size in zip(axes.flat, sizes):
+        seen_lab = set()
+        for lab in _labels(records):
+            for (z, l2, seed), v in runs.items():
+                if z != size or l2 != lab:
+                    continue
+                pts = [(_get(r, x_metric, prompt_set), _get(r, "quality", prompt_set), r["step"]) for r in v]
+                pts = [p for p in pts if p[0] is not None and p[1] is not None]
+                if not pts:
+                    continue
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=cols[lab], ms=4,
+                        label=None if lab in seen_lab else lab)
+                seen_lab.add(lab)
+                ax.scatter([pts[-1][0]], [pts[-1][1]], color=cols[lab], s=70, marker="*", zorder=3)
+                for x, y, st in (pts[0], pts[-1]):
+                    ax.annotate(str(st), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                                color=cols[lab])
+        ax.set_title(f"model size {size}")
+        ax.set_xlabel(f"{_label(x_metric)} {_arrow(x_metric)}")
+        ax.set_ylabel("quality (valid fraction) ↑")
+        ax.grid(alpha=0.3)
+        if seen_lab:
+            ax.legend(loc="best")
+    fig.suptitle(f"{title} — one line per run through its checkpoints (numbers: step; ★ last); "
+                 f"prompt set '{prompt_set}'")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- everything -----------------------------------------------------------------------------
+
+def write_report(records: Sequence[dict], out_dir: str | os.PathLike, prompt_set: str = "all",
+                 diversity_metric: str | None = None, overwrite: bool = False,
+                 title: str = "CE vs GEM: quality, diversity and forgetting") -> dict[str, Path]:
+    """Write results.csv, report.md and the PNG plots into out_dir; returns their paths.
+
+    ``prompt_set`` picks the set for the plots and curves (tables show every set);
+    ``diversity_metric`` the x axis of the quality-vs-diversity plot (default: effective number of
+    valid answers when present, else n-gram diversity).
+    """
+    records = _check(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / CSV_FILE, "report": out / REPORT_FILE, "metrics_vs_size": out / SIZE_PNG,
+             "quality_vs_diversity": out / DIVERSITY_PNG, "quality_vs_forgetting": out / FORGETTING_PNG}
+    clash = [str(p) for p in paths.values() if p.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"write_report: {', '.join(clash)} exist(s); pass overwrite=True")
+    if not any(k.startswith(f"{prompt_set}/") for r in records for k in r):
+        raise ValueError(f"write_report: prompt_set {prompt_set!r} is in no record")
+    div = _diversity_metric(records, prompt_set, diversity_metric)
+    if div and div not in SHOWN:
+        raise ValueError(f"write_report: diversity_metric {div!r} is not one of {sorted(SHOWN)}")
+    has_quality = any(_get(r, "quality", prompt_set) is not None for r in records)
+    has_forgetting = any(_get(r, "forgetting", prompt_set) is not None for r in records)
+    plot_metrics_vs_size(records, paths["metrics_vs_size"], prompt_set)
+    if div and has_quality:
+        plot_tradeoff(records, paths["quality_vs_diversity"], div, prompt_set, "Quality vs diversity")
+    else:
+        paths.pop("quality_vs_diversity")
+    if has_forgetting and has_quality:
+        plot_tradeoff(records, paths["quality_vs_forgetting"], "forgetting", prompt_set, "Quality vs forgetting")
+    else:
+        paths.pop("quality_vs_forgetting")
+    pngs = [p.name for k, p in paths.items() if p.suffix == ".png"]
+    for key, text in (("csv", results_csv(records)),
+                      ("report", report_markdown(records, prompt_set, div, title, pngs))):
+        tmp = paths[key].with_name(paths[key].name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, paths[key])
+    return paths

@@ -68,7 +68,7 @@ def _check(records: Sequence[dict]) -> list[dict]:
 
 def _get(rec: dict, metric: str, prompt_set: str):
     v = rec.get(metric) if metric in TOP_LEVEL else rec.get(f"{prompt_set}/{metric}")
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def _fmt(v) -> str:

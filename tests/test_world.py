@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import json
+import random
 
 import pytest
 
@@ -74,13 +75,12 @@ def test_valid_sets_splits_and_sft_answers():
 
 
 def test_sft_answers_follow_zipf_popularity():
-    cfg = dataclasses.replace(SMALL, sft_answers_per_prompt=3000, pair_prompts=False)
-    data = W.generate(cfg)
-    world = data["world"]
+    world = W.build_world(dataclasses.replace(SMALL, sft_answers_per_prompt=3000))
     ins = max((i for i in world.instructions if i.id in world.seen_ids and i.family == "ability"),
               key=lambda i: len(i.valid))
-    counts = collections.Counter(ex["messages"][1]["content"] for ex in data["sft"]
-                                 if ex["messages"][0]["content"] == ins.text)
+    world.instructions = [ins]  # only this instruction's SFT examples
+    counts = collections.Counter(ex["messages"][1]["content"] for ex in world.sft_examples(random.Random(0)))
+    assert sum(counts.values()) == 3000
     z = sum(world.popularity[v] for v in ins.valid)
     for v in ins.valid:
         assert counts[v] / 3000 == pytest.approx(world.popularity[v] / z, abs=0.03)

@@ -49,6 +49,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_gem.tokenizer import (
+    PLAIN_HEADERS,
     hf_tokenizer,
     pad_or_eod,
     text_to_ids,
@@ -77,10 +78,9 @@ FORMAT = "megatron-gem-sft"
 FORMAT_VERSION = 1
 ROLES = ("system", "user", "assistant")
 # The plain template (SentencePiece, or any tokenizer without a chat template), defined on ids:
-#   for each message: ids(HEADER[role]) + ids(content) + ([eod] if assistant)
+#   for each message: ids(PLAIN_HEADERS[role]) + ids(content) + ([eod] if assistant)
 # Each piece is tokenized on its own, so the result does not depend on how a tokenizer
 # normalizes newlines or merges across the join. Loss: the assistant content ids and its eod.
-PLAIN_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 META_SUFFIX = ".sft.json"
 ON_ERROR_CHOICES = ("fail", "skip")
 

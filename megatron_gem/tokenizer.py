@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tempfile
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 __all__ = [
+    "PLAIN_HEADERS",
     "TEXT_TOKENIZER_TYPES",
     "add_tokenizer_args",
     "build_tokenizer",
     "hf_tokenizer",
+    "iter_training_text",
     "pad_or_eod",
     "text_to_ids",
     "tokenizer_args",
@@ -48,6 +51,10 @@ def _config_defaults() -> dict:
         elif f.default_factory is not dataclasses.MISSING:  # pragma: no cover - none today
             values[f.name] = f.default_factory()
     return values
+
+# The role headers of the plain SFT chat template (see megatron_gem.sft_data and docs/data.md).
+# They live here so that tokenizer training can include them without importing Megatron.
+PLAIN_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 
 
 def tokenizer_args(tokenizer_type: str, tokenizer_model: str | None = None, **overrides):
@@ -229,3 +236,37 @@ def train_sentencepiece(
         for ext, path in final.items():
             os.replace(f"{tmp_prefix}.{ext}", path)
     return final["model"]
+
+
+def iter_training_text(
+    paths: Sequence[str], text_key: str = "text", messages_key: str = "messages"
+) -> Iterator[str]:
+    """Text to train a tokenizer on, from plain-text files and/or JSONL files.
+
+    ``.jsonl``/``.json`` lines give their ``text_key`` string, or, for chat lines, each message
+    as it reads in the plain SFT template (``"User: ..."``), so the template's headers are in
+    the vocabulary. Other files give their lines.
+    """
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"--input {path!r}: no such file")
+        is_jsonl = path.endswith((".jsonl", ".json"))
+        with open(path, "r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if not is_jsonl:
+                    yield line.rstrip("\n")
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                if isinstance(obj, dict) and isinstance(obj.get(text_key), str):
+                    yield obj[text_key]
+                elif isinstance(obj, dict) and isinstance(obj.get(messages_key), list):
+                    for m in obj[messages_key]:
+                        if isinstance(m, dict) and m.get("role") in PLAIN_HEADERS:
+                            yield f"{PLAIN_HEADERS[m['role']]} {m.get('content', '')}"
+                else:
+                    raise ValueError(f"{path}:{lineno}: no {text_key!r} or {messages_key!r}")

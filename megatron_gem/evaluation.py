@@ -133,9 +133,10 @@ def read_generations(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> 
 
 
 def plain_render(messages: list[dict]) -> str:
-    """Fallback template for tokenizers without a chat template: 'User: ...\\nAssistant:'."""
-    parts = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(parts) + "\nAssistant:"
+    """Readable text of the plain SFT template (for display; ids come from PlainTemplateFormat)."""
+    from megatron_gem.tokenizer import PLAIN_HEADERS
+
+    return " ".join(f"{PLAIN_HEADERS[m['role']]} {m['content']}" for m in messages) + " " + PLAIN_HEADERS["assistant"]
 
 
 @dataclass
@@ -144,8 +145,8 @@ class ChatFormat:
 
     encode/decode: plain text <-> ids, no special tokens. render: messages -> the prompt text that
     ends where the answer starts. A response is ``encode(text) + [eos_id]`` (its end token is
-    part of its probability); a held-out document is ``[bos_id]? + encode(text) + [eos_id]``.
-    Subclass and override ``prompt_ids``/``response_ids`` to match another training format.
+    part of its probability); a held-out document is ``[bos_id]? + encode(text) + [eos_id]``
+    (as Megatron's pre-training data: text + eod). Subclasses match the SFT data's templates.
     """
 
     encode: Callable[[str], list[int]]
@@ -167,7 +168,8 @@ class ChatFormat:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self._bos() + list(self.encode(self.render(messages)))
 
-    def response_ids(self, text: str) -> list[int]:
+    def response_ids(self, text: str, messages: list[dict] | None = None) -> list[int]:
+        """Ids of a complete response (end token included) after the prompt of ``messages``."""
         return list(self.encode(text)) + [self.eos_id]
 
     def document_ids(self, text: str) -> list[int]:
@@ -182,32 +184,104 @@ class ChatFormat:
         return self.decode(ids).strip()
 
 
-def hf_chat_format(tokenizer, render: Callable[[list[dict]], str] | None = None) -> ChatFormat:
-    """ChatFormat of an HF tokenizer: its chat template when it has one (else ``plain_render``),
-    its BOS when it adds one by default, its EOS as end of response."""
+class PlainTemplateFormat(ChatFormat):
+    """The plain SFT template of ``megatron_gem.sft_data.PlainTemplateEncoder``, on ids: per
+    message ``ids(header) + ids(content) (+ [eod] after an assistant turn)``, each piece encoded
+    on its own; the prompt ends with ``ids("Assistant:")``; a response is ``ids(text) + [eod]``."""
+
+    def __init__(self, encode, decode, eos_id: int, pad_id: int | None = None):
+        super().__init__(encode=encode, decode=decode, render=plain_render, eos_id=eos_id, pad_id=pad_id)
+        from megatron_gem.tokenizer import PLAIN_HEADERS
+
+        self._headers = {r: list(encode(h)) for r, h in PLAIN_HEADERS.items()}
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids: list[int] = []
+        for m in messages:
+            ids += self._headers[m["role"]] + list(self.encode(m["content"]))
+            if m["role"] == "assistant":
+                ids.append(self.eos_id)
+        return ids + self._headers["assistant"]
+
+
+class ChatTemplateFormat(ChatFormat):
+    """An HF chat template, as ``sft_data.ChatTemplateEncoder`` trains on it: the prompt is the
+    render with the generation prompt; a response is the ids of the full render after the
+    prompt's ids, up to and including the first stop token (the template's end of turn)."""
+
+    def __init__(self, hf_tok, chat_template: str | None = None):
+        self.hf = hf_tok
+        self.template = chat_template or hf_tok.chat_template
+        render = lambda m: hf_tok.apply_chat_template(  # noqa: E731
+            m, chat_template=self.template, add_generation_prompt=True, tokenize=False)
+        enc = lambda t: list(hf_tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+        super().__init__(encode=enc, decode=lambda ids: hf_tok.decode(ids, skip_special_tokens=True),
+                         render=render, eos_id=hf_tok.eos_token_id, pad_id=hf_tok.pad_token_id)
+        # Special tokens the template puts after an answer (e.g. <|im_end|>) also end a response.
+        probe = [{"role": "user", "content": "hi"}]
+        tail = self.response_ids("ok", probe, stop=False)[len(enc("ok")):]
+        special = set(hf_tok.all_special_ids)
+        self.stop_ids = tuple(dict.fromkeys((*self.stop_ids, *[t for t in tail if t in special][:1])))
+
+    def response_ids(self, text: str, messages: list[dict] | None = None, stop: bool = True) -> list[int]:
+        if messages is None:
+            raise ValueError("ChatTemplateFormat.response_ids needs the prompt messages")
+        prompt = self.prompt_ids(messages)
+        full = self.encode(self.hf.apply_chat_template(
+            list(messages) + [{"role": "assistant", "content": text}], chat_template=self.template,
+            tokenize=False))
+        if full[:len(prompt)] != prompt:
+            raise ValueError("chat template is not prefix-stable: the prompt's ids are not a prefix of "
+                             "the full conversation's ids")
+        resp = full[len(prompt):]
+        if stop:
+            for k, t in enumerate(resp):
+                if t in self.stop_ids:
+                    return resp[:k + 1]
+        return resp
+
+
+def hf_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
+    """Format for an HF tokenizer, mirroring ``sft_data.make_encoder``: its chat template when
+    it has one (``auto``/``chat``), else the plain template (``plain``)."""
+    if template not in ("auto", "chat", "plain"):
+        raise ValueError(f"template must be auto, chat or plain, got {template!r}")
     if tokenizer.eos_token_id is None:
         raise ValueError("hf_chat_format: the tokenizer has no eos_token_id; responses need an end token")
-    templated = render is None and getattr(tokenizer, "chat_template", None)
-    if render is None:
-        render = ((lambda m: tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False))
-                  if templated else plain_render)
-    bos = None
-    if not templated and tokenizer.bos_token_id is not None:
-        probe = tokenizer("a")["input_ids"]
-        bos = tokenizer.bos_token_id if probe and probe[0] == tokenizer.bos_token_id else None
-    return ChatFormat(
-        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
-        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        render=render, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, bos_id=bos)
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise ValueError("hf_chat_format: the tokenizer has no chat template; use template='plain'")
+    if template != "plain" and has:
+        return ChatTemplateFormat(tokenizer)
+    return PlainTemplateFormat(lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]),
+                               lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+
+
+def megatron_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
+    """Format for a Megatron tokenizer (``megatron_gem.tokenizer.build_tokenizer``), the ids
+    training saw: HF tokenizers go through ``hf_chat_format``; others (SentencePiece) use the
+    plain template with Megatron's ``tokenize``/``detokenize``/``eod``."""
+    from megatron_gem.tokenizer import hf_tokenizer, pad_or_eod, text_to_ids
+
+    hf = hf_tokenizer(tokenizer)
+    if hf is not None:
+        return hf_chat_format(hf, template)
+    if template == "chat":
+        raise ValueError("the chat template needs an HF tokenizer; use template='plain'")
+    return PlainTemplateFormat(lambda t: text_to_ids(tokenizer, t), lambda ids: tokenizer.detokenize(list(ids)),
+                               eos_id=int(tokenizer.eod), pad_id=pad_or_eod(tokenizer))
 
 
 def load_hf(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from an HF model directory, offline (no hub access)."""
+    """(model, tokenizer) from an HF model directory, offline (no hub access); tokenizer is None
+    when the directory has no tokenizer files (then build the format from the training tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"model_dir {str(model_dir)!r} is not an HF model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    has_tok = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True) if has_tok else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     return model.to(device).eval(), tok
 
@@ -320,7 +394,7 @@ def score_valid(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt], batch_siz
         if p.valid:
             ctx = fmt.prompt_ids(p.messages)
             for v in p.valid:
-                pairs.append((ctx, fmt.response_ids(v)))
+                pairs.append((ctx, fmt.response_ids(v, p.messages)))
                 owner.append(k)
     lps = sequence_logprobs(model, pairs, batch_size)
     out: list[list[float] | None] = [[] if p.valid else None for p in prompts]

@@ -213,7 +213,8 @@ def hf_dir(tmp_path_factory):
 def test_evaluate_end_to_end_on_hf_dir(hf_dir):
     model, tok = E.load_hf(hf_dir / "sft")
     fmt = E.hf_chat_format(tok)
-    assert fmt.prompt_ids([{"role": "user", "content": "name a"}]) == tok("User: name a\nAssistant:")["input_ids"]
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert fmt.prompt_ids([{"role": "user", "content": "name a"}]) == ids("User:") + ids("name a") + ids("Assistant:")
     prompts = [E.EvalPrompt("0", [{"role": "user", "content": "name a"}], ["a", "b and c"], "seen"),
                E.EvalPrompt("1", [{"role": "user", "content": "name b . d"}], ["d"], "unseen")]
     r = E.evaluate(model, fmt, prompts, E.SamplingConfig(n=6, max_new_tokens=5),
@@ -264,3 +265,70 @@ def test_cli_on_user_jsonl(hf_dir, tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, "{oops"])
     assert cli.main(["--prompts", str(bad), "--generations", str(gens), "--out", str(tmp_path / "x.json")]) == 2
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
+
+
+class _FakeMegatronTokenizer:
+    """What sft_data needs of a Megatron (non-HF) tokenizer: tokenize, detokenize, eod."""
+
+    eod, pad = 2, 0
+
+    def tokenize(self, text):
+        return [3 + LETTERS.index(c) for c in text.lower() if c in LETTERS]
+
+    def detokenize(self, ids):
+        return "".join(LETTERS[i - 3] for i in ids if i >= 3)
+
+
+class _HFWrap:
+    """What sft_data needs of a Megatron HuggingFace tokenizer."""
+
+    library = "huggingface"
+
+    def __init__(self, hf):
+        self._tokenizer = type("T", (), {"tokenizer": hf})()
+        self.chat_template = hf.chat_template
+        self.eod = hf.eos_token_id
+
+
+def _check_same_as_training(encoder, fmt, convs):
+    """prompt_ids + response_ids == the SFT sample, and the loss mask is exactly the response."""
+    for conv in convs:
+        ids, mask = encoder.encode(conv)
+        prompt = fmt.prompt_ids(conv[:-1])
+        resp = fmt.response_ids(conv[-1]["content"], conv[:-1])
+        assert ids.tolist()[:len(prompt) + len(resp)] == prompt + resp
+        if len(conv) == 2:
+            assert not mask[:len(prompt)].any()
+        assert mask[len(prompt):len(prompt) + len(resp)].all()
+        assert not mask[len(prompt) + len(resp):].any()
+
+
+def test_formats_match_sft_data_encoders():
+    from megatron_gem import sft_data
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    convs = [[{"role": "user", "content": "name a"}, {"role": "assistant", "content": "b and c"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+              {"role": "assistant", "content": "b"}, {"role": "user", "content": "c d"},
+              {"role": "assistant", "content": "d"}]]
+    # Plain template on a SentencePiece-like Megatron tokenizer.
+    mt = _FakeMegatronTokenizer()
+    fmt = E.megatron_chat_format(mt)
+    assert isinstance(fmt, E.PlainTemplateFormat) and fmt.eos_id == 2
+    _check_same_as_training(sft_data.PlainTemplateEncoder(mt), fmt, convs)
+    # HF chat template with its own end-of-turn special token.
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "system", ":", "name", "be", "brief",
+             "a", "b", "c", "d", "and", "<|end|>"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                              pad_token="<pad>", unk_token="<unk>",
+                                              additional_special_tokens=["<|end|>"])
+    hf.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <|end|> {% endfor %}"
+                        "{% if add_generation_prompt %}assistant :{% endif %}")
+    fmt = E.megatron_chat_format(_HFWrap(hf))
+    assert isinstance(fmt, E.ChatTemplateFormat) and fmt.stop_ids == (2, 16)
+    _check_same_as_training(sft_data.ChatTemplateEncoder(_HFWrap(hf)), fmt, convs)
+    assert fmt.decode_response(fmt.response_ids("b and c", convs[0][:1]) + [11]) == "b and c"
+    assert isinstance(E.hf_chat_format(hf, "plain"), E.PlainTemplateFormat)

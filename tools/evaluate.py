@@ -37,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per generate() call")
-    s.add_argument("--template", choices=("auto", "plain"), default="auto",
-                   help="prompt template: the tokenizer's chat template when it has one (auto), "
-                        "or 'User: ...\\nAssistant:' (plain)")
+    s.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
+                   help="prompt template, as in SFT data preparation: the tokenizer's chat template "
+                        "when it has one (auto), or the plain 'User: ... Assistant:' template")
+    s.add_argument("--tokenizer-type", help="Megatron tokenizer type (e.g. SentencePieceTokenizer) when the "
+                   "model directory has no tokenizer, or to use the training tokenizer exactly")
+    s.add_argument("--tokenizer-model", help="SentencePiece model file or HF tokenizer directory")
     s.add_argument("--device", default="cpu")
     s.add_argument("--save-generations", help="also write the sampled responses as a generations JSONL")
     f = p.add_argument_group("forgetting (with --model)")
@@ -103,11 +106,17 @@ def main(argv=None) -> int:
         if a.model:
             say(f"loading {a.model}")
             model, tok = E.load_hf(a.model, device=a.device)
-            fmt = E.hf_chat_format(tok, render=E.plain_render if a.template == "plain" else None)
+            if a.tokenizer_type:
+                from megatron_gem.tokenizer import build_tokenizer
+                fmt = E.megatron_chat_format(build_tokenizer(a.tokenizer_type, a.tokenizer_model), a.template)
+            elif tok is None:
+                raise ValueError(f"{a.model} has no tokenizer files: pass --tokenizer-type and --tokenizer-model")
+            else:
+                fmt = E.hf_chat_format(tok, a.template)
             if a.base_model:
                 say(f"held-out loss of the base model {a.base_model}")
-                base, btok = E.load_hf(a.base_model, device=a.device)
-                before = E.heldout_loss(base, E.hf_chat_format(btok), heldout)
+                base, _ = E.load_hf(a.base_model, device=a.device)  # same tokenizer as the SFT model
+                before = E.heldout_loss(base, fmt, heldout)
                 del base
         embedder = sentence_embedder(a.embedding_model)
         if a.embedding_model and embedder is None:

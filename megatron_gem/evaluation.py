@@ -129,6 +129,18 @@ def read_generations(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> 
     return out
 
 
+def read_texts(path: str | os.PathLike, key: str = "text") -> list[str]:
+    """Documents of a ``{"text": ...}`` JSONL (held-out pre-training text)."""
+    texts = []
+    for lineno, rec in _read_jsonl(path):
+        if not isinstance(rec.get(key), str):
+            raise ValueError(f"{path}:{lineno}: needs a string {key!r} (keys present: {sorted(rec)})")
+        texts.append(rec[key])
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
 # ---- tokenisation and prompt template -------------------------------------------------------
 
 

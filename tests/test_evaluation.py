@@ -332,3 +332,32 @@ def test_formats_match_sft_data_encoders():
     _check_same_as_training(sft_data.ChatTemplateEncoder(_HFWrap(hf)), fmt, convs)
     assert fmt.decode_response(fmt.response_ids("b and c", convs[0][:1]) + [11]) == "b and c"
     assert isinstance(E.hf_chat_format(hf, "plain"), E.PlainTemplateFormat)
+
+
+def test_embedded_world_pipeline_with_sentencepiece(tmp_path):
+    """The chain a study driver runs: world -> SentencePiece -> format -> evaluate -> report rows."""
+    from megatron_gem import report as R
+    from megatron_gem import world as W
+    from megatron_gem.tokenizer import build_tokenizer, iter_training_text, train_sentencepiece
+
+    files = W.write_world(tmp_path / "w", W.WorldConfig(n_animals=12, pretrain_docs=150, heldout_docs=8))
+    sp = train_sentencepiece(iter_training_text([str(files.pretrain), str(files.sft), str(files.eval)]),
+                             tmp_path / "sp", 160)
+    tok = build_tokenizer("SentencePieceTokenizer", sp)
+    fmt = E.megatron_chat_format(tok)
+    prompts = E.read_prompts(files.eval)
+    for p in prompts[:5]:  # no unknown pieces in prompts or answers; answers decode back exactly
+        assert 0 not in fmt.prompt_ids(p.messages)
+        assert fmt.decode_response(fmt.response_ids(p.valid[0])) == p.valid[0]
+    model = tiny_llama(vocab=tok.vocab_size)
+    heldout = E.read_texts(files.heldout)
+    before = E.heldout_loss(model, fmt, heldout)
+    res = E.evaluate(model, fmt, prompts, E.SamplingConfig(n=3, max_new_tokens=4), heldout_texts=heldout,
+                     heldout_loss_before=before)
+    assert res["forgetting"] == pytest.approx(0.0, abs=1e-9)
+    assert {"all", "seen", "unseen"} <= set(res["sets"])
+    assert res["sets"]["all"]["n_quality"] == len(prompts)
+    recs = [R.make_record(m, b, "tiny", 10, res, params=model.num_parameters()) for m, b in (("ce", None), ("gem", 1.0))]
+    assert recs[0]["unseen/quality"] == res["sets"]["unseen"]["quality"] and recs[0]["forgetting"] == res["forgetting"]
+    md = R.report_markdown(recs, prompt_set="unseen")
+    assert md.count("| tiny | CE | 0 | 10 |") == 3  # all, seen, unseen tables

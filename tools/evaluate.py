@@ -64,17 +64,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_texts(path: str) -> list[str]:
-    texts = []
-    for lineno, rec in E._read_jsonl(path):
-        if not isinstance(rec.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: needs a string 'text' (keys present: {sorted(rec)})")
-        texts.append(rec["text"])
-    if not texts:
-        raise ValueError(f"{path}: no documents")
-    return texts
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -100,7 +89,7 @@ def main(argv=None) -> int:
     try:
         prompts = E.read_prompts(a.prompts)
         gens = E.read_generations(a.generations, prompts) if a.generations else None
-        heldout = _read_texts(a.heldout) if a.heldout else None
+        heldout = E.read_texts(a.heldout) if a.heldout else None
         model = fmt = None
         before = a.heldout_loss_before
         if a.model:

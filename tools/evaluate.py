@@ -122,7 +122,9 @@ def main(argv=None) -> int:
 
     _write_atomic(Path(a.out), json.dumps(result, indent=1) + "\n")
     if a.csv:
-        keys = sorted({k for d in result["sets"].values() for k in d})
+        present = {k for d in result["sets"].values() for k in d}
+        order = ["n_prompts", "n_samples", *E.METRIC_NAMES, *(f"n_{m}" for m in E.METRIC_NAMES)]
+        keys = [k for k in order if k in present] + sorted(present - set(order))
         rows = [{"set": s, **d, "heldout_loss": result["heldout_loss"], "forgetting": result["forgetting"]}
                 for s, d in result["sets"].items()]
         buf = io.StringIO()
@@ -136,9 +138,11 @@ def main(argv=None) -> int:
 
     shown = ("quality", "valid_mass", "effective_valid", "coverage", "ngram_diversity", "self_bleu_diversity",
              "embedding_diversity")
-    print("set".ljust(10) + "".join(m[:14].rjust(16) for m in shown))
+    shown = [m for m in shown if any(m in d for d in result["sets"].values())]
+    width = max(len(s) for s in result["sets"]) + 2
+    print("set".ljust(width) + "".join(m.rjust(len(m) + 2) for m in shown))
     for s, d in result["sets"].items():
-        print(s[:10].ljust(10) + "".join((f"{d[m]:.4f}" if m in d else "-").rjust(16) for m in shown))
+        print(s.ljust(width) + "".join((f"{d[m]:.4f}" if m in d else "-").rjust(len(m) + 2) for m in shown))
     for k in ("heldout_loss", "forgetting"):
         if result[k] is not None:
             print(f"{k}: {result[k]:.4f}")

@@ -239,7 +239,6 @@ def megatron_model_args(arch: ArchSpec, make_vocab_size_divisible_by: int = 128)
         "--kv-channels", str(a.head_dim),
         "--max-position-embeddings", str(a.max_position_embeddings),
         "--position-embedding-type", "rope",
-        "--no-position-embedding",
         "--rotary-base", str(a.rope_theta),
         "--rotary-percent", "1.0",
     ]
@@ -614,3 +613,536 @@ def megatron_full_state_to_hf(state: dict[str, torch.Tensor], arch: ArchSpec
         kind, layer = parse_megatron_name(name)
         out.update(megatron_to_hf_tensors(kind, layer, t, arch))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# HF directories (parent process: validation before any worker starts or any file is written)
+# --------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{hf_dir}: no config.json (is it a HuggingFace model directory?)")
+    return json.loads(path.read_text())
+
+
+def hf_dtype_name(cfg: dict) -> str:
+    """'fp32' / 'bf16' / 'fp16' from an HF config's ``dtype`` (5.x) or ``torch_dtype`` (4.x)."""
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+    if name not in _HF_DTYPE_NAMES:
+        raise ValueError(f"HF config: dtype={name!r} is not supported ({sorted(_HF_DTYPE_NAMES)})")
+    return _HF_DTYPE_NAMES[name]
+
+
+def check_hf_tensors(reader: SafetensorsReader, arch: ArchSpec) -> None:
+    """Every tensor the Megatron model needs exists with the shape ``arch`` implies."""
+    a = arch
+    qd, kvd = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
+    want = {"model.embed_tokens.weight": [a.vocab_size, a.hidden_size],
+            "model.norm.weight": [a.hidden_size]}
+    if not a.tie_word_embeddings:
+        want["lm_head.weight"] = [a.vocab_size, a.hidden_size]
+    for i in range(a.num_layers):
+        p = f"model.layers.{i}."
+        want.update({
+            p + "input_layernorm.weight": [a.hidden_size],
+            p + "post_attention_layernorm.weight": [a.hidden_size],
+            p + "self_attn.q_proj.weight": [qd, a.hidden_size],
+            p + "self_attn.k_proj.weight": [kvd, a.hidden_size],
+            p + "self_attn.v_proj.weight": [kvd, a.hidden_size],
+            p + "self_attn.o_proj.weight": [a.hidden_size, qd],
+            p + "mlp.gate_proj.weight": [a.ffn_hidden_size, a.hidden_size],
+            p + "mlp.up_proj.weight": [a.ffn_hidden_size, a.hidden_size],
+            p + "mlp.down_proj.weight": [a.hidden_size, a.ffn_hidden_size],
+        })
+        if a.qkv_bias:
+            want.update({p + "self_attn.q_proj.bias": [qd], p + "self_attn.k_proj.bias": [kvd],
+                         p + "self_attn.v_proj.bias": [kvd]})
+    for name, shape in want.items():
+        got = reader.shape(name)
+        if got != shape:
+            raise ValueError(f"{reader.dir}: tensor {name!r} has shape {got}, config.json "
+                             f"implies {shape}")
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output directory {out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_sibling(out: Path) -> Path:
+    """A fresh temporary directory next to ``out`` (same filesystem, so the final rename is
+    atomic); its name says it is incomplete."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` into place; an existing ``out`` (allowed by --overwrite) is
+    removed only now that the replacement is complete."""
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def megatron_checkpoint_dir(load_dir: str | os.PathLike, iteration: int | None = None
+                            ) -> tuple[Path, int | None]:
+    """``(directory of one checkpoint, iteration or None for a release checkpoint)``."""
+    load_dir = Path(load_dir)
+    if iteration is not None:
+        d = load_dir / f"iter_{iteration:07d}"
+        if not d.is_dir():
+            raise ValueError(f"--iteration {iteration}: {d} does not exist")
+        return d, iteration
+    tracker = load_dir / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        raise ValueError(f"{load_dir}: no latest_checkpointed_iteration.txt (not a Megatron-LM "
+                         "checkpoint directory?)")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return load_dir / "release", None
+    try:
+        it = int(text)
+    except ValueError:
+        raise ValueError(f"{tracker}: unexpected content {text!r}") from None
+    return load_dir / f"iter_{it:07d}", it
+
+
+def read_megatron_args(ckpt_dir: Path):
+    """The Megatron args saved with a torch_dist checkpoint (its common state)."""
+    if not (ckpt_dir / "metadata.json").is_file():
+        legacy = sorted(p.name for p in ckpt_dir.glob("mp_rank_*"))
+        hint = (" (a legacy --ckpt-format torch checkpoint: re-save it with --ckpt-format "
+                "torch_dist)") if legacy else ""
+        raise ValueError(f"{ckpt_dir}: not a torch_dist checkpoint{hint}")
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    state = load_common_state_dict(str(ckpt_dir))
+    if "args" not in state:
+        raise ValueError(f"{ckpt_dir}: the checkpoint has no saved args")
+    return state["args"]
+
+
+def read_megatron_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every model tensor of a torch_dist checkpoint, whole (global shape), in one process.
+    For tests and small models: keys are Megatron's sharded keys (TE-spec names, layers
+    stacked on a leading axis)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(ckpt_dir))
+    meta = reader.read_metadata()
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
+          for k, m in meta.state_dict_metadata.items()
+          if isinstance(m, TensorStorageMetadata) and "_extra_state" not in k}
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, target, kwargs: dict):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if torch.cuda.is_available():  # a converter needs no GPU: keep every rank off them
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    target(**kwargs)
+
+
+def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
+    """Run ``target(**kwargs)`` in ``nprocs`` fresh processes forming one gloo job (env
+    ``RANK``/``WORLD_SIZE``/``MASTER_*`` set). Raises if any process fails."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs), nprocs=nprocs,
+                       start_method="spawn", join=True)
+
+
+def init_megatron_worker(argv: list[str], padded_vocab: int, overrides: dict | None = None):
+    """Initialise Megatron in this worker as the training entry does (CPU mode, its argument
+    parser), with a fixed padded vocabulary and no tokenizer; returns the args."""
+    from megatron_gem import cpu_mode
+
+    cpu_mode.enable_cpu_mode()  # no-op with CUDA (never the case here, see _child)
+    from megatron.training.global_vars import set_global_variables
+    from megatron.training.initialize import initialize_megatron
+
+    from megatron_gem.arguments import parse_args
+    from megatron_gem.train import fix_dataset_helpers_compile
+
+    fix_dataset_helpers_compile()
+    args = parse_args(argv, world_size=int(os.environ["WORLD_SIZE"]),
+                      rank=int(os.environ["RANK"]))
+    args.padded_vocab_size = padded_vocab  # the checkpoint's, not recomputed from a tokenizer
+    for k, v in (overrides or {}).items():
+        setattr(args, k, v)
+    set_global_variables(args, build_tokenizer=False)
+    initialize_megatron(allow_no_cuda=True)
+    return args
+
+
+def build_model():
+    """This rank's model chunks, built by the training entry's model provider."""
+    from megatron.training.training import get_model
+
+    from megatron_gem.model import model_provider
+
+    return get_model(model_provider, wrap_with_ddp=False)
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def named_global_parameters(chunk) -> Iterator[tuple[str, int | None, str, torch.nn.Parameter]]:
+    """``(kind, global layer, name, parameter)`` of one model chunk."""
+    gpt = unwrap(chunk)
+    for name, p in gpt.named_parameters():
+        kind, local = parse_megatron_name(name)
+        layer = None if local is None else gpt.decoder.layers[local].layer_number - 1
+        yield kind, layer, name, p
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(f"[convert] {msg}", file=sys.stderr, flush=True)
+
+
+def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str]) -> list[str]:
+    argv = megatron_model_args(arch) + [
+        "--tensor-model-parallel-size", str(tp),
+        "--pipeline-model-parallel-size", str(pp),
+        "--micro-batch-size", "1",
+        "--seq-length", str(min(arch.max_position_embeddings, 4096)),
+        "--ckpt-format", "torch_dist",
+        "--save-interval", "1",  # validate_args wants one whenever --save is given
+        "--train-iters", "1",
+        "--no-initialization",  # every weight is overwritten: skip the random init
+        "--use-cpu-initialization",
+        "--distributed-timeout-minutes", "600",  # a 70B shard can take a while to read
+    ]
+    if dtype == "bf16":
+        argv.append("--bf16")
+    elif dtype == "fp16":
+        argv.append("--fp16")
+    return argv + extra
+
+
+def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int, pp: int,
+                  padded_vocab: int, tokenizer_argv: list[str], after_save=None) -> None:
+    """One rank of ``hf -> megatron``: build this rank's shard, fill it from HF slices, save
+    with Megatron's ``save_checkpoint`` as a release checkpoint. ``after_save(model, arch)``
+    (tests) runs in every rank at the end."""
+    from megatron.core import parallel_state as ps
+
+    args = init_megatron_worker(
+        _worker_argv(arch, dtype, tp, pp, ["--save", tmp_out, "--no-save-optim", "--no-save-rng",
+                                           *tokenizer_argv]), padded_vocab)
+    model = build_model()
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    reader = SafetensorsReader(hf_dir)
+    chunk_params = [list(named_global_parameters(c)) for c in model]
+    layers = sorted({lay for ps_ in chunk_params for _, lay, _, _ in ps_ if lay is not None})
+    done = set()
+    with torch.no_grad():
+        for params in chunk_params:
+            for kind, layer, name, p in params:
+                t = local_megatron_tensor(kind, layer, arch, reader.get, tp_rank, tp_size,
+                                          padded_vocab)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}: HF gives shape {tuple(t.shape)}, the Megatron "
+                                     f"shard has {tuple(p.shape)}")
+                p.copy_(t)
+                if layer is not None and layer not in done and args.rank == 0:
+                    done.add(layer)
+                    _log(f"hf-to-megatron: rank 0 filling layer {layer} "
+                         f"({len(done)}/{len(layers)} of its stage)")
+    reader.close()
+    from megatron.training.checkpointing import save_checkpoint
+
+    if args.rank == 0:
+        _log(f"hf-to-megatron: saving the torch_dist checkpoint ({tp * pp} ranks)")
+    save_checkpoint(0, model, None, None, 0, release=True)
+    torch.distributed.barrier()
+    if after_save is not None:
+        after_save(model, arch)
+
+
+def export_worker(ckpt_root: str, iteration: int | None, tmp_out: str, arch: ArchSpec,
+                  ckpt_dtype: str, out_dtype: str, pp: int, padded_vocab: int,
+                  max_shard_bytes: int, add_position_embedding: bool = True,
+                  after_load=None) -> None:
+    """One pipeline stage of ``megatron -> hf`` (tensor-parallel size 1): load this stage from
+    the checkpoint with Megatron's ``load_checkpoint`` (resharded from any saved layout),
+    convert its parameters and write them as safetensors parts; rank 0 renames the parts,
+    writes the index. ``after_load(model, arch)`` (tests) runs in every rank after loading."""
+    from safetensors.torch import save_file
+
+    extra = ["--load", ckpt_root, "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint"]
+    if iteration is not None:
+        extra += ["--ckpt-step", str(iteration)]
+    # load_checkpoint asserts this flag equals the saved one; it means nothing with RoPE
+    args = init_megatron_worker(_worker_argv(arch, ckpt_dtype, 1, pp, extra), padded_vocab,
+                                {"add_position_embedding": add_position_embedding})
+    from megatron.training.checkpointing import load_checkpoint
+
+    model = build_model()
+    if args.rank == 0:
+        _log(f"megatron-to-hf: loading {ckpt_root} into {pp} pipeline stage(s)")
+    load_checkpoint(model, None, None)
+    if after_load is not None:
+        after_load(model, arch)
+
+    stage = torch.distributed.get_rank()
+    dtype = _DTYPES[out_dtype]
+    parts, buf, nbytes, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal buf, nbytes
+        if buf:
+            fn = f"part-{stage:05d}-{len(parts):05d}.safetensors"
+            save_file(buf, os.path.join(tmp_out, fn), metadata={"format": "pt"})
+            parts.append((fn, list(buf), nbytes))
+            buf, nbytes = {}, 0
+
+    last_layer = None
+    with torch.no_grad():
+        for chunk in model:
+            for kind, layer, name, p in named_global_parameters(chunk):
+                for hf_name, t in megatron_to_hf_tensors(kind, layer, p.detach(), arch).items():
+                    t = t.to(dtype).contiguous().clone()
+                    size = t.numel() * t.element_size()
+                    if buf and nbytes + size > max_shard_bytes:
+                        flush()
+                    buf[hf_name] = t
+                    nbytes += size
+                    total += size
+                if layer is not None and layer != last_layer and stage == 0:
+                    last_layer = layer
+                    _log(f"megatron-to-hf: stage 0 converting layer {layer}")
+    flush()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (parts, total))
+    if stage == 0:
+        all_parts = [p for g in gathered for p in g[0]]
+        n = len(all_parts)
+        weight_map = {}
+        for i, (fn, names, _) in enumerate(all_parts):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(tmp_out, fn), os.path.join(tmp_out, final))
+            os.chmod(os.path.join(tmp_out, final), 0o666 & ~_umask())
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            index = {"metadata": {"total_size": sum(g[1] for g in gathered)},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            Path(tmp_out, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# The two conversions (parent process)
+# --------------------------------------------------------------------------------------------
+
+
+def tokenizer_argv_for(hf_dir: Path, arch: ArchSpec) -> list[str]:
+    """Tokenizer args stored in the checkpoint (``--use-checkpoint-args`` reads them): the HF
+    tokenizer in ``hf_dir`` when it has one, else Megatron's NullTokenizer of the vocab size."""
+    if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                            "tokenizer.model")):
+        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                str(hf_dir.resolve())]
+    return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(arch.vocab_size)]
+
+
+def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | None = None,
+                   make_vocab_size_divisible_by: int = 128, overwrite: bool = False,
+                   after_save=None) -> list[str]:
+    """Convert an HF Llama/Qwen2 directory into a Megatron release checkpoint at ``out_dir``
+    with ``tp * pp`` worker processes (each reads and holds only its own shard). Returns the
+    Megatron model flags to train it with (also written to ``out_dir/megatron_args.txt``)."""
+    hf_dir = Path(hf_dir)
+    for name, v in (("tp", tp), ("pp", pp), ("make_vocab_size_divisible_by",
+                                              make_vocab_size_divisible_by)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: must be a positive integer")
+    cfg = read_hf_config(hf_dir)
+    arch = arch_from_hf_config(cfg)
+    dtype = dtype or hf_dtype_name(cfg)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(_DTYPES)}")
+    if arch.num_query_groups % tp or arch.num_attention_heads % tp or arch.ffn_hidden_size % tp:
+        raise ValueError(f"tp={tp}: must divide num_key_value_heads={arch.num_query_groups}, "
+                         f"num_attention_heads={arch.num_attention_heads} and "
+                         f"intermediate_size={arch.ffn_hidden_size}")
+    if arch.num_layers % pp:
+        raise ValueError(f"pp={pp}: must divide num_hidden_layers={arch.num_layers}")
+    check_hf_tensors(SafetensorsReader(hf_dir), arch)
+    out = check_output_dir(out_dir, overwrite)
+    padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
+    flags = megatron_model_args(arch, make_vocab_size_divisible_by)
+    flags += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp32": []}[dtype]
+    tmp = _temp_sibling(out)
+    try:
+        _log(f"hf-to-megatron: {arch.model_type} {arch.num_layers} layers, vocab "
+             f"{arch.vocab_size} -> padded {padded}, TP={tp} PP={pp}, {dtype}")
+        run_workers(import_worker, tp * pp, hf_dir=str(hf_dir), tmp_out=str(tmp), arch=arch,
+                    dtype=dtype, tp=tp, pp=pp, padded_vocab=padded,
+                    tokenizer_argv=tokenizer_argv_for(hf_dir, arch), after_save=after_save)
+        (tmp / "megatron_args.txt").write_text(
+            "# Megatron model flags for this checkpoint (pass them to megatron_gem.train with\n"
+            f"# --tensor-model-parallel-size {tp} or --use-checkpoint-args)\n"
+            + " ".join(flags) + "\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return flags
+
+
+def _export_vocab_size(ckpt_args, tokenizer_dir: Path | None, vocab_size: int | None) -> int:
+    if vocab_size is not None:
+        return int(vocab_size)
+    for d in ([tokenizer_dir] if tokenizer_dir else []) + (
+            [Path(ckpt_args.tokenizer_model)] if getattr(ckpt_args, "tokenizer_type", None)
+            == "HuggingFaceTokenizer" and getattr(ckpt_args, "tokenizer_model", None) else []):
+        if (d / "config.json").is_file():
+            v = json.loads((d / "config.json").read_text()).get("vocab_size")
+            if v:
+                return int(v)
+        if d.is_dir():
+            from transformers import AutoTokenizer
+
+            return len(AutoTokenizer.from_pretrained(str(d)))
+    if getattr(ckpt_args, "tokenizer_type", None) == "NullTokenizer" and ckpt_args.vocab_size:
+        return int(ckpt_args.vocab_size)
+    raise ValueError("cannot tell the real vocabulary size (the checkpoint holds the padded one, "
+                     f"{ckpt_args.padded_vocab_size}): pass --vocab-size or --tokenizer")
+
+
+def _token_ids(tokenizer_dir: Path | None) -> dict:
+    if tokenizer_dir is None:
+        return {}
+    if (tokenizer_dir / "config.json").is_file():
+        c = json.loads((tokenizer_dir / "config.json").read_text())
+        ids = {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if any(v is not None for v in ids.values()):
+            return ids
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+
+
+def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int = 1,
+                   dtype: str | None = None, tokenizer_dir=None, vocab_size: int | None = None,
+                   max_shard_size: str | int = "5GB", overwrite: bool = False,
+                   after_load=None) -> Path:
+    """Convert a Megatron checkpoint written by megatron_gem.train (any TP/PP, torch_dist) into
+    an HF directory with ``pp`` worker processes (each loads one pipeline stage)."""
+    ckpt_dir, it = megatron_checkpoint_dir(load_dir, iteration)
+    ckpt_args = read_megatron_args(ckpt_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        raise ValueError(f"--tokenizer {tokenizer_dir}: not a directory")
+    v = _export_vocab_size(ckpt_args, tokenizer_dir, vocab_size)
+    arch = arch_from_megatron_args(ckpt_args, v)
+    padded = int(ckpt_args.padded_vocab_size)
+    if v > padded:
+        raise ValueError(f"vocab size {v} > the checkpoint's padded vocabulary {padded}")
+    ckpt_dtype = "bf16" if getattr(ckpt_args, "bf16", False) else (
+        "fp16" if getattr(ckpt_args, "fp16", False) else "fp32")
+    dtype = dtype or ckpt_dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(_DTYPES)}")
+    if not isinstance(pp, int) or pp < 1 or arch.num_layers % pp:
+        raise ValueError(f"pp={pp!r}: must be a positive divisor of num_layers={arch.num_layers}")
+    shard = _parse_size(max_shard_size)
+    hf_cfg = hf_config_from_arch(arch, _DTYPES[dtype], _token_ids(tokenizer_dir))
+    out = check_output_dir(out_dir, overwrite)
+    tmp = _temp_sibling(out)
+    try:
+        _log(f"megatron-to-hf: {ckpt_dir} -> {arch.model_type}, {arch.num_layers} layers, vocab "
+             f"{v} (padded {padded} trimmed), {dtype}, {pp} process(es)")
+        run_workers(export_worker, pp, ckpt_root=str(Path(load_dir)), iteration=it,
+                    tmp_out=str(tmp), arch=arch, ckpt_dtype=ckpt_dtype, out_dtype=dtype, pp=pp,
+                    padded_vocab=padded, max_shard_bytes=shard, after_load=after_load,
+                    add_position_embedding=getattr(ckpt_args, "add_position_embedding", True))
+        hf_cfg.save_pretrained(str(tmp))
+        from transformers import GenerationConfig
+
+        if tokenizer_dir is not None and (tokenizer_dir / "generation_config.json").is_file():
+            shutil.copy2(tokenizer_dir / "generation_config.json", tmp)
+        else:
+            GenerationConfig(**{k: getattr(hf_cfg, k) for k in
+                                ("bos_token_id", "eos_token_id", "pad_token_id")}
+                             ).save_pretrained(str(tmp))
+        if tokenizer_dir is not None:
+            for f in TOKENIZER_FILES:
+                if (tokenizer_dir / f).is_file():
+                    shutil.copy2(tokenizer_dir / f, tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"max_shard_size={size!r}: use e.g. 5GB, 500MB or a byte count")
+        n = int(float(m.group(1)) * {None: 1, "B": 1, "KB": 10**3, "MB": 10**6,
+                                     "GB": 10**9}[m.group(2)])
+    if n <= 0:
+        raise ValueError(f"max_shard_size={size!r}: must be positive")
+    return n

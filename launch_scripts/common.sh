@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # the helpers set variables (MODEL_ARGS, EXTRA, ...) for the scripts
 # Shared by every launch script of megatron-gem: sourced, never run.
 #
 # A launch script sets its knobs (each `: "${VAR:=default}"`, so the environment wins), builds
@@ -223,8 +224,9 @@ gem_launch() {
         if [[ -n "${GEM_DRY_RUN_DUMP:-}" ]]; then
             # tools/dry_run_launch.py / the tests: hand the record to a Python process that
             # checks many scripts at once. NUL-separated: header fields, argc, argv.
-            printf '%s\0' "$kind" "$what" "$target" "$NODES" "$GPUS_PER_NODE" \
-                "${GEM_VOCAB_SIZE:-}" "$GEM_SCRIPT" "${#GEM_ARGS[@]}" "${GEM_ARGS[@]}" >> "$GEM_DRY_RUN_DUMP"
+            printf '%s\0' "$kind" "$what" "$target" "$NODES" "$GPUS_PER_NODE" "${GEM_VOCAB_SIZE:-}" \
+                "$GEM_SCRIPT" "${CUDA_DEVICE_MAX_CONNECTIONS:-}" "${#GEM_ARGS[@]}" "${GEM_ARGS[@]}" \
+                >> "$GEM_DRY_RUN_DUMP"
             return 0
         fi
         local -a check=(-m megatron_gem.launch_check --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE"
@@ -249,6 +251,7 @@ gem_launch() {
             fi ;;
         tool)
             if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+                # shellcheck disable=SC2016  # $1, $@: the task's shell expands them
                 srun --ntasks=1 --nodes=1 "${GEM_CONTAINER_ARGS[@]}" \
                     bash -c 'cd "$1" && shift && exec "$@"' _ "$GEM_REPO" "$python" "$GEM_TOOL" "${GEM_ARGS[@]}"
             else
@@ -282,6 +285,7 @@ gem_srun_train() {
     MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
     export MASTER_ADDR MASTER_PORT
     gem_log "srun: $NODES node(s) x $GPUS_PER_NODE GPU(s), master $MASTER_ADDR:$MASTER_PORT"
+    # shellcheck disable=SC2016  # $SLURM_*, $1, $@: each task's shell expands them
     srun --nodes "$NODES" --ntasks-per-node "$GPUS_PER_NODE" --kill-on-bad-exit=1 \
         "${GEM_CONTAINER_ARGS[@]}" \
         bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID \

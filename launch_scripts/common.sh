@@ -195,6 +195,57 @@ gem_extra_args() {
     EXTRA=("${from_env[@]}" "$@")
 }
 
+# gem_sft_args: the SFT run's data, tokenizer, schedule, checkpoint and logging flags ->
+# TRAIN_ARGS, from SFT_DATA (tools/prepare_sft_data.py prefix), HF_MODEL (tokenizer),
+# BASE_CKPT (the converted base model), CKPT_DIR, SEQ_LENGTH, MICRO_BATCH, GLOBAL_BATCH,
+# TRAIN_ITERS, LR, MIN_LR, WARMUP_ITERS, SAVE_INTERVAL, EVAL_INTERVAL, EVAL_ITERS,
+# LOG_INTERVAL and EXIT_DURATION_MINS (when set). --load and --save are the same directory,
+# so any restart resumes; the first start (no checkpoint there yet) loads BASE_CKPT through
+# --pretrained-checkpoint (Megatron then starts at iteration 0 with a fresh optimizer).
+gem_sft_args() {
+    TRAIN_ARGS=(
+        --sft --data-path "$SFT_DATA" --split "${SPLIT:-98,2,0}"
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_MODEL"
+        --pretrained-checkpoint "$BASE_CKPT"
+    )
+    gem_schedule_args
+    TRAIN_ARGS+=("${SCHEDULE_ARGS[@]}")
+}
+
+# gem_pretrain_args: pre-training from scratch on PRETRAIN_DATA (tools/preprocess_data.py
+# prefix, e.g. .../corpus_text_document) with the SentencePiece model TOKENIZER_MODEL
+# (tools/train_tokenizer.py) -> TRAIN_ARGS; the same schedule variables as gem_sft_args.
+gem_pretrain_args() {
+    TRAIN_ARGS=(
+        --data-path "$PRETRAIN_DATA" --split "${SPLIT:-99,1,0}"
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+    )
+    gem_schedule_args
+    TRAIN_ARGS+=("${SCHEDULE_ARGS[@]}")
+}
+
+gem_schedule_args() {
+    SCHEDULE_ARGS=(
+        --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
+        --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
+        --lr-warmup-iters "$WARMUP_ITERS" --weight-decay "${WEIGHT_DECAY:-0.1}" --clip-grad 1.0
+        --adam-beta1 0.9 --adam-beta2 0.95 --seed "${SEED:-1234}"
+        --load "$CKPT_DIR" --save "$CKPT_DIR" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist
+        --exit-signal-handler
+        --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL"
+        --log-throughput --tensorboard-dir "${TENSORBOARD_DIR:-$CKPT_DIR/tensorboard}"
+    )
+    if [[ -n "${EXIT_DURATION_MINS:-}" ]]; then
+        SCHEDULE_ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_MINS")
+    fi
+}
+
+# gem_assemble: GEM_ARGS = model, layout, precision, loss, TRAIN_ARGS, then EXTRA (last wins).
+gem_assemble() {
+    GEM_ARGS=("${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${LOSS_ARGS[@]}"
+              "${TRAIN_ARGS[@]}" "${EXTRA[@]}")
+}
+
 # gem_require PATH...: inputs a real run needs. A dry run only notes missing ones.
 gem_require() {
     local path

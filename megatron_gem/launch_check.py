@@ -119,13 +119,17 @@ class LaunchReport:
             m = self.memory
             lines.append(
                 f"   memory per GPU (Megatron's theoretical estimate, {m['method']}): "
-                f"weights+optimizer {m['weights_and_optimizer'] / 1024:.1f} GiB, "
-                f"activations {m['activations'] / 1024:.1f} GiB, total {m['total'] / 1024:.1f} GiB"
+                f"weights+optimizer {_size(m['weights_and_optimizer'])}, "
+                f"activations {_size(m['activations'])}, total {_size(m['total'])}"
                 + (f" of {m['gpu_memory_gib']:.0f} GiB" if m.get("gpu_memory_gib") else "")
             )
         lines += [f"   note: {n}" for n in self.notes]
         lines += [f"   WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _size(mib: float) -> str:
+    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -337,6 +337,19 @@ def sample(model, fmt: ChatFormat, prompts: Sequence[list[dict]], cfg: SamplingC
     Prompts are left-padded into batches and sampled with ``model.generate`` (KV cache).
     Reproducible for a fixed seed and batch size.
     """
+    from transformers import GenerationConfig
+
+    # A model directory's generation_config.json (repetition penalty, top-p, ...) would fill in
+    # every setting not passed here: sample from the bare distribution, with exactly cfg.
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        return _sample(model, fmt, prompts, cfg, progress)
+    finally:
+        model.generation_config = saved
+
+
+def _sample(model, fmt, prompts, cfg, progress):
     dev = _device(model)
     torch.manual_seed(cfg.seed)
     out: list[list[str]] = []

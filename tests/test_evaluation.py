@@ -105,6 +105,9 @@ def test_sampling_distribution_temperature_and_top_k(model):
             out[s] = out.get(s, 0.0) + p
         return out
 
+    # Settings of the model directory's generation config must not leak into sampling.
+    model.generation_config = transformers.GenerationConfig(suppress_tokens=[int(logits.argmax())],
+                                                            repetition_penalty=50.0)
     n = 4000
     for temp, top_k in ((0.7, 0), (1.3, 3)):
         z = logits / temp
@@ -118,6 +121,8 @@ def test_sampling_distribution_temperature_and_top_k(model):
         assert tv < 0.04, (temp, top_k, tv)
         if top_k:
             assert len(freq) <= top_k
+    assert model.generation_config.repetition_penalty == 50.0  # restored
+    model.generation_config = transformers.GenerationConfig()
     cfg = E.SamplingConfig(n=5, max_new_tokens=4, seed=11)
     assert E.sample(model, fmt, [prompt], cfg) == E.sample(model, fmt, [prompt], cfg)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+import torch  # noqa: E402
+
 from megatron_gem import evaluation as E  # noqa: E402
 from megatron_gem.metrics import sentence_embedder  # noqa: E402
 
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer-type", help="Megatron tokenizer type (e.g. SentencePieceTokenizer) when the "
                    "model directory has no tokenizer, or to use the training tokenizer exactly")
     s.add_argument("--tokenizer-model", help="SentencePiece model file or HF tokenizer directory")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model weights dtype (log-probabilities are always computed in fp32)")
     s.add_argument("--save-generations", help="also write the sampled responses as a generations JSONL")
     f = p.add_argument_group("forgetting (with --model)")
     f.add_argument("--heldout", help="JSONL of {text} held-out pre-training documents")
@@ -94,7 +98,8 @@ def main(argv=None) -> int:
         before = a.heldout_loss_before
         if a.model:
             say(f"loading {a.model}")
-            model, tok = E.load_hf(a.model, device=a.device)
+            dtype = getattr(torch, a.dtype)
+            model, tok = E.load_hf(a.model, device=a.device, dtype=dtype)
             if a.tokenizer_type:
                 from megatron_gem.tokenizer import build_tokenizer
                 fmt = E.megatron_chat_format(build_tokenizer(a.tokenizer_type, a.tokenizer_model), a.template)
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
                 fmt = E.hf_chat_format(tok, a.template)
             if a.base_model:
                 say(f"held-out loss of the base model {a.base_model}")
-                base, _ = E.load_hf(a.base_model, device=a.device)  # same tokenizer as the SFT model
+                base, _ = E.load_hf(a.base_model, device=a.device, dtype=dtype)  # same tokenizer as the SFT model
                 before = E.heldout_loss(base, fmt, heldout)
                 del base
         embedder = sentence_embedder(a.embedding_model)

@@ -311,15 +311,18 @@ def test_packed_datasets_hold_every_sample_once_per_epoch_with_exact_masks(sp_da
 
 def test_load_time_truncation_blends_and_per_split_paths(sp_data, tmp_path):
     prefix, model, samples = sp_data
-    S = 12  # shorter than the data was prepared for: samples are cut to 13 tokens
+    S = 24  # shorter than the data was prepared for: longer samples are cut to 25 tokens
     (train, _, _) = D.build_sft_datasets(_args(model, data_path=[prefix], split="1,0,0", seq_length=S), [None, 0, 0])
-    assert train.num_truncated > 0
     data = D.SFTIndexedData(prefix)
+    assert train.num_truncated == sum(len(data.sample(j)[0]) > S + 1 for j in range(60)) > 0
     cut = {tuple(data.sample(j)[0][: S + 1].tolist()): j for j in range(len(data))}
+    seen, with_loss = 0, 0
     for i in range(len(train)):
         for ids, lm in _check_item(train[i], S, data.pad):
             if ids in cut:
                 np.testing.assert_array_equal(lm, data.sample(cut[ids])[1][1 : S + 1])
+                seen, with_loss = seen + 1, with_loss + bool(lm.any())
+    assert seen == 60 and with_loss > 0
     # A weighted blend (Megatron's BlendedDataset) and per-split paths give >= the request.
     blend = _args(model, data_path=["0.3", prefix, "0.7", prefix], split="90,10,0")
     tr, va, te = D.build_sft_datasets(blend, [50, 7, 0])

@@ -447,6 +447,8 @@ def heldout_loss(model, fmt: ChatFormat, texts: Sequence[str], max_len: int | No
     # Each window's first token is context, the rest are targets.
     lps = sequence_logprobs(model, [(w[:1], w[1:]) for w in windows], batch_size)
     n_tok = sum(len(w) - 1 for w in windows)
+    if n_tok == 0:
+        raise ValueError("heldout_loss: the texts have no token to predict (all empty?)")
     return -math.fsum(lps) / n_tok
 
 
@@ -466,8 +468,18 @@ def prompt_metrics(samples: Sequence[str], valid: Sequence[str] | None = None,
         m["quality"] = M.quality(samples, valid)
         m["coverage"] = M.coverage(samples, valid)
     if valid_logprobs is not None:
-        m["valid_mass"] = M.valid_mass(valid_logprobs)
-        ev = M.effective_valid(valid_logprobs)
+        if not valid or len(valid_logprobs) != len(valid):
+            raise ValueError(f"prompt_metrics: {len(valid_logprobs)} log-probabilities for "
+                             f"{len(valid or [])} valid responses")
+        # One probability per distinct answer: a response listed twice counts once; responses
+        # that normalise to the same answer ("Owl", "owl") are different sequences whose
+        # probabilities add up.
+        groups: dict[str, list[float]] = {}
+        for v, lp in dict(zip(valid, valid_logprobs)).items():
+            groups.setdefault(M.normalize_answer(v), []).append(lp)
+        answers = [torch.logsumexp(torch.tensor(g, dtype=torch.float64), 0).item() for g in groups.values()]
+        m["valid_mass"] = M.valid_mass(answers)
+        ev = M.effective_valid(answers)
         if math.isfinite(ev):
             m["effective_valid"] = ev
     ng = M.ngram_diversity(samples)
@@ -527,7 +539,8 @@ def evaluate(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt], sampling: Sa
         if model is None:
             raise ValueError("evaluate: give a model to sample from or generations")
         say(f"sampling {sampling.n} responses for {len(prompts)} prompts")
-        generations = sample(model, fmt, [p.messages for p in prompts], sampling)
+        generations = sample(model, fmt, [p.messages for p in prompts], sampling,
+                             progress=lambda k, n: say(f"sampled {k}/{n} prompts"))
     lps = None
     if model is not None and score and any(p.valid for p in prompts):
         say("scoring valid responses")

@@ -162,6 +162,12 @@ def test_summarise_hand_example():
     assert sets["unseen"]["self_bleu_diversity"] == pytest.approx(
         (0.0 + (1 - E.M.self_bleu(["a b", "a c"]) / 100)) / 2)
     assert "quality" not in per[2]["metrics"]
+    # Listed twice: counted once; "A" and "a" are different sequences of the same answer: added.
+    m = E.prompt_metrics(["a"], ["a", "A", "a", "b"], [math.log(0.2), math.log(0.1), math.log(0.2), math.log(0.3)])
+    assert m["valid_mass"] == pytest.approx(0.6)
+    assert m["effective_valid"] == pytest.approx(math.exp(-(0.5 * math.log(0.5) * 2)))
+    with pytest.raises(ValueError, match="2 log-probabilities for 1 valid"):
+        E.prompt_metrics(["a"], ["a"], [0.0, 0.0])
 
 
 def _write(path, lines):

@@ -145,15 +145,35 @@ def _swapped_argv(argv: list[str]):
         sys.argv = saved
 
 
+@contextlib.contextmanager
+def _device_arch(major: int):
+    """Megatron's validate_args asks the GPU's architecture for TP/CP checks; without CUDA,
+    answer ``major`` (only for the duration of validation)."""
+    import torch
+    import megatron.training.arguments as margs
+
+    if torch.cuda.is_available() or not hasattr(margs, "get_device_arch_version"):
+        yield
+        return
+    saved = margs.get_device_arch_version
+    margs.get_device_arch_version = lambda: major
+    try:
+        yield
+    finally:
+        margs.get_device_arch_version = saved
+
+
 def parse_args(argv: list[str] | None = None, *, world_size: int | None = None, rank: int = 0,
-               adapt_to_host: bool = True) -> argparse.Namespace:
+               adapt_to_host: bool = True, device_arch: int = 9) -> argparse.Namespace:
     """Megatron's parsed + validated arguments for ``argv``, GEM arguments included.
 
     No torch.distributed, no tokenizer, no global state: safe to call many times in one
     process. ``world_size`` defaults to env ``WORLD_SIZE`` (else 1), as in Megatron.
     ``adapt_to_host=False`` validates the flags as written (e.g. a GPU cluster's script on a
     laptop); True applies the defaults ``megatron_gem.train`` applies on this machine.
-    ``--use-checkpoint-args`` is not resolved here (that needs the checkpoint).
+    ``device_arch``: the GPU architecture major (9 = Hopper, 10 = Blackwell) Megatron's
+    checks assume when this machine has no CUDA. ``--use-checkpoint-args`` is not resolved
+    here (that needs the checkpoint). Megatron's own checks raise ``AssertionError``.
     """
     from megatron.training.arguments import parse_args as megatron_parse_args
     from megatron.training.arguments import validate_args
@@ -167,5 +187,6 @@ def parse_args(argv: list[str] | None = None, *, world_size: int | None = None, 
         args.world_size = int(world_size)
     args.rank = rank
     validate_gem_args(args)
-    validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+    with _device_arch(device_arch):
+        validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     return args

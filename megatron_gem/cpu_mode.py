@@ -17,6 +17,8 @@ when ``torch.cuda.is_available()`` is true. What it patches (all reversible, see
 * Literal ``device="cuda"`` in tensor factories (``torch.tensor(..., device="cuda")`` in the
   loop, schedules, optimizer, clip_grads) and ``.to("cuda")``/``.cuda()`` map to the CPU,
   through a ``TorchFunctionMode`` so new call sites are covered without listing them.
+* DataLoader iterators leave the default generator as they found it (their seed draw would
+  otherwise shift the dropout stream of a resumed run).
 * ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names for CPU tensors (the optimizers and
   ``clip_grads`` assert on those strings).
 * ``megatron.training.training.initialize_megatron`` gets ``allow_no_cuda=True``.
@@ -234,6 +236,23 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
     return _ORIG_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
 
 
+def _keep_default_rng(init):
+    """DataLoader iterators draw their base seed from the default generator. On CPU that is
+    also the "CUDA" generator dropout uses, and the draw happens after a checkpoint's RNG state
+    was restored, so a resumed run would drop out differently. Keep the stream untouched, as on
+    GPU where the draw does not touch the dropout generator."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        state = torch.default_generator.get_state()
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.default_generator.set_state(state)
+
+    return __init__
+
+
 class _DropRngWarning(logging.Filter):
     # With one generator for "CPU" and "CUDA", every fork() changes the CPU state by design.
     def filter(self, record):
@@ -304,6 +323,8 @@ def enable_cpu_mode() -> bool:
         _patch(torch.Tensor, "cuda", _tensor_cuda)
         _patch(torch.Tensor, "type", _tensor_type)
         _patch(torch.nn.Module, "cuda", _module_cuda)
+        iter_base = torch.utils.data.dataloader._BaseDataLoaderIter
+        _patch(iter_base, "__init__", _keep_default_rng(iter_base.__init__))
 
         _patch(dynamo_config, "disable", True)
         _patch(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state)

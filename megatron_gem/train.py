@@ -311,12 +311,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
     args = get_args()
     if args.sft:
-        if not is_dataset_built_on_rank(vp_stage):
-            return None, None, None
         from megatron_gem.sft_data import build_sft_datasets
 
-        print_rank_0("> building SFT train, validation and test datasets (megatron_gem.sft_data) ...")
-        return build_sft_datasets(args, train_val_test_num_samples)
+        print_rank_0("> building packed SFT datasets (megatron_gem.sft_data) ...")
+        return build_sft_datasets(
+            args, train_val_test_num_samples, is_built_on_rank=partial(is_dataset_built_on_rank, vp_stage=vp_stage)
+        )
 
     config = gpt_dataset_config_from_args(args)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset

@@ -1,0 +1,59 @@
+"""Shared pytest helpers: run the training entry under torchrun and read Megatron's log lines."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Megatron's stdout: " [time] iteration    3/   10 | ... | lm loss: 6.24E+00 | gem loss: ... |"
+_ITER = re.compile(r"\biteration\s+(\d+)/\s*\d+ \|(.*)$")
+_VALID = re.compile(r"validation loss at iteration (\d+) on (validation|test) set \|(.*)$")
+_PAIR = re.compile(r"\s*([A-Za-z][A-Za-z _-]*?)(?: value)?: ([-+0-9.eE]+|nan|inf)\s*$")
+
+
+def _pairs(fields: str) -> dict[str, float]:
+    out = {}
+    for field in fields.split("|"):
+        m = _PAIR.match(field)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def parse_megatron_log(stdout: str) -> dict:
+    """``{"train": {iteration: {key: value}}, "valid"/"test": {iteration: {key: value}}}``."""
+    log = {"train": {}, "validation": {}, "test": {}}
+    for line in stdout.splitlines():
+        m = _VALID.search(line)
+        if m:
+            log[m.group(2)][int(m.group(1))] = _pairs(m.group(3))
+            continue
+        m = _ITER.search(line)
+        if m and "consumed samples" in line:
+            log["train"][int(m.group(1))] = _pairs(m.group(2))
+    return log
+
+
+def run_train(nproc: int, argv: list[str], timeout: float = 300, env: dict | None = None) -> str:
+    """Run ``torchrun --standalone --nproc-per-node N -m megatron_gem.train ARGV``; return stdout.
+
+    Fails the test with the output tail when the run fails. ``--standalone`` picks a free port,
+    so concurrent runs do not collide.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_gem.train", *argv]
+    full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"training entry failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}")
+    return proc.stdout

@@ -1,0 +1,72 @@
+"""Arguments of the training entry: GEM flags, invalid combinations, parse_args without init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_gem.arguments import adapt_argv_to_host, parse_args
+
+BASE = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 --train-iters 5 "
+    "--lr 1e-3 --mock-data --tokenizer-type NullTokenizer --vocab-size 100"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def _tp_env(monkeypatch):
+    # Megatron asserts this for TP > 1 (set by launch scripts on GPU clusters)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+def test_defaults_and_gem_values():
+    ce = parse_args(BASE)
+    assert ce.loss == "ce" and ce.gem_beta is None and ce.gem_h is None
+    gem = parse_args(BASE + ["--loss", "gem"])
+    assert (gem.loss, gem.gem_beta, gem.gem_h) == ("gem", 0.7, "linear")
+    gem = parse_args(BASE + ["--loss", "gem", "--gem-beta", "1", "--gem-h", "logsigmoid"])
+    assert (gem.gem_beta, gem.gem_h) == (1.0, "logsigmoid")
+    assert parse_args(BASE + ["--loss", "gem", "--gem-beta=0.05"]).gem_beta == 0.05
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss", "gem", "--gem-beta", "0"], "argument --gem-beta: must be in (0, 1]"),
+        (["--loss", "gem", "--gem-beta", "1.5"], "argument --gem-beta: must be in (0, 1]"),
+        (["--loss", "gem", "--gem-beta", "nan"], "argument --gem-beta: must be in (0, 1]"),
+        (["--loss", "gem", "--gem-beta", "x"], "argument --gem-beta: must be a number"),
+        (["--loss", "gem", "--gem-h", "tanh"], "argument --gem-h: invalid choice: 'tanh'"),
+        (["--loss", "mse"], "argument --loss: invalid choice: 'mse'"),
+        (["--gem-beta", "0.5"], "argument --gem-beta: only applies with --loss gem"),
+        (["--loss", "ce", "--gem-h", "linear"], "argument --gem-h: only applies with --loss gem"),
+        (["--loss", "gem", "--cross-entropy-loss-fusion"], "argument --cross-entropy-loss-fusion"),
+        (["--loss", "gem", "--fp16-lm-cross-entropy"], "argument --fp16-lm-cross-entropy"),
+        (["--sft", "--no-create-attention-mask-in-dataloader"], "--sft needs the dataloader's attention mask"),
+    ],
+)
+def test_invalid_arguments_exit_like_argparse(extra, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        parse_args(BASE + extra)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_world_size_without_distributed_init():
+    args = parse_args(BASE + "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2".split(), world_size=8)
+    assert (args.world_size, args.data_parallel_size) == (8, 2)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(AssertionError, match="not divisible"):
+        parse_args(BASE + ["--tensor-model-parallel-size", "3"], world_size=4)
+
+
+def test_host_adaptation_only_fills_unset_flags():
+    if torch.cuda.is_available():
+        pytest.skip("host without CUDA expected")
+    adapted = adapt_argv_to_host(["--transformer-impl", "transformer_engine"])
+    assert adapted[:2] == ["--transformer-impl", "transformer_engine"] and adapted.count("--transformer-impl") == 1
+    assert {"--no-rope-fusion", "--distributed-backend", "gloo", "--no-gradient-accumulation-fusion"} <= set(adapted)
+    assert parse_args(BASE).transformer_impl == "local"
+    as_written = parse_args(BASE, adapt_to_host=False)
+    assert as_written.transformer_impl == "transformer_engine" and as_written.distributed_backend == "nccl"

@@ -254,6 +254,27 @@ def _colours(labels):
     return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+_LINES = ("-", "--", "-.", ":")
+
+
+def _styles(labels):
+    """Colour, marker, line style and marker size per method: identical results (e.g. GEM at
+    beta = 1 and CE) stay visible as nested markers instead of hiding each other."""
+    cols = _colours(labels)
+    return {lab: dict(color=cols[lab], marker=_MARKERS[i % len(_MARKERS)], ls=_LINES[i % len(_LINES)],
+                      ms=max(4.0, 9.0 - 1.5 * i)) for i, lab in enumerate(labels)}
+
+
+def _min_span(ax, metric):
+    """Keep tiny differences from filling the axis: at least 0.1 (0.5 for counts) of y range."""
+    span = 0.5 if metric == "effective_valid" else 0.1
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (hi + lo) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
 def _labels(records):
     # CE first, then the others by beta.
     labs = {method_label(r): (method_label(r) != "CE", str(r["method"]), r.get("beta") or 0) for r in records}
@@ -279,7 +300,7 @@ def plot_metrics_vs_size(records, path, prompt_set="all"):
     ncol = min(3, len(ms))
     nrow = math.ceil(len(ms) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow + 0.6), squeeze=False)
-    cols = _colours(_labels(records))
+    sty = _styles(_labels(records))
     for ax, m in zip(axes.flat, ms):
         for lab in _labels(records):
             pts = [(xs[r["model_size"]], _get(r, m, prompt_set)) for r in chosen if method_label(r) == lab]
@@ -287,12 +308,14 @@ def plot_metrics_vs_size(records, path, prompt_set="all"):
             if not pts:
                 continue
             # Every seed as a point; the line through the per-size means.
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=cols[lab], s=22, alpha=0.6)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=sty[lab]["color"], s=14, alpha=0.5)
             by_x = defaultdict(list)
             for x, y in pts:
                 by_x[x].append(y)
             xm = sorted(by_x)
-            ax.plot(xm, [sum(by_x[x]) / len(by_x[x]) for x in xm], "-o", color=cols[lab], label=lab, ms=5)
+            ax.plot(xm, [sum(by_x[x]) / len(by_x[x]) for x in xm], label=lab, mfc="none", mew=1.5,
+                    **sty[lab])
+        _min_span(ax, m)
         ax.set_title(f"{_label(m)} {_arrow(m)}")
         ax.set_xlabel("model parameters" if numeric else "model size")
         ax.set_ylabel(_label(m).split(" (")[0])
@@ -323,7 +346,7 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
     records = _check(records)
     sizes = _sizes(records)
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.6), squeeze=False)
-    cols = _colours(_labels(records))
+    sty = _styles(_labels(records))
     runs = _runs(records)
     for ax, size in zip(axes.flat, sizes):
         seen_lab = set()
@@ -335,13 +358,15 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
                 pts = [p for p in pts if p[0] is not None and p[1] is not None]
                 if not pts:
                     continue
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=cols[lab], ms=4,
-                        label=None if lab in seen_lab else lab)
+                col = sty[lab]["color"]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], mfc="none", mew=1.5,
+                        label=None if lab in seen_lab else lab, **sty[lab])
                 seen_lab.add(lab)
-                ax.scatter([pts[-1][0]], [pts[-1][1]], color=cols[lab], s=70, marker="*", zorder=3)
+                ax.scatter([pts[-1][0]], [pts[-1][1]], color=col, s=60, marker="*", zorder=3)
                 for x, y, st in (pts[0], pts[-1]):
-                    ax.annotate(str(st), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                                color=cols[lab])
+                    ax.annotate(str(st), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
+        ax.margins(0.12)
+        _min_span(ax, "quality")
         ax.set_title(f"model size {size}")
         ax.set_xlabel(f"{_label(x_metric)} {_arrow(x_metric)}")
         ax.set_ylabel("quality (valid fraction) ↑")

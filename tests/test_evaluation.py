@@ -243,8 +243,12 @@ def test_evaluate_end_to_end_on_hf_dir(hf_dir):
 
 
 def test_cli_on_user_jsonl(hf_dir, tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import evaluate as cli
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "megatron_gem_evaluate_cli", Path(__file__).resolve().parents[1] / "tools" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
 
     prompts = _write(tmp_path / "eval.jsonl", [
         {"id": "q1", "split": "seen", "messages": [{"role": "user", "content": "name a"}], "valid": ["a", "b"]},

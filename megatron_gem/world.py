@@ -263,8 +263,9 @@ def world_files(out_dir: str | os.PathLike) -> WorldFiles:
                       root / EVAL_FILE, root / FACTS_FILE)
 
 
-def generate(config: WorldConfig = WorldConfig()) -> dict[str, list[dict]]:
-    """All records of the world in memory: keys pretrain, heldout, sft, eval."""
+def generate(config: WorldConfig = WorldConfig()) -> dict:
+    """All records of the world in memory: keys pretrain, heldout, sft, eval (lists of JSON
+    records) and world (the World object)."""
     world = build_world(config)
     # Separate random streams per output, so changing one size leaves the others unchanged.
     pretrain = world.documents(config.pretrain_docs, random.Random(f"{config.seed}-pretrain"))

@@ -2,8 +2,8 @@
 """Evaluate quality, diversity and forgetting on your own JSONL (see docs/evaluation.md).
 
     python tools/evaluate.py --prompts eval.jsonl --generations gens.jsonl --out results.json
-    python tools/evaluate.py --prompts eval.jsonl --model hf_dir --n 16 --heldout heldout.jsonl \
-        --base-model hf_base_dir --out results.json --csv results.csv
+    python tools/evaluate.py --prompts eval.jsonl --model hf_dir --n 16 --heldout heldout.jsonl
+        --base-model hf_base_dir --out results.json --csv results.csv   (one command line)
 """
 
 from __future__ import annotations

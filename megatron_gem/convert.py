@@ -797,8 +797,14 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
     ``RANK``/``WORLD_SIZE``/``MASTER_*`` set). Raises if any process fails."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs), nprocs=nprocs,
-                       start_method="spawn", join=True)
+    try:
+        mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs), nprocs=nprocs,
+                           start_method="spawn", join=True)
+    except mp.ProcessRaisedException as err:
+        last = str(err).strip().splitlines()[-1]
+        if last.startswith("ValueError: "):  # a refusal in a worker: report it plainly
+            raise ValueError(last[len("ValueError: "):]) from err
+        raise
 
 
 def init_megatron_worker(argv: list[str], padded_vocab: int, overrides: dict | None = None):
@@ -848,6 +854,26 @@ def named_global_parameters(chunk) -> Iterator[tuple[str, int | None, str, torch
         yield kind, layer, name, p
 
 
+def check_model_rope(model_chunks, arch: ArchSpec) -> None:
+    """The rotary frequencies of the model the entry built are those of ``arch`` (megatron-core
+    0.19.2's ``gpt_config_from_args`` drops ``--rope-scaling-factor``: a model provider that
+    does not restore it trains Llama 3.2 (factor 32) with factor 8)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    want = RotaryEmbedding(arch.head_dim, 1.0, rotary_base=arch.rope_theta,
+                           rope_scaling=arch.rope_scaling_factor is not None,
+                           rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+                           use_cpu_initialization=True).inv_freq
+    for chunk in model_chunks:
+        rope = getattr(unwrap(chunk), "rotary_pos_emb", None)
+        if rope is not None and not torch.equal(rope.inv_freq.cpu(), want):
+            raise ValueError(
+                "the training entry's model provider builds RoPE frequencies that differ from "
+                f"the HF model's (rope_theta={arch.rope_theta}, llama3 factor="
+                f"{arch.rope_scaling_factor}); it must pass --rope-scaling-factor to the model "
+                "config")
+
+
 def _log(msg: str) -> None:
     import sys
 
@@ -885,6 +911,7 @@ def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int
         _worker_argv(arch, dtype, tp, pp, ["--save", tmp_out, "--no-save-optim", "--no-save-rng",
                                            *tokenizer_argv]), padded_vocab)
     model = build_model()
+    check_model_rope(model, arch)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     reader = SafetensorsReader(hf_dir)
     chunk_params = [list(named_global_parameters(c)) for c in model]

@@ -81,7 +81,7 @@ def log_negative_losses() -> None:
     import megatron.training.training as mtraining
 
     original = getattr(mtraining.training_log, "__wrapped_original__", mtraining.training_log)
-    sums: dict[str, float] = {}
+    sums: dict = {}  # key -> running sum (a tensor: no host sync until a log line)
     state = {"count": 0}
 
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag,
@@ -91,13 +91,14 @@ def log_negative_losses() -> None:
         if not skipped_iter:
             state["count"] += 1
             for key, value in loss_dict.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                value = value.detach().float() if hasattr(value, "detach") else float(value)
+                sums[key] = sums.get(key, 0.0) + value
         log_interval = get_args().log_interval
         first = kwargs.get("is_first_iteration", False)
         extra = ""
         if iteration % log_interval == 0 or first:
             for key, total in sums.items():
-                avg = total / max(1, state["count"])
+                avg = float(total) / max(1, state["count"])
                 if avg < 0.0:
                     extra += f" {key}: {avg:.6E} |"
             if not first:

@@ -213,3 +213,22 @@ def test_cli_tool_failure(capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "convert_megatron_to_hf.sbatch: DRY RUN FAILED" in err
     assert "unrecognized arguments: --max-shard-sise 1GB" in err
+
+
+@pytest.mark.parametrize("model,sft_script", [("llama3-8b", "llama3_8b_sft.sbatch"),
+                                              ("llama3-70b", "llama3_70b_sft.sbatch")])
+def test_conversion_job_feeds_the_sft_job(model, sft_script):
+    """Default paths line up, and the converted embedding has the padded vocabulary training
+    computes (Megatron pads to a multiple of 128 x TP; a mismatch fails the checkpoint load)."""
+    from megatron_gem.convert import padded_vocab_size
+
+    conv = lc.dry_run_script(SCRIPTS / "convert_hf_to_megatron.sbatch", {"MODEL": model})[0].argv
+    sft = lc.dry_run_script(SCRIPTS / sft_script)[0].argv
+    assert _flag(conv, "--out") == _flag(sft, "--pretrained-checkpoint")
+    assert _flag(conv, "--hf") == _flag(sft, "--tokenizer-model")
+    train_tp = int(_flag(sft, "--tensor-model-parallel-size"))
+    divisible = int(_flag(sft, "--make-vocab-size-divisible-by"))
+    assert divisible == int(_flag(conv, "--make-vocab-size-divisible-by") or 128)
+    assert padded_vocab_size(128256, divisible, int(_flag(conv, "--tp"))) == padded_vocab_size(128256, divisible, train_tp)
+    export = lc.dry_run_script(SCRIPTS / "convert_megatron_to_hf.sbatch")[0].argv
+    assert _flag(export, "--load") == _flag(lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch")[0].argv, "--save")

@@ -196,7 +196,8 @@ gem_extra_args() {
 }
 
 # gem_sft_args: the SFT run's data, tokenizer, schedule, checkpoint and logging flags ->
-# TRAIN_ARGS, from SFT_DATA (tools/prepare_sft_data.py prefix), HF_MODEL (tokenizer),
+# TRAIN_ARGS, from SFT_DATA (tools/prepare_sft_data.py prefix), HF_MODEL (the tokenizer: an HF
+# directory, or with TOKENIZER_TYPE=SentencePieceTokenizer a SentencePiece model file),
 # BASE_CKPT (the converted base model), CKPT_DIR, SEQ_LENGTH, MICRO_BATCH, GLOBAL_BATCH,
 # TRAIN_ITERS, LR, MIN_LR, WARMUP_ITERS, SAVE_INTERVAL, EVAL_INTERVAL, EVAL_ITERS,
 # LOG_INTERVAL and EXIT_DURATION_MINS (when set). --load and --save are the same directory,
@@ -205,7 +206,7 @@ gem_extra_args() {
 gem_sft_args() {
     TRAIN_ARGS=(
         --sft --data-path "$SFT_DATA" --split "${SPLIT:-98,2,0}"
-        --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_MODEL"
+        --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}" --tokenizer-model "$HF_MODEL"
         --pretrained-checkpoint "$BASE_CKPT"
     )
     gem_schedule_args

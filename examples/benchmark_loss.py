@@ -8,6 +8,12 @@ and fused native cross-entropy, and their ratios (GEM / Megatron unfused CE).
 inputs): on CUDA from torch's allocator statistics, on CPU from the process's peak resident
 set size (Linux /proc VmHWM, reset before each measurement).
 
+Time on CUDA is wall time after a synchronize. On CPU it is the process's CPU time (one thread
+per rank), which other load on a shared machine barely disturbs, measured in separate
+processes whose malloc keeps freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_): like
+CUDA's caching allocator, so neither loss pays first-touch page faults for its buffers, which
+would otherwise dominate CPU timings and say nothing about GPUs.
+
     python examples/benchmark_loss.py                      # 4096 tokens x 32064 local vocab
     python examples/benchmark_loss.py --tp 1 --dtypes bf16 --tokens 1024
 """
@@ -17,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import time
 
 import torch
@@ -70,33 +75,34 @@ def _methods(group):
 
 
 def _measure(fn, logits, target, grad, repeats, device):
-    """Median fwd+bwd seconds and peak extra bytes. A fresh copy of the logits each time:
+    """Fastest fwd+bwd seconds and peak extra bytes. A fresh copy of the logits each time:
     Megatron's cross-entropy overwrites fp32 input logits in place."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times, extras = [], []
     for _ in range(repeats + 1):  # first call warms up (and compiles the fused CE)
         z = logits.detach().clone().requires_grad_()
         if device.type == "cuda":
             torch.cuda.synchronize()
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
+            t0 = clock()
             loss = fn(z, target)
             loss.backward(grad)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             del loss, z
         times.append(dt)
         extras.append(mem.extra)
-    return statistics.median(times[1:]), max(extras[1:])
+    return min(times[1:]), max(extras[1:])
 
 
-def _worker(rank, world, args, results):
+def _worker(rank, world, args, phase, results):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
-    if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     methods = _methods(group)
     gen = torch.Generator().manual_seed(1234)  # same full logits on every rank: slice this rank's shard
     for dtype_name in args.dtypes:
@@ -117,7 +123,7 @@ def _worker(rank, world, args, results):
                 if rank == 0:
                     print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
             if rank == 0:
-                results.append((world, dtype_name, name, sec, extra))
+                results.append((world, dtype_name, name, phase, sec, extra))
         del logits
     dist.barrier()
     dist.destroy_process_group()
@@ -136,14 +142,33 @@ def main(argv=None):
 
     print(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"torch {torch.__version__}, {args.tokens} tokens x {args.local_vocab} local vocab, "
-          f"median of {args.repeats} fwd+bwd")
-    rows = []
+          f"best of {args.repeats} fwd+bwd ({'wall' if torch.cuda.is_available() else 'CPU'} time"
+          f"{'' if torch.cuda.is_available() else ', 1 thread per rank'})")
+    # CPU: memory under the default malloc, time under a retaining one (see the module doc).
+    phases = {"both": {}} if torch.cuda.is_available() else {
+        "memory": {},
+        "time": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 28)},
+    }
+    measured = {}
     for world in args.tp:
-        with mp.Manager() as manager:
-            results = manager.list()
-            os.environ["MASTER_PORT"] = str(29500 + (os.getpid() % 1000) + world)
-            mp.spawn(_worker, args=(world, args, results), nprocs=world, join=True)
-            rows.extend(results)
+        for phase, env in phases.items():
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                with mp.Manager() as manager:
+                    results = manager.list()
+                    os.environ["MASTER_PORT"] = str(29500 + (os.getpid() % 1000) + world)
+                    mp.spawn(_worker, args=(world, args, phase, results), nprocs=world, join=True)
+                    for w, d, n, ph, sec, extra in results:
+                        entry = measured.setdefault((w, d, n), {})
+                        if ph in ("time", "both"):
+                            entry["sec"] = sec
+                        if ph in ("memory", "both"):
+                            entry["extra"] = extra
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    rows = [(w, d, n, e.get("sec", float("nan")), e.get("extra", float("nan"))) for (w, d, n), e in measured.items()]
 
     ref = {(w, d): (s, e) for w, d, n, s, e in rows if n == "megatron_ce"}
     header = f"| TP | logits | method | fwd+bwd ms | peak extra MiB | time / Megatron CE | memory / Megatron CE |"

@@ -97,6 +97,16 @@ def _validate(logits, target, beta, h, ignore_index) -> None:
         raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
 
 
+def _shifted_scaled(z, m, inv_beta, out):
+    """out = (z - m) / beta in fp32. Mixed-dtype torch ops convert through a fresh temporary
+    (an allocation, and page faults on CPU): convert into `out` first, then work in place."""
+    col = (-m * inv_beta).unsqueeze(-1)
+    if z.dtype == out.dtype:
+        return torch.add(col, z, alpha=inv_beta, out=out)
+    out.copy_(z)
+    return torch.add(col, out, alpha=inv_beta, out=out)
+
+
 def _row_sums(z, m, zy, inv_beta, beta, logsigmoid, with_stats, x, e, p):
     """Per-row sums over one chunk of the local vocabulary shard, in fp32.
 
@@ -107,7 +117,7 @@ def _row_sums(z, m, zy, inv_beta, beta, logsigmoid, with_stats, x, e, p):
     S1 = sum exp(z - m), U1 = sum exp(z - m) (z - m). Padded -inf logits give e = 0 and their
     0 * (-inf) products are skipped by nansum (a NaN logit still poisons S, as it should).
     """
-    torch.add((-m * inv_beta).unsqueeze(-1), z, alpha=inv_beta, out=x)  # (z - m) / beta
+    _shifted_scaled(z, m, inv_beta, x)
     stats = []
     if with_stats and beta != 1.0:
         torch.mul(x, beta, out=e)  # z - m
@@ -194,7 +204,8 @@ class _VocabParallelGEM(torch.autograd.Function):
         zero = torch.zeros_like(s)
         loss = torch.where(valid, b / s_safe, zero)
 
-        ctx.save_for_backward(logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a / s_safe, zero))
+        # Saved per row: m, z_y, 1/S and sum e w (both 0 on ignored rows, which zeroes their gradient).
+        ctx.save_for_backward(logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero))
         ctx.meta = (start, inv_beta, beta, logsigmoid)
 
         shape = target.shape
@@ -209,35 +220,36 @@ class _VocabParallelGEM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        logits, t, m, zy, inv_s, a_norm = ctx.saved_tensors
+        logits, t, m, zy, inv_s, sum_ew = ctx.saved_tensors
         start, inv_beta, beta, logsigmoid = ctx.meta
         with _nvtx("megatron_gem/gem_loss/backward"):
+            # grad = (e w - (sum e w) onehot(y)) * grad_output / S, with e recomputed from the logits
             z = logits.reshape(-1, logits.shape[-1])
             n, v_local = z.shape
-            g = grad_loss.reshape(-1).float()
-            row_scale = g * inv_s  # zero on ignored rows
-            target_coef = g * a_norm  # the A * onehot(y) term, times grad_output
+            row_scale = (grad_loss.reshape(-1).float() * inv_s).unsqueeze(-1)  # 0 on ignored rows
             local_t = t - start
             own = (local_t >= 0) & (local_t < v_local)
-            target_col = local_t.clamp(0, v_local - 1)
-            target_add = torch.where(own, -target_coef, torch.zeros_like(target_coef))
+            target_col = local_t.clamp(0, v_local - 1).unsqueeze(-1)
+            target_add = torch.where(own, -sum_ew, torch.zeros_like(sum_ew)).unsqueeze(-1)
             grad = torch.empty_like(z)
             step = _chunk_rows(z)
-            scratch = torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
+            fp32 = grad.dtype == torch.float32
+            # fp32 logits: work directly in the gradient's memory; else in an fp32 scratch chunk.
+            scratch = None if fp32 else torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
             for i in range(0, n, step):
                 j = min(n, i + step)
-                x = scratch[: j - i]
-                torch.add((-m[i:j] * inv_beta).unsqueeze(-1), z[i:j], alpha=inv_beta, out=x).exp_()
-                if logsigmoid:
-                    w = torch.add(
-                        (LOGSIGMOID_SCALE * -zy[i:j]).unsqueeze(-1), z[i:j], alpha=LOGSIGMOID_SCALE
-                    ).sigmoid_()
-                    x.mul_(w)
+                x = _shifted_scaled(z[i:j], m[i:j], inv_beta, grad[i:j] if fp32 else scratch[: j - i])
+                if logsigmoid:  # w = sigmoid(0.01 (z - z_y)), z - z_y = beta x + (m - z_y)
+                    w = torch.add((LOGSIGMOID_SCALE * (m[i:j] - zy[i:j])).unsqueeze(-1), x, alpha=LOGSIGMOID_SCALE * beta)
+                    x.exp_().mul_(w.sigmoid_())
                     del w
-                x.mul_(row_scale[i:j].unsqueeze(-1))  # fp32 gradient, times grad_output
-                # subtract A * onehot(y) on the rank that owns y (no host sync: scatter, not nonzero)
-                x.scatter_add_(1, target_col[i:j].unsqueeze(-1), target_add[i:j].unsqueeze(-1))
-                grad[i:j].copy_(x)  # the one cast to the logits' dtype
+                else:
+                    x.exp_()
+                # subtract (sum e w) on the rank that owns y (a scatter: no host sync)
+                x.scatter_add_(1, target_col[i:j], target_add[i:j])
+                x.mul_(row_scale[i:j])  # times grad_output / S, still in fp32
+                if not fp32:
+                    grad[i:j].copy_(x)  # the one cast to the logits' dtype
         return grad.view_as(logits), None, None, None, None, None, None
 
 

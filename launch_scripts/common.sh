@@ -38,7 +38,7 @@ case "$DRY_RUN" in 0|1) ;; *) gem_die "DRY_RUN=$DRY_RUN: use 0 or 1" ;; esac
 # Value of `#SBATCH --KEY=VALUE` (or `#SBATCH --KEY VALUE`) in the launching script's header.
 gem_sbatch_header() {
     local key=$1
-    sed -n -E "s/^#SBATCH[[:space:]]+--${key}[=[:space:]]+([^[:space:]]+).*/\\1/p" "$GEM_SCRIPT" | head -n 1
+    sed -n -E "s/^#SBATCH[[:space:]]+--${key}[=[:space:]]+([^[:space:]]+).*/\\1/p" "$GEM_SCRIPT" | sed -n 1p  # not head: with pipefail, SIGPIPE would fail
 }
 
 gem_is_int() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 > 0 )); }
@@ -332,7 +332,7 @@ gem_container_args() {
 gem_srun_train() {
     local python=$1
     [[ -n "${SLURM_JOB_ID:-}" ]] || gem_die "not inside a slurm job: submit with sbatch (or DRY_RUN=1 to check)"
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
     # a job-specific port, so two jobs sharing a node do not collide
     MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
     export MASTER_ADDR MASTER_PORT

@@ -232,3 +232,77 @@ def test_conversion_job_feeds_the_sft_job(model, sft_script):
     assert padded_vocab_size(128256, divisible, int(_flag(conv, "--tp"))) == padded_vocab_size(128256, divisible, train_tp)
     export = lc.dry_run_script(SCRIPTS / "convert_megatron_to_hf.sbatch")[0].argv
     assert _flag(export, "--load") == _flag(lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch")[0].argv, "--save")
+
+
+# ----------------------------------------------------------------------------- the real launch path
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """srun / scontrol / squeue stand-ins on PATH; srun records its arguments and runs the task
+    command once as global rank 13 (local rank 5) of a 64-task job; the "python" records what
+    it was started with and its rank variables."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    _stub(bin_dir / "srun", f'''printf '%s\\n' "$@" > {log}/srun_args
+for ((i = 1; i <= $#; i++)); do [[ "${{!i}}" == bash ]] && break; done
+SLURM_PROCID=13 SLURM_NTASKS=64 SLURM_LOCALID=5 SLURM_NTASKS_PER_NODE=8 exec "${{@:i}}"
+''')
+    _stub(bin_dir / "scontrol", f'''case "$1 $2" in
+  "show hostnames") printf 'gpu-a01\\ngpu-a02\\n' ;;
+  "requeue "*) echo "$2" > {log}/requeued ;;
+esac
+''')
+    _stub(bin_dir / "squeue", 'echo 3:59:30\n')
+    _stub(bin_dir / "python", f'''{{ echo "cwd=$PWD"; echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE"
+  echo "MASTER=$MASTER_ADDR:$MASTER_PORT CDMC=$CUDA_DEVICE_MAX_CONNECTIONS"; printf '%s\\n' "$@"; }} > {log}/python
+''')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GEM_REPO"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python"), SLURM_JOB_ID="4242",
+               SLURM_JOB_NUM_NODES="8", SLURM_NTASKS_PER_NODE="8", SLURM_JOB_NODELIST="gpu-a[01-08]",
+               SLURM_SUBMIT_DIR=str(REPO), GEM_WORK=str(tmp_path / "work"))
+    return env, log
+
+
+def test_srun_launch_maps_slurm_ranks_and_requeues(fake_slurm, tmp_path):
+    env, log = fake_slurm
+    ckpt = tmp_path / "work" / "checkpoints" / "run"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("50")  # resuming: BASE_CKPT not needed
+    for p in ("hf/Meta-Llama-3-70B", "data/sft/train.idx"):
+        (tmp_path / "work" / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "work" / p).touch()
+    env.update(RUN_NAME="run", CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:25.01-py3", CONTAINER_MOUNTS="/data:/data")
+    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    srun = (log / "srun_args").read_text().splitlines()
+    assert srun[:4] == ["--nodes", "8", "--ntasks-per-node", "8"]
+    assert srun[srun.index("--container-image") + 1] == "nvcr.io/nvidia/pytorch:25.01-py3"
+    assert srun[srun.index("--container-mounts") + 1] == f"{REPO}:{REPO},/data:/data"
+    py = (log / "python").read_text().splitlines()
+    assert py[0] == f"cwd={REPO}"
+    assert py[1] == "RANK=13 WORLD_SIZE=64 LOCAL_RANK=5 LOCAL_WORLD_SIZE=8"
+    assert py[2] == f"MASTER=gpu-a01:{20000 + 4242} CDMC=1"
+    argv = py[3:]
+    assert argv[:2] == ["-m", "megatron_gem.train"]
+    assert argv[2:] == lc.dry_run_script(SCRIPTS / "llama3_70b_sft.sbatch",
+                                         {"RUN_NAME": "run", "GEM_WORK": env["GEM_WORK"],
+                                          "EXIT_DURATION_MINS": str(240 - 20)})[0].argv
+    assert _flag(argv, "--exit-duration-in-mins") == str(240 - 20)  # squeue: 3:59:30 left, 20 min margin
+    assert (log / "requeued").read_text().strip() == "4242"  # checkpoint 50 < TRAIN_ITERS 1000
+
+    (log / "requeued").unlink()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1000")
+    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and not (log / "requeued").exists() and "training finished" in proc.stderr
+
+
+def test_real_launch_refuses_missing_inputs(fake_slurm):
+    env, log = fake_slurm
+    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_8b_sft.sbatch")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "error: input" in proc.stderr and "Meta-Llama-3-8B does not exist" in proc.stderr
+    assert not (log / "srun_args").exists()

@@ -156,13 +156,17 @@ def _diversity_metric(records, prompt_set, wanted):
 
 def report_markdown(records: Sequence[dict], prompt_set: str = "all", diversity_metric: str | None = None,
                     title: str = "CE vs GEM: quality, diversity and forgetting",
-                    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG)) -> str:
-    """The Markdown report; ``plots``: the PNG file names to link (those that were written)."""
+                    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG),
+                    notes: Sequence[str] = ()) -> str:
+    """The Markdown report; ``plots``: the PNG file names to link (those that were written);
+    ``notes``: lines about the setup (data, learning rate, sampling...) shown under the title."""
     records = _check(records)
     sets = sorted({k.split("/")[0] for r in records for k in r if "/" in k}, key=lambda s: (s != "all", s))
     div = _diversity_metric(records, prompt_set, diversity_metric)
     chosen, steps = equal_step_records(records)
     L = [f"# {title}", ""]
+    if notes:
+        L += [f"* {n}" for n in notes] + [""]
     L += [f"{len(records)} evaluated checkpoints of {len(_runs(records))} runs "
           f"({len(_sizes(records))} model size(s)). Every run and every saved checkpoint appears below and in "
           f"[`{CSV_FILE}`]({CSV_FILE}); nothing is selected.", "",
@@ -176,7 +180,7 @@ def report_markdown(records: Sequence[dict], prompt_set: str = "all", diversity_
           ""]
     # Equal steps.
     L += ["## Equal-steps comparison", "",
-          "Each run at the largest step all runs of its model size reached (same learning rate and steps).", ""]
+          "Each run at the largest step that all runs of its model size reached.", ""]
     for s in sets:
         ms = _metrics_present(records, s)
         L += [f"### Prompt set `{s}`", ""]
@@ -393,7 +397,8 @@ def _save(fig, path):
 
 def write_report(records: Sequence[dict], out_dir: str | os.PathLike, prompt_set: str = "all",
                  diversity_metric: str | None = None, overwrite: bool = False,
-                 title: str = "CE vs GEM: quality, diversity and forgetting") -> dict[str, Path]:
+                 title: str = "CE vs GEM: quality, diversity and forgetting",
+                 notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write results.csv, report.md and the PNG plots into out_dir; returns their paths.
 
     ``prompt_set`` picks the set for the plots and curves (tables show every set);
@@ -426,7 +431,7 @@ def write_report(records: Sequence[dict], out_dir: str | os.PathLike, prompt_set
         paths.pop("quality_vs_forgetting")
     pngs = [p.name for k, p in paths.items() if p.suffix == ".png"]
     for key, text in (("csv", results_csv(records)),
-                      ("report", report_markdown(records, prompt_set, div, title, pngs))):
+                      ("report", report_markdown(records, prompt_set, div, title, pngs, notes))):
         tmp = paths[key].with_name(paths[key].name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, paths[key])

@@ -53,8 +53,8 @@ def test_csv_has_every_record():
 
 def test_markdown_shows_every_run_and_checkpoint():
     recs = study()
-    md = R.report_markdown(recs, prompt_set="unseen")
-    assert "response text only" in md
+    md = R.report_markdown(recs, prompt_set="unseen", notes=["lr 1e-3 for every run"])
+    assert "response text only" in md and "* lr 1e-3 for every run" in md
     eq = md.split("## Equal-steps comparison")[1].split("## Trade-offs")[0]
     for s in ("all", "unseen"):
         block = eq.split(f"### Prompt set `{s}`")[1].split("###")[0]

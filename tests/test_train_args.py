@@ -10,7 +10,7 @@ from megatron_gem.arguments import adapt_argv_to_host, parse_args
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
     "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 --train-iters 5 "
-    "--lr 1e-3 --mock-data --tokenizer-type NullTokenizer --vocab-size 100"
+    "--lr 1e-3 --mock-data --tokenizer-type NullTokenizer --vocab-size 100 --eval-interval 5"
 ).split()
 
 
@@ -51,6 +51,15 @@ def test_invalid_arguments_exit_like_argparse(extra, message, capsys):
         parse_args(BASE + extra)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_missing_eval_interval_is_an_argument_error(capsys):
+    no_interval = BASE[:-2]
+    assert BASE[-2:] == ["--eval-interval", "5"]
+    with pytest.raises(SystemExit):
+        parse_args(no_interval)
+    assert "argument --eval-interval: required with --eval-iters 100" in capsys.readouterr().err
+    assert parse_args(no_interval + ["--eval-iters", "0"]).eval_iters == 0
 
 
 def test_world_size_without_distributed_init():

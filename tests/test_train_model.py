@@ -113,3 +113,84 @@ def test_loss_func_reduces_like_upstream_and_ignores_masked_labels(megatron_args
     assert torch.equal(loss2, loss) and int(n2) == int(n)
     for key in report:
         assert torch.equal(report2[key], report[key])
+
+
+# A real (tiny, local-spec) Megatron GPT in its own process (torch.distributed must not leak
+# into the test session): packed samples under the block-diagonal mask the SFT data gives.
+_PACKED_SCRIPT = r'''
+import sys
+import torch
+import torch.nn.functional as F
+from megatron_gem.cpu_mode import enable_cpu_mode
+
+enable_cpu_mode()
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{int(sys.argv[1])}", rank=0, world_size=1)
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron_gem.model import as_gem_model
+
+parallel_state.initialize_model_parallel(1, 1)
+model_parallel_cuda_manual_seed(7)
+cfg = TransformerConfig(
+    num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+    gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
+    hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, apply_rope_fusion=False,
+    persist_layer_norm=False, gradient_accumulation_fusion=False, bias_activation_fusion=False,
+    masked_softmax_fusion=False, bias_dropout_fusion=False,
+)
+model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=64, max_sequence_length=16,
+                 position_embedding_type="rope")
+model = as_gem_model(model, "gem", 0.7, "linear").eval()
+g = torch.Generator().manual_seed(0)
+S = 16
+
+def block_mask(lengths):
+    m = torch.ones(S, S, dtype=torch.bool)
+    start = 0
+    for n in lengths:
+        m[start:start + n, start:start + n] = ~torch.tril(torch.ones(n, n, dtype=torch.bool))
+        start += n
+    return m.view(1, 1, S, S)
+
+def positions(lengths):
+    return torch.cat([torch.arange(n) for n in lengths]).view(1, S)
+
+a, b = torch.randint(0, 64, (5,), generator=g), torch.randint(0, 64, (7,), generator=g)
+pad = torch.zeros(4, dtype=torch.long)
+with torch.no_grad():
+    packed = model(torch.cat([a, b, pad]).view(1, S), positions([5, 7, 4]), block_mask([5, 7, 4]))
+    other = model(torch.cat([torch.randint(0, 64, (5,), generator=g), b, pad]).view(1, S), positions([5, 7, 4]), block_mask([5, 7, 4]))
+    alone = model(torch.cat([b, torch.zeros(9, dtype=torch.long)]).view(1, S), positions([7, 9]), block_mask([7, 9]))
+    causal = model(torch.cat([a, b, pad]).view(1, S), positions([16]), block_mask([16]))
+print("RESULT", (packed[0, 5:12] - alone[0, :7]).abs().max().item(), (packed[0, 5:12] - other[0, 5:12]).abs().max().item(),
+      (packed[0, 5:12] - causal[0, 5:12]).abs().max().item())
+'''
+
+
+def test_packed_samples_do_not_attend_to_each_other(tmp_path):
+    """Sample B packed after A gives the logits B gives alone, whatever A is; a plain causal
+    mask over the pack does not (so the check can fail)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "packed.py"
+    script.write_text(_PACKED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(script), str(port)], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-4000:]
+    vs_alone, vs_other_a, vs_causal = map(float, lines[-1].split()[1:])
+    assert vs_alone < 1e-5 and vs_other_a < 1e-6
+    assert vs_causal > 1e-3

@@ -210,6 +210,8 @@ class PlainTemplateFormat(ChatFormat):
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         ids: list[int] = []
         for m in messages:
+            if m["role"] not in self._headers:
+                raise ValueError(f"plain template: role {m['role']!r} is not one of {sorted(self._headers)}")
             ids += self._headers[m["role"]] + list(self.encode(m["content"]))
             if m["role"] == "assistant":
                 ids.append(self.eos_id)

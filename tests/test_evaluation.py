@@ -331,6 +331,8 @@ def test_formats_match_sft_data_encoders():
     fmt = E.megatron_chat_format(mt)
     assert isinstance(fmt, E.PlainTemplateFormat) and fmt.eos_id == 2
     _check_same_as_training(sft_data.PlainTemplateEncoder(mt), fmt, convs)
+    with pytest.raises(ValueError, match="role 'tool'"):
+        fmt.prompt_ids([{"role": "tool", "content": "x"}])
     # HF chat template with its own end-of-turn special token.
     words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "system", ":", "name", "be", "brief",
              "a", "b", "c", "d", "and", "<|end|>"]

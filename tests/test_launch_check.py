@@ -26,7 +26,7 @@ def _llama_argv(m, tp, pp, vp=None, seq=4096, gbs=128):
             "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
             f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp} --sequence-parallel "
             f"--use-distributed-optimizer --seq-length {seq} --micro-batch-size 1 --global-batch-size {gbs} "
-            "--train-iters 10 --lr 1e-5 --bf16 --tokenizer-type NullTokenizer "
+            "--train-iters 10 --eval-iters 0 --lr 1e-5 --bf16 --tokenizer-type NullTokenizer "
             f"--vocab-size {m['V']} --mock-data --loss gem").split()
     if vp:
         argv += ["--num-virtual-stages-per-pipeline-rank", str(vp)]

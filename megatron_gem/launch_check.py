@@ -407,17 +407,21 @@ _SCRUB_PREFIXES = ("SLURM_",)
 
 
 def dry_run_script(script: str | os.PathLike, env: dict[str, str] | None = None,
-                   script_args: list[str] | tuple = (), timeout: float = 60) -> list[LaunchSpec]:
+                   script_args: list[str] | tuple = (), timeout: float = 60,
+                   base_env: dict[str, str] | None = None) -> list[LaunchSpec]:
     """Run a launch script with ``DRY_RUN=1`` (bash only, no Python started) and return the
-    launches it would make. ``env`` overrides variables (e.g. ``{"TP": "4"}``); slurm's
-    variables of the calling shell are removed so the result is the same inside a job.
+    launches it would make. ``env`` overrides variables (e.g. ``{"TP": "4"}``) of ``base_env``
+    (default: this process's environment, so ``TP=4 tools/dry_run_launch.py`` works like
+    ``TP=4 sbatch``); slurm's variables are removed so the result is the same inside a job.
     Raises ``LaunchCheckError`` with the script's message when it stops early.
     """
     script = Path(script)
     if not script.is_file():
         raise LaunchCheckError(f"launch script {script} not found")
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
-    run_env.pop("GEM_REPO", None)
+    base = os.environ if base_env is None else base_env
+    run_env = {k: v for k, v in base.items() if not k.startswith(_SCRUB_PREFIXES)}
+    for name in ("GEM_REPO", "GEM_SCRIPT"):  # found from the script's own location
+        run_env.pop(name, None)
     run_env.update(env or {})
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "launches"

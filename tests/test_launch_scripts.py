@@ -24,6 +24,14 @@ ALL = sorted(p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and 
 CLUSTER_SFT = ["llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "local_torchrun.sh"]
 
 
+# Only what bash needs: a variable of the calling shell (TP=4, ...) must not change the tests.
+CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+
+
+def _dry(script, env=None, script_args=()):
+    return lc.dry_run_script(SCRIPTS / script, env, script_args, base_env=CLEAN_ENV)
+
+
 def _flag(argv, flag):
     """Value of the LAST occurrence of ``flag`` (argparse keeps the last one)."""
     idx = [i for i, a in enumerate(argv) if a == flag]
@@ -45,10 +53,9 @@ def test_shellcheck_clean():
 @pytest.fixture(scope="module")
 def launches():
     """script name (+ variant) -> its LaunchSpecs, from the scripts run by bash."""
-    out = {p.name: lc.dry_run_script(p) for p in ALL}
-    out["llama3_8b_sft.sbatch[fp8-delayed]"] = lc.dry_run_script(
-        SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp8", "FP8_RECIPE": "delayed"})
-    out["llama3_8b_sft.sbatch[fp8]"] = lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp8"})
+    out = {p.name: _dry(p.name) for p in ALL}
+    out["llama3_8b_sft.sbatch[fp8-delayed]"] = _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8", "FP8_RECIPE": "delayed"})
+    out["llama3_8b_sft.sbatch[fp8]"] = _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8"})
     return out
 
 
@@ -106,21 +113,21 @@ def test_cluster_runs_resume_from_their_own_checkpoints(launches):
 
 
 def test_variables_and_arguments_reach_the_command_line():
-    specs = lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch",
-                              {"GEM_BETA": "0.25", "EXTRA_ARGS": "--seed 7", "CKPT_DIR": "/x/my ckpt"},
-                              script_args=["--tensorboard-dir", "/tmp/a b", "--lr", "3e-5"])
+    specs = _dry("llama3_8b_sft.sbatch",
+                 {"GEM_BETA": "0.25", "EXTRA_ARGS": "--seed 7", "CKPT_DIR": "/x/my ckpt"},
+                 script_args=["--tensorboard-dir", "/tmp/a b", "--lr", "3e-5"])
     argv = specs[0].argv
     assert _flag(argv, "--gem-beta") == "0.25" and _flag(argv, "--seed") == "7"
     assert _flag(argv, "--save") == "/x/my ckpt" and _flag(argv, "--tensorboard-dir") == "/tmp/a b"
     assert _flag(argv, "--lr") == "3e-5" and argv[-2:] == ["--lr", "3e-5"]  # script args come last
     args = lc.parse_train_args(argv, specs[0].world_size)
     assert args.lr == 3e-5 and args.gem_beta == 0.25 and args.save == "/x/my ckpt"
-    ce = lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch", {"LOSS": "ce"})[0].argv
+    ce = _dry("llama3_8b_sft.sbatch", {"LOSS": "ce"})[0].argv
     assert _flag(ce, "--loss") == "ce" and "--gem-beta" not in ce
 
 
 def test_job_size_follows_nodes(launches):
-    spec = lc.dry_run_script(SCRIPTS / "llama3_70b_sft.sbatch", {"NODES": "16"})[0]
+    spec = _dry("llama3_70b_sft.sbatch", {"NODES": "16"})[0]
     assert spec.world_size == 128
     assert lc.check_spec(spec).layout["DP"] == 8
 
@@ -141,7 +148,7 @@ def test_broken_launch_fails_with_a_clear_message(script, env, message):
     env = dict(env)
     if script == "cpu_smoke.sh":
         env["TP"] = env["NPROC"]
-    specs = lc.dry_run_script(SCRIPTS / script, env)
+    specs = _dry(script, env)
     with pytest.raises(lc.LaunchCheckError) as err:
         lc.check_spec(specs[0])
     assert message in str(err.value)
@@ -149,19 +156,19 @@ def test_broken_launch_fails_with_a_clear_message(script, env, message):
 
 def test_bad_script_variable_stops_the_script():
     with pytest.raises(lc.LaunchCheckError, match="PRECISION=fp9: choose bf16, fp8 or fp32"):
-        lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp9"})
+        _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp9"})
     with pytest.raises(lc.LaunchCheckError, match="MODEL=llama9: choose"):
-        lc.dry_run_script(SCRIPTS / "local_torchrun.sh", {"MODEL": "llama9"})
+        _dry("local_torchrun.sh", {"MODEL": "llama9"})
 
 
 def test_bad_tool_arguments_fail():
-    specs = lc.dry_run_script(SCRIPTS / "convert_hf_to_megatron.sbatch", {"CONVERT_TP": "0"})
+    specs = _dry("convert_hf_to_megatron.sbatch", {"CONVERT_TP": "0"})
     with pytest.raises(lc.LaunchCheckError, match="argument --tp: must be a positive integer"):
         lc.check_spec(specs[0])
 
 
 def test_cli_reports_failure(capsys):
-    spec = lc.dry_run_script(SCRIPTS / "llama3_70b_sft.sbatch", {"TP": "16"})[0]
+    spec = _dry("llama3_70b_sft.sbatch", {"TP": "16"})[0]
     rc = lc.main(["--nodes", "8", "--gpus-per-node", "8", "--vocab-size", "128256",
                   "--script", "llama3_70b_sft.sbatch", "--", *spec.argv])
     err = capsys.readouterr().err
@@ -169,7 +176,7 @@ def test_cli_reports_failure(capsys):
 
 
 def _user_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GEM_REPO"}
+    env = dict(CLEAN_ENV)
     env.update(DRY_RUN="1", **extra)
     return env
 
@@ -189,8 +196,7 @@ def test_dry_run_as_a_user_runs_it(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     cwd, *argv = record.read_bytes().decode().split("\0")[:-1]
     assert Path(cwd) == REPO and argv[:2] == ["-m", "megatron_gem.launch_check"]
-    assert argv[argv.index("--") + 1:] == lc.dry_run_script(
-        SCRIPTS / "llama3_8b_sft.sbatch", {"PRECISION": "fp8"}, ["--seed", "5"])[0].argv
+    assert argv[argv.index("--") + 1:] == _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8"}, ["--seed", "5"])[0].argv
     assert lc.main(argv[2:]) == 0
     out = capsys.readouterr().out
     assert "llama3_8b_sft.sbatch: megatron_gem.train on 1 node(s) x 8 = 8 rank(s) (cluster) -- OK" in out
@@ -222,16 +228,16 @@ def test_conversion_job_feeds_the_sft_job(model, sft_script):
     computes (Megatron pads to a multiple of 128 x TP; a mismatch fails the checkpoint load)."""
     from megatron_gem.convert import padded_vocab_size
 
-    conv = lc.dry_run_script(SCRIPTS / "convert_hf_to_megatron.sbatch", {"MODEL": model})[0].argv
-    sft = lc.dry_run_script(SCRIPTS / sft_script)[0].argv
+    conv = _dry("convert_hf_to_megatron.sbatch", {"MODEL": model})[0].argv
+    sft = _dry(sft_script)[0].argv
     assert _flag(conv, "--out") == _flag(sft, "--pretrained-checkpoint")
     assert _flag(conv, "--hf") == _flag(sft, "--tokenizer-model")
     train_tp = int(_flag(sft, "--tensor-model-parallel-size"))
     divisible = int(_flag(sft, "--make-vocab-size-divisible-by"))
     assert divisible == int(_flag(conv, "--make-vocab-size-divisible-by") or 128)
     assert padded_vocab_size(128256, divisible, int(_flag(conv, "--tp"))) == padded_vocab_size(128256, divisible, train_tp)
-    export = lc.dry_run_script(SCRIPTS / "convert_megatron_to_hf.sbatch")[0].argv
-    assert _flag(export, "--load") == _flag(lc.dry_run_script(SCRIPTS / "llama3_8b_sft.sbatch")[0].argv, "--save")
+    export = _dry("convert_megatron_to_hf.sbatch")[0].argv
+    assert _flag(export, "--load") == _flag(_dry("llama3_8b_sft.sbatch")[0].argv, "--save")
 
 
 # ----------------------------------------------------------------------------- the real launch path
@@ -261,7 +267,7 @@ esac
     _stub(bin_dir / "python", f'''{{ echo "cwd=$PWD"; echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE"
   echo "MASTER=$MASTER_ADDR:$MASTER_PORT CDMC=$CUDA_DEVICE_MAX_CONNECTIONS"; printf '%s\\n' "$@"; }} > {log}/python
 ''')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GEM_REPO"}
+    env = dict(CLEAN_ENV)
     env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python"), SLURM_JOB_ID="4242",
                SLURM_JOB_NUM_NODES="8", SLURM_NTASKS_PER_NODE="8", SLURM_JOB_NODELIST="gpu-a[01-08]",
                SLURM_SUBMIT_DIR=str(REPO), GEM_WORK=str(tmp_path / "work"))
@@ -289,9 +295,8 @@ def test_srun_launch_maps_slurm_ranks_and_requeues(fake_slurm, tmp_path):
     assert py[2] == f"MASTER=gpu-a01:{20000 + 4242} CDMC=1"
     argv = py[3:]
     assert argv[:2] == ["-m", "megatron_gem.train"]
-    assert argv[2:] == lc.dry_run_script(SCRIPTS / "llama3_70b_sft.sbatch",
-                                         {"RUN_NAME": "run", "GEM_WORK": env["GEM_WORK"],
-                                          "EXIT_DURATION_MINS": str(240 - 20)})[0].argv
+    assert argv[2:] == _dry("llama3_70b_sft.sbatch", {"RUN_NAME": "run", "GEM_WORK": env["GEM_WORK"],
+                                                      "EXIT_DURATION_MINS": str(240 - 20)})[0].argv
     assert _flag(argv, "--exit-duration-in-mins") == str(240 - 20)  # squeue: 3:59:30 left, 20 min margin
     assert (log / "requeued").read_text().strip() == "4242"  # checkpoint 50 < TRAIN_ITERS 1000
 
@@ -306,3 +311,19 @@ def test_real_launch_refuses_missing_inputs(fake_slurm):
     proc = subprocess.run(["bash", str(SCRIPTS / "llama3_8b_sft.sbatch")], env=env, capture_output=True, text=True)
     assert proc.returncode == 1 and "error: input" in proc.stderr and "Meta-Llama-3-8B does not exist" in proc.stderr
     assert not (log / "srun_args").exists()
+
+
+def test_dry_run_launch_cli(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dry_run_launch", REPO / "tools" / "dry_run_launch.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    script = str(SCRIPTS / "convert_megatron_to_hf.sbatch")
+    assert tool.main([script, "--set", "ITERATION=7"]) == 0
+    out = capsys.readouterr().out
+    assert "iteration=7" in out and "1 script(s), 0 failure(s)" in out
+    assert tool.main([script, "--set", "CONVERT_PP=0"]) == 1
+    out = capsys.readouterr().out
+    assert "DRY RUN FAILED" in out and "argument --pp: must be a positive integer" in out
+    assert {p.name for p in tool.default_scripts()} == {p.name for p in ALL}

@@ -27,7 +27,7 @@ gem_log() { printf '[megatron-gem %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 gem_die() { printf '[megatron-gem] error: %s\n' "$*" >&2; exit 1; }
 
 # The script that sourced us (for its #SBATCH header) and the checkout it belongs to.
-GEM_SCRIPT=${GEM_SCRIPT:-${BASH_SOURCE[1]:-$0}}
+GEM_SCRIPT=${BASH_SOURCE[1]:-$0}
 : "${GEM_REPO:?set GEM_REPO to the megatron-gem checkout before sourcing common.sh}"
 [[ -f "$GEM_REPO/megatron_gem/train.py" ]] \
     || gem_die "GEM_REPO=$GEM_REPO is not a megatron-gem checkout (submit jobs from its root or set GEM_REPO)"
@@ -55,13 +55,15 @@ gem_default_python() {
 }
 
 # ------------------------------------------------------------------------------ job size
-# NODES / GPUS_PER_NODE: what slurm granted inside a job; otherwise the environment, otherwise
-# the script's #SBATCH header (so a dry run checks the layout for the size the job asks for).
+# gem_job_size [slurm]: NODES and GPUS_PER_NODE (and GEM_WORLD_SIZE = their product). With
+# "slurm", inside a job: what slurm granted (sbatch --nodes=N overrides the header). Otherwise
+# (and in a dry run) the environment, else the script's #SBATCH header, so a dry run checks the
+# layout for the size the job asks for.
 gem_job_size() {
     local header_nodes header_gpus
     header_nodes=$(gem_sbatch_header nodes)
     header_gpus=$(gem_sbatch_header ntasks-per-node)
-    if [[ -n "${SLURM_JOB_NUM_NODES:-}" && "$DRY_RUN" == 0 ]]; then
+    if [[ "${1:-}" == slurm && -n "${SLURM_JOB_NUM_NODES:-}" && "$DRY_RUN" == 0 ]]; then
         NODES=$SLURM_JOB_NUM_NODES
         GPUS_PER_NODE=${SLURM_NTASKS_PER_NODE:-${GPUS_PER_NODE:-${header_gpus:-8}}}
         GPUS_PER_NODE=${GPUS_PER_NODE%%(*}  # slurm may write "8(x2)"
@@ -70,7 +72,7 @@ gem_job_size() {
     : "${GPUS_PER_NODE:=${header_gpus:-8}}"
     gem_is_int "$NODES" || gem_die "NODES=$NODES: must be a positive integer"
     gem_is_int "$GPUS_PER_NODE" || gem_die "GPUS_PER_NODE=$GPUS_PER_NODE: must be a positive integer"
-    WORLD_SIZE=$(( NODES * GPUS_PER_NODE ))
+    GEM_WORLD_SIZE=$(( NODES * GPUS_PER_NODE ))
 }
 
 # ------------------------------------------------------------------------------ environment

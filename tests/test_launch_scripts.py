@@ -269,7 +269,7 @@ esac
 ''')
     env = dict(CLEAN_ENV)
     env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python"), SLURM_JOB_ID="4242",
-               SLURM_JOB_NUM_NODES="8", SLURM_NTASKS_PER_NODE="8", SLURM_JOB_NODELIST="gpu-a[01-08]",
+               SLURM_JOB_NUM_NODES="16", SLURM_NTASKS_PER_NODE="8", SLURM_JOB_NODELIST="gpu-a[01-08]",
                SLURM_SUBMIT_DIR=str(REPO), GEM_WORK=str(tmp_path / "work"))
     return env, log
 
@@ -286,7 +286,7 @@ def test_srun_launch_maps_slurm_ranks_and_requeues(fake_slurm, tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     srun = (log / "srun_args").read_text().splitlines()
-    assert srun[:4] == ["--nodes", "8", "--ntasks-per-node", "8"]
+    assert srun[:4] == ["--nodes", "16", "--ntasks-per-node", "8"]  # what slurm granted (sbatch --nodes=16)
     assert srun[srun.index("--container-image") + 1] == "nvcr.io/nvidia/pytorch:25.01-py3"
     assert srun[srun.index("--container-mounts") + 1] == f"{REPO}:{REPO},/data:/data"
     py = (log / "python").read_text().splitlines()

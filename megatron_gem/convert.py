@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,6 +50,9 @@ __all__ = [
     "megatron_to_hf_tensors",
     "hf_to_megatron_full_state",
     "megatron_full_state_to_hf",
+    "read_megatron_tensors",
+    "hf_to_megatron",
+    "megatron_to_hf",
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -889,6 +892,7 @@ def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str])
         "--ckpt-format", "torch_dist",
         "--save-interval", "1",  # validate_args wants one whenever --save is given
         "--train-iters", "1",
+        "--eval-iters", "0",
         "--no-initialization",  # every weight is overwritten: skip the random init
         "--use-cpu-initialization",
         "--distributed-timeout-minutes", "600",  # a 70B shard can take a while to read

@@ -411,7 +411,7 @@ def test_e2e_llama_tp2_pp2_logits_and_round_trip(e2e, tmp_path):
     assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["vocab_size"] == 203
 
     again = tmp_path / "llama_again"
-    C.hf_to_megatron(out, again, tp=2, pp=1)
+    C.hf_to_megatron(out, again, tp=1, pp=1)  # pads 203 to 256 as at TP=2
     saved2 = C.read_megatron_tensors(again / "release")
     assert saved2.keys() == saved.keys()
     for k in saved:
@@ -444,7 +444,7 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
         "--loss", "gem", "--gem-beta", "0.7", "--lr", "3e-3", "--seq-length", "16",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--mock-data",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "203", "--log-interval", "1",
-        "--eval-iters", "0", "--num-workers", "0", "--seed", "7",
+        "--eval-iters", "1", "--eval-interval", "1000", "--num-workers", "0", "--seed", "7",
     ])
     assert "loading release" in out and "gem loss" in out
     assert (trained / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
@@ -460,3 +460,72 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
     before = C.SafetensorsReader(dirs["llama"]).get("model.layers.0.mlp.down_proj.weight")
     after = C.SafetensorsReader(hf_out).get("model.layers.0.mlp.down_proj.weight")
     assert not torch.equal(before, after)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI refusals: nothing is written, a one-line error (no worker is started)
+# --------------------------------------------------------------------------------------------
+
+
+def _cli(argv, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_cli_refuses_before_writing(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = llama_cfg().to_dict()
+    (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+    out = tmp_path / "out"
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out)], capsys)
+    assert code == 2 and "model_type='mixtral'" in err and not out.exists()
+
+    (hf / "config.json").write_text(json.dumps(cfg))
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out)], capsys)
+    assert code == 2 and "only safetensors" in err and not out.exists()
+
+    model = random_hf_state(llama_cfg(), 0)
+    model.save_pretrained(str(hf))
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--tp", "4"], capsys)
+    assert code == 2 and "tp=4: must divide num_key_value_heads=2" in err and not out.exists()
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--pp", "3"], capsys)
+    assert code == 2 and "pp=3" in err and not out.exists()
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--tp", "0"], capsys)
+    assert code == 2 and "--tp: must be a positive integer" in err
+
+    # a tensor whose shape contradicts config.json
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:-1]
+    save_file(state, str(hf / "model.safetensors"))
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out)], capsys)
+    assert code == 2 and "'model.layers.1.mlp.up_proj.weight' has shape [87, 48]" in err
+
+    model.save_pretrained(str(hf))  # valid again: now only the existing output is in the way
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, err = _cli(["hf-to-megatron", "--hf", str(hf), "--out", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "user data"
+
+    code, err = _cli(["megatron-to-hf", "--load", str(hf), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "latest_checkpointed_iteration.txt" in err
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp leftovers
+
+
+def test_parse_size():
+    assert C._parse_size("5GB") == 5 * 10**9 and C._parse_size("60KB") == 60_000
+    assert C._parse_size(123) == 123 and C._parse_size("1.5MB") == 1_500_000
+    for bad in ("lots", "0", "-1GB"):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            C._parse_size(bad)

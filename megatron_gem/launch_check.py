@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import importlib.util
 import io
-import math
 import os
 import subprocess
 import sys
@@ -107,12 +106,14 @@ class LaunchReport:
     layout: dict  # name -> value, in print order
     memory: dict | None  # MiB: weights_and_optimizer, activations, total (Megatron's estimate)
     warnings: list[str]
-    notes: list[str]
 
     def format(self) -> str:
         s = self.spec
-        where = f"{s.nodes} node(s) x {s.gpus_per_node} = {s.world_size} rank(s)"
-        lines = [f"== {s.name}: {s.program} on {where} ({s.target}) -- OK"]
+        if s.kind == "tool":
+            where = "a tool job, arguments parsed by its own parser"
+        else:
+            where = f"on {s.nodes} node(s) x {s.gpus_per_node} = {s.world_size} rank(s) ({s.target})"
+        lines = [f"== {s.name}: {s.program} {where} -- OK"]
         if self.layout:
             lines.append("   layout: " + ", ".join(f"{k}={v}" for k, v in self.layout.items()))
         if self.memory is not None:
@@ -123,7 +124,6 @@ class LaunchReport:
                 f"activations {_size(m['activations'])}, total {_size(m['total'])}"
                 + (f" of {m['gpu_memory_gib']:.0f} GiB" if m.get("gpu_memory_gib") else "")
             )
-        lines += [f"   note: {n}" for n in self.notes]
         lines += [f"   WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -322,7 +322,6 @@ def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport
     if errors:
         raise LaunchCheckError("invalid layout/arguments:\n  - " + "\n  - ".join(errors))
     num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-    notes: list[str] = []
     memory = None
     vocab = _vocab_size(args, spec)
     if vocab is None:
@@ -340,7 +339,7 @@ def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport
                     "raise TP/PP, use the distributed optimizer, recompute activations or add nodes")
             if total_gib > 0.85 * gpu_memory_gib:
                 warns.append(f"estimated {total_gib:.1f} GiB is within 15% of the GPU's {gpu_memory_gib:.0f} GiB")
-    return LaunchReport(spec, _layout(args, num_microbatches), memory, warns, notes)
+    return LaunchReport(spec, _layout(args, num_microbatches), memory, warns)
 
 
 def _load_tool(path: str):
@@ -366,7 +365,7 @@ def _check_tool(spec: LaunchSpec) -> LaunchReport:
     except SystemExit:
         raise LaunchCheckError(f"argument error ({Path(spec.program).name}): {_argparse_error(err.getvalue())}") from None
     layout = {k: v for k, v in vars(ns).items() if v is not None and not callable(v)}
-    return LaunchReport(spec, layout, None, [], [])
+    return LaunchReport(spec, layout, None, [])
 
 
 def check_spec(spec: LaunchSpec, gpu_memory_gib: float | None = DEFAULT_GPU_MEMORY_GIB) -> LaunchReport:

@@ -79,3 +79,24 @@ def test_host_adaptation_only_fills_unset_flags():
     assert parse_args(BASE).transformer_impl == "local"
     as_written = parse_args(BASE, adapt_to_host=False)
     assert as_written.transformer_impl == "transformer_engine" and as_written.distributed_backend == "nccl"
+
+
+def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
+    """Megatron runs `make` at start-up and exits on failure; the PyPI wheel has no Makefile."""
+    import subprocess
+
+    import megatron.core.datasets.utils as dataset_utils
+
+    from megatron_gem.train import fix_dataset_helpers_compile
+
+    original = getattr(dataset_utils.compile_helpers, "__wrapped_original__", dataset_utils.compile_helpers)
+    monkeypatch.setattr(dataset_utils, "compile_helpers", original)  # undone after the test
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a) or subprocess.CompletedProcess(a, 2))
+    with pytest.raises(SystemExit):  # unfixed: the wheel's missing Makefile ends the run
+        dataset_utils.compile_helpers()
+    assert ran
+    ran.clear()
+    fix_dataset_helpers_compile()
+    fix_dataset_helpers_compile()  # idempotent: wraps the original once
+    assert dataset_utils.compile_helpers() is None and ran == []

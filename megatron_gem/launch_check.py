@@ -36,6 +36,7 @@ import dataclasses
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ __all__ = [
     "LaunchCheckError",
     "parse_train_args",
     "layout_problems",
+    "checkpoint_model_problems",
     "estimate_memory",
     "check_spec",
     "read_dump",
@@ -252,6 +254,85 @@ def layout_problems(args: argparse.Namespace, spec: LaunchSpec) -> tuple[list[st
     return errors, warns
 
 
+# ----------------------------------------------------------------------------- base checkpoint
+CHECKPOINT_FLAGS_FILE = "megatron_args.txt"  # written by tools/convert_checkpoint.py hf-to-megatron
+_IGNORED_CHECKPOINT_FLAGS = {"--bf16", "--fp16"}  # the run's precision is the run's choice
+_ARCH_SWITCHES = ("--group-query-attention", "--untie-embeddings-and-output-weights", "--add-qkv-bias",
+                  "--use-rope-scaling", "--swiglu", "--disable-bias-linear")
+
+
+def _flag_map(tokens: list[str]) -> dict[str, str | bool]:
+    """``--flag value`` / ``--flag=value`` / ``--switch`` -> dict (the last occurrence wins)."""
+    out: dict[str, str | bool] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            if "=" in tok:
+                key, value = tok.split("=", 1)
+                out[key] = value
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                out[tok] = tokens[i + 1]
+                i += 1
+            else:
+                out[tok] = True
+        i += 1
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_size: int | None) -> list[str]:
+    """Differences between the run's model flags and those of the converted base checkpoint.
+
+    ``tools/convert_checkpoint.py hf-to-megatron`` writes the exact model flags of the HF model
+    to ``CKPT/megatron_args.txt``; when the run's ``--pretrained-checkpoint`` (or ``--load``)
+    has that file here, every flag in it must have the same value in the run, and the run may
+    not switch on an architecture option the checkpoint lacks. The embedding's padded
+    vocabulary (a multiple of ``--make-vocab-size-divisible-by`` x TP) must match too.
+    """
+    problems: list[str] = []
+    for ckpt in (getattr(args, "pretrained_checkpoint", None), args.load):
+        path = Path(ckpt) / CHECKPOINT_FLAGS_FILE if ckpt else None
+        if path is None or not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        theirs = _flag_map(" ".join(x for x in lines if not x.lstrip().startswith("#")).split())
+        mine = _flag_map(list(argv))
+        for flag, value in theirs.items():
+            if flag in _IGNORED_CHECKPOINT_FLAGS:
+                continue
+            if flag not in mine:
+                problems.append(f"{flag} {'' if value is True else value}".rstrip()
+                                + f" is in {path} but not in the run's arguments")
+            elif not _same(mine[flag], value):
+                problems.append(f"{flag} {mine[flag]} differs from the checkpoint's {value} ({path})")
+        for flag in _ARCH_SWITCHES:
+            if flag in mine and flag not in theirs:
+                problems.append(f"{flag} is set but the checkpoint's model has no such option ({path})")
+        comment = " ".join(x for x in lines if x.lstrip().startswith("#"))
+        found = re.search(r"--tensor-model-parallel-size (\d+)", comment)
+        if found and vocab_size:
+            from megatron_gem.convert import padded_vocab_size
+
+            div = args.make_vocab_size_divisible_by
+            ckpt_tp, tp = int(found.group(1)), args.tensor_model_parallel_size
+            if padded_vocab_size(vocab_size, div, ckpt_tp) != padded_vocab_size(vocab_size, div, tp):
+                problems.append(
+                    f"the checkpoint was converted at TP={ckpt_tp}: its embedding has "
+                    f"{padded_vocab_size(vocab_size, div, ckpt_tp)} rows, TP={tp} needs "
+                    f"{padded_vocab_size(vocab_size, div, tp)} (convert again with --tp {tp})")
+        break
+    return problems
+
+
 def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:
     layout = {
         "TP": args.tensor_model_parallel_size,
@@ -319,6 +400,7 @@ def _vocab_size(args: argparse.Namespace, spec: LaunchSpec) -> int | None:
 def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport:
     args = parse_train_args(spec.argv, spec.world_size, spec.target)
     errors, warns = layout_problems(args, spec)
+    errors += checkpoint_model_problems(spec.argv, args, _vocab_size(args, spec))
     if errors:
         raise LaunchCheckError("invalid layout/arguments:\n  - " + "\n  - ".join(errors))
     num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)

@@ -327,3 +327,40 @@ def test_dry_run_launch_cli(capsys):
     out = capsys.readouterr().out
     assert "DRY RUN FAILED" in out and "argument --pp: must be a positive integer" in out
     assert {p.name for p in tool.default_scripts()} == {p.name for p in ALL}
+
+
+def _converted(tmp_path, name, layers, hidden, ffn, heads, tp):
+    """A base checkpoint directory with the megatron_args.txt the converter writes for this HF
+    Llama-3 config (the flags come from megatron_gem.convert, not from the launch scripts)."""
+    from megatron_gem.convert import arch_from_hf_config, megatron_model_args
+
+    arch = arch_from_hf_config({
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16"})
+    d = tmp_path / name
+    d.mkdir()
+    (d / "megatron_args.txt").write_text(
+        "# Megatron model flags for this checkpoint (pass them to megatron_gem.train with\n"
+        f"# --tensor-model-parallel-size {tp} or --use-checkpoint-args)\n"
+        + " ".join(megatron_model_args(arch) + ["--bf16"]) + "\n")
+    return str(d)
+
+
+def test_run_matches_the_converted_checkpoint(tmp_path):
+    """The presets are the converter's flags for the HF Llama-3 configs; a mismatch (wrong
+    MODEL, or a conversion TP whose padded vocabulary differs) fails the dry run."""
+    base8 = _converted(tmp_path, "l8", 32, 4096, 14336, 32, tp=2)
+    base70_tp4 = _converted(tmp_path, "l70", 80, 8192, 28672, 64, tp=4)
+    base70_tp1 = _converted(tmp_path, "l70tp1", 80, 8192, 28672, 64, tp=1)
+    lc.check_spec(_dry("llama3_8b_sft.sbatch", {"BASE_CKPT": base8})[0])
+    lc.check_spec(_dry("llama3_70b_sft.sbatch", {"BASE_CKPT": base70_tp4})[0])
+    with pytest.raises(lc.LaunchCheckError) as err:
+        lc.check_spec(_dry("llama3_8b_sft.sbatch", {"BASE_CKPT": base70_tp4})[0])
+    assert "--num-layers 32 differs from the checkpoint's 80" in str(err.value)
+    with pytest.raises(lc.LaunchCheckError) as err:
+        lc.check_spec(_dry("llama3_70b_sft.sbatch", {"BASE_CKPT": base70_tp1})[0])
+    assert "converted at TP=1: its embedding has 128256 rows, TP=4 needs 128512" in str(err.value)
+    with pytest.raises(lc.LaunchCheckError, match="--add-qkv-bias is set but the checkpoint"):
+        lc.check_spec(_dry("llama3_8b_sft.sbatch", {"BASE_CKPT": base8, "EXTRA_ARGS": "--add-qkv-bias"})[0])

@@ -465,25 +465,22 @@ class SFTIndexedData:
             )
 
 
-def pack_next_fit(positions: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
-    """Group ``order`` (indices into ``positions``) into consecutive bins of total <= capacity.
+def pack_next_fit(sizes: np.ndarray, capacity: int) -> np.ndarray:
+    """Cut ``sizes`` (in order) into consecutive packs of total <= ``capacity``.
 
-    Next-fit keeps the shuffled order (so packing stays a pure function of the seed) and is
-    linear time. Every ``positions[i]`` must be in ``1..capacity``.
+    Returns the pack boundaries ``b`` (pack ``k`` holds items ``b[k]:b[k+1]``). Next-fit keeps
+    the shuffled order, so packing is a pure function of the seed, and is linear time. Every
+    size must be in ``1..capacity``.
     """
-    packs: list[list[int]] = []
-    current: list[int] = []
+    bounds = [0]
     used = 0
-    for i in order.tolist():
-        n = int(positions[i])
-        if used + n > capacity and current:
-            packs.append(current)
-            current, used = [], 0
-        current.append(i)
+    for k, n in enumerate(sizes.tolist()):  # plain ints: ~10x faster than numpy scalars
+        if used + n > capacity:
+            bounds.append(k)
+            used = 0
         used += n
-    if current:
-        packs.append(current)
-    return packs
+    bounds.append(len(sizes))
+    return np.asarray(bounds, dtype=np.int64)
 
 
 @dataclasses.dataclass
@@ -520,26 +517,27 @@ class PackedSFTDataset(MegatronDataset):
         docs, positions = docs[keep], positions[keep]
         if docs.size == 0:
             raise ValueError(f"SFT data {dataset_path!r}: no sample has 2 or more tokens")
-        packs: list[list[int]] = []
-        epoch = 0
-        while True:
+        # Per epoch: shuffle (from the seed), then next-fit; packs are ranges of the order.
+        orders, bounds, num_packs, epoch = [], [], 0, 0
+        while epoch == 0 or (num_samples is not None and num_packs < num_samples):
             rng = np.random.default_rng([int(config.random_seed), index_split.value, epoch])
-            packs += pack_next_fit(positions, rng.permutation(docs.size), S)
+            order = rng.permutation(docs.size)
+            b = pack_next_fit(positions[order], S)
+            bounds.append(b[1:] + epoch * docs.size)
+            orders.append(order)
+            num_packs += len(b) - 1
             epoch += 1
-            if num_samples is None or len(packs) >= num_samples:
-                break
         self.num_epochs = epoch
-        sizes = np.fromiter((len(p) for p in packs), dtype=np.int64, count=len(packs))
-        self._bounds = np.concatenate([[0], np.cumsum(sizes)])
-        flat = np.fromiter((i for p in packs for i in p), dtype=np.int64, count=sizes.sum())
-        self._docs = docs[flat]
-        used = positions[flat].sum()
-        self.fill = float(used) / (len(packs) * S)
+        order = np.concatenate(orders)
+        self._docs = docs[order]
+        self._bounds = np.concatenate([[0]] + bounds)
+        self.fill = float(positions[order].sum()) / (num_packs * S)
+        self._causal = None  # [S, S] "masked" template, built on first use (in each worker)
         log_single_rank(
             logger,
             logging.INFO,
             f"> SFT {index_split.name}: {docs.size} samples of {dataset_path} packed into "
-            f"{len(packs)} sequences of {S} over {epoch} epoch(s), {100 * self.fill:.1f}% "
+            f"{num_packs} sequences of {S} over {epoch} epoch(s), {100 * self.fill:.1f}% "
             f"of positions used, {self.num_truncated} samples truncated to {S + 1} tokens",
         )
 
@@ -563,29 +561,33 @@ class PackedSFTDataset(MegatronDataset):
         labels = np.full(S, pad, dtype=np.int64)
         loss_mask = np.zeros(S, dtype=np.float32)
         position_ids = np.zeros(S, dtype=np.int64)
-        segment = np.zeros(S, dtype=np.int64)
+        starts = [0]  # block boundaries: 0, end of sample 1, ..., end of the last sample
         p = 0
         docs = self._docs[self._bounds[idx] : self._bounds[idx + 1]]
-        for k, d in enumerate(docs):
+        for d in docs:
             ids, mask = self.dataset.sample(int(d), max_tokens=S + 1)
             n = len(ids) - 1
             tokens[p : p + n] = ids[:-1]
             labels[p : p + n] = ids[1:]
             loss_mask[p : p + n] = mask[1:]
             position_ids[p : p + n] = np.arange(n)
-            segment[p : p + n] = k
             p += n
-        # The padding tail: its own causal block, loss 0.
+            starts.append(p)
+        # The padding tail [p, S): its own causal block, loss 0.
         position_ids[p:] = np.arange(S - p)
-        segment[p:] = len(docs)
-        seg = torch.from_numpy(segment)
-        allowed = (seg[:, None] == seg[None, :]) & torch.ones(S, S, dtype=torch.bool).tril()
+        # Block-diagonal causal, True = masked: the causal mask, plus for the rows of each
+        # block every column before the block (<= S^2/2 writes, no S x S arithmetic).
+        if self._causal is None:
+            self._causal = ~torch.ones(S, S, dtype=torch.bool).tril()
+        attention_mask = self._causal.clone()
+        for a, b in zip(starts[1:], starts[2:] + [S]):
+            attention_mask[a:b, :a] = True
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
-            "attention_mask": (~allowed).unsqueeze(0),
+            "attention_mask": attention_mask.unsqueeze(0),
         }
 
 

@@ -211,15 +211,13 @@ def test_prepare_reports_kept_truncated_skipped_with_line_numbers(tmp_path, hf):
 
 
 def test_pack_next_fit_keeps_order_and_fills_greedily():
-    rng = np.random.default_rng(3)
-    positions = rng.integers(1, 13, size=57)
-    order = rng.permutation(57)
-    packs = D.pack_next_fit(positions, order, 13)
-    assert [i for p in packs for i in p] == order.tolist()
-    sums = [positions[p].sum() for p in packs]
+    sizes = np.random.default_rng(3).integers(1, 14, size=57)
+    b = D.pack_next_fit(sizes, 13)
+    assert b[0] == 0 and b[-1] == 57 and (np.diff(b) > 0).all()
+    sums = [sizes[x:y].sum() for x, y in zip(b[:-1], b[1:])]
     assert max(sums) <= 13
-    for k in range(len(packs) - 1):  # the next sample did not fit
-        assert sums[k] + positions[packs[k + 1][0]] > 13
+    for k in range(len(sums) - 1):  # the next item did not fit
+        assert sums[k] + sizes[b[k + 1]] > 13
 
 
 # --------------------------------------------------------------------------- datasets

@@ -37,7 +37,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch

@@ -232,10 +232,14 @@ def sp_data(sp, tmp_path_factory):
     src = _write_jsonl(d / "chat.jsonl", rows)
     rep = D.prepare_sft_data(src, str(d / "sft"), tok, 48)
     assert rep.kept == 60
-    samples = {}
-    for i in range(60):
-        ids, mask = D.SFTIndexedData(str(d / "sft")).sample(i)
+    samples, data = {}, D.SFTIndexedData(str(d / "sft"))
+    for i, row in enumerate(rows):  # stored = the independent plain-template construction
+        ids, mask = data.sample(i)
+        want_ids, want_mask = _expected_plain(model, row["messages"])
+        np.testing.assert_array_equal(ids, want_ids[:49])  # prepared for --seq-length 48
+        np.testing.assert_array_equal(mask, want_mask[:49])
         samples[tuple(ids.tolist())] = i
+    assert len(samples) == 60
     return str(d / "sft"), model, samples
 
 

@@ -790,8 +790,7 @@ def _child(rank: int, world: int, port: int, target, kwargs: dict):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    if torch.cuda.is_available():  # a converter needs no GPU: keep every rank off them
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores
     target(**kwargs)
 
 
@@ -800,6 +799,10 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
     ``RANK``/``WORLD_SIZE``/``MASTER_*`` set). Raises if any process fails."""
     import torch.multiprocessing as mp
 
+    # Conversion is CPU work (gloo, megatron_gem.cpu_mode, local layer spec) even on a GPU
+    # node: the workers inherit an environment without visible GPUs.
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs), nprocs=nprocs,
                            start_method="spawn", join=True)
@@ -808,6 +811,11 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
         if last.startswith("ValueError: "):  # a refusal in a worker: report it plainly
             raise ValueError(last[len("ValueError: "):]) from err
         raise
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def init_megatron_worker(argv: list[str], padded_vocab: int, overrides: dict | None = None):

@@ -455,6 +455,7 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
     megatron = torch.load(logits_file)
     ref = hf_logits(hf_out, sample_tokens(203))  # HF_HUB_OFFLINE: a local directory only
     diff = (megatron - ref).abs().max().item()
+    print(f"[test] trained Megatron vs exported transformers logits: max |diff| = {diff:.3g}")
     assert diff <= 1e-5, diff
     # training moved the weights away from the imported ones
     before = C.SafetensorsReader(dirs["llama"]).get("model.layers.0.mlp.down_proj.weight")
@@ -529,3 +530,24 @@ def test_parse_size():
     for bad in ("lots", "0", "-1GB"):
         with pytest.raises(ValueError, match="max_shard_size"):
             C._parse_size(bad)
+
+
+def test_export_vocab_size_and_token_ids(tmp_path):
+    from types import SimpleNamespace as NS
+
+    null = NS(tokenizer_type="NullTokenizer", vocab_size=203, padded_vocab_size=256)
+    assert C._export_vocab_size(null, None, None) == 203
+    assert C._export_vocab_size(null, None, 201) == 201
+    tok = tmp_path / "orig"
+    tok.mkdir()
+    (tok / "config.json").write_text(json.dumps({"vocab_size": 250, "bos_token_id": 3,
+                                                 "eos_token_id": [4, 5]}))
+    assert C._export_vocab_size(null, tok, None) == 250
+    hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok),
+                vocab_size=None, padded_vocab_size=256)
+    assert C._export_vocab_size(hf_tok, None, None) == 250
+    with pytest.raises(ValueError, match="pass --vocab-size or --tokenizer"):
+        C._export_vocab_size(NS(tokenizer_type="GPT2BPETokenizer", vocab_size=None,
+                                padded_vocab_size=256), None, None)
+    assert C._token_ids(tok) == {"bos_token_id": 3, "eos_token_id": [4, 5], "pad_token_id": None}
+    assert C._token_ids(None) == {}

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+# Megatron warns at import about missing GPU libraries (TE, Apex): irrelevant to data tools.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 from megatron_gem.tokenizer import add_tokenizer_args  # noqa: E402
 

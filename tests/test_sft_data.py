@@ -125,6 +125,41 @@ def test_masks_exactly_on_assistant_tokens_both_templates(sp, hf):
         np.testing.assert_array_equal(mask, want_mask)
 
 
+def test_chat_template_with_byte_level_bpe_masks_the_answer_text(tmp_path):
+    """A GPT-2-style byte-level BPE (merges across words, offsets in bytes): decoding the
+    masked tokens gives exactly the answers with their end-of-turn markers, and the rest the
+    prompt text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(4)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator([_words(rng, 5, 15) + "\nsystem user assistant, é!" for _ in range(200)], trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    hf.chat_template = TEMPLATE
+    hf.save_pretrained(str(tmp_path))
+    enc = D.make_encoder(T.build_tokenizer("HuggingFaceTokenizer", str(tmp_path)))
+    for _ in range(20):
+        msgs = _conversation(rng, lo=1)
+        for m in msgs:
+            m["content"] += rng.choice(["", ",", " é!", "\n"])
+        ids, mask = enc.encode(msgs)
+        answers = "".join(m["content"] + "<|im_end|>\n" for m in msgs if m["role"] == "assistant")
+        assert hf.decode(ids[mask], skip_special_tokens=False) == answers
+        full = hf.apply_chat_template(msgs, tokenize=False)
+        assert hf.decode(ids, skip_special_tokens=False) == full
+        assert len(hf.decode(ids[~mask], skip_special_tokens=False)) == len(full) - len(answers)
+
+
 def test_chat_template_that_rewrites_history_is_refused(sp, hf):
     _, _, hf_tok = hf
     enc = D.ChatTemplateEncoder(hf_tok, chat_template=UNSTABLE)

@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 from typing import Any, Callable, Optional
 
@@ -92,6 +93,9 @@ class SampleError(ValueError):
         super().__init__(reason)
         self.reason = reason
         self.malformed = malformed
+
+    def __reduce__(self):  # keep ``malformed`` when sent back from a worker process
+        return (SampleError, (self.reason, self.malformed))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -297,6 +301,34 @@ def _output_paths(prefix: str) -> dict:
     return {"bin": prefix + ".bin", "idx": prefix + ".idx", "meta": prefix + META_SUFFIX}
 
 
+# State of the encoding (in forked workers: inherited from the parent).
+_WORKER: dict = {}
+
+
+def _encode_line(line: str):
+    """``(ids, mask, truncated)`` of one JSONL line, a ``SampleError``, or None if blank."""
+    if not line.strip():
+        return None
+    max_tokens = _WORKER["max_tokens"]
+    try:
+        messages = parse_chat_line(line, _WORKER["messages_key"])
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SampleError("no assistant message", malformed=False)
+        ids, mask = _WORKER["encoder"].encode(messages)
+    except SampleError as err:
+        return err
+    truncated = len(ids) > max_tokens
+    ids, mask = ids[:max_tokens], mask[:max_tokens]
+    if not mask[1:].any():  # position 0 is never a label
+        reason = (
+            "no assistant token within --seq-length (prompt fills it)"
+            if truncated
+            else "no assistant token after the first token"
+        )
+        return SampleError(reason, malformed=False)
+    return ids, mask, truncated
+
+
 def prepare_sft_data(
     input_path: str,
     output_prefix: str,
@@ -309,6 +341,7 @@ def prepare_sft_data(
     on_error: str = "fail",
     overwrite: bool = False,
     tokenizer_info: Optional[dict] = None,
+    workers: int = 1,
 ) -> SFTPrepReport:
     """Turn chat JSONL into ``output_prefix.{bin,idx,sft.json}``; return the report.
 
@@ -318,7 +351,8 @@ def prepare_sft_data(
     prompt fills ``--seq-length`` (no assistant token left to learn). Malformed lines and
     chat-template failures raise ``ValueError`` naming the line (``on_error="fail"``) or are
     skipped the same way (``"skip"``). Outputs are written under a temporary name and renamed
-    when complete; existing outputs are only replaced with ``overwrite=True``.
+    when complete; existing outputs are only replaced with ``overwrite=True``. ``workers`` > 1
+    encodes in forked processes; the output is the same.
     """
     if not isinstance(seq_length, int) or seq_length < 1:
         raise ValueError(f"--seq-length must be a positive integer, got {seq_length!r}")
@@ -332,9 +366,12 @@ def prepare_sft_data(
     existing = [p for p in final.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise ValueError(f"--output-prefix {output_prefix!r}: {existing[0]} exists (--overwrite)")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {workers!r}")
     encoder = make_encoder(tokenizer, template, chat_template)
-    max_tokens = seq_length + 1
+    _WORKER.update(encoder=encoder, max_tokens=seq_length + 1, messages_key=messages_key)
     report = SFTPrepReport()
+    pool = None
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -342,33 +379,26 @@ def prepare_sft_data(
     builder = IndexedDatasetBuilder(tmp["bin"], dtype=np.int32)
     try:
         with open(input_path, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+            if workers > 1:  # forked workers inherit the encoder; results come back in order
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF: no fork warning
+                pool = multiprocessing.get_context("fork").Pool(workers)
+                results = pool.imap(_encode_line, f, chunksize=64)
+            else:
+                results = map(_encode_line, f)
+            for lineno, result in enumerate(results, start=1):
                 report.lines += 1
-                if not line.strip():
+                if result is None:
                     report.blank += 1
                     continue
-                try:
-                    messages = parse_chat_line(line, messages_key)
-                    if not any(m["role"] == "assistant" for m in messages):
-                        raise SampleError("no assistant message", malformed=False)
-                    ids, mask = encoder.encode(messages)
-                    truncated = len(ids) > max_tokens
-                    ids, mask = ids[:max_tokens], mask[:max_tokens]
-                    if not mask[1:].any():  # position 0 is never a label
-                        reason = (
-                            "no assistant token within --seq-length (prompt fills it)"
-                            if truncated
-                            else "no assistant token after the first token"
-                        )
-                        raise SampleError(reason, malformed=False)
-                except SampleError as err:
-                    if err.malformed and on_error == "fail":
+                if isinstance(result, SampleError):
+                    if result.malformed and on_error == "fail":
                         raise ValueError(
-                            f"{input_path}:{lineno}: {err.reason} "
+                            f"{input_path}:{lineno}: {result.reason} "
                             "(pass --on-error skip to skip such lines)"
-                        ) from None
-                    report.skip(err.reason, lineno)
+                        )
+                    report.skip(result.reason, lineno)
                     continue
+                ids, mask, truncated = result
                 if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
                     raise ValueError(f"{input_path}:{lineno}: token id out of the vocabulary")
                 stored = np.where(mask, ~ids, ids).astype(np.int32)
@@ -399,6 +429,8 @@ def prepare_sft_data(
         for k in ("bin", "idx", "meta"):  # the metadata last: its presence marks completion
             os.replace(tmp[k], final[k])
     finally:
+        if pool is not None:
+            pool.terminate()
         if not builder.data_file.closed:
             builder.data_file.close()
         for p in tmp.values():

@@ -239,6 +239,13 @@ def test_prepare_reports_kept_truncated_skipped_with_line_numbers(tmp_path, hf):
     assert rep.tokens == sum(len(data.sample(i)[0]) for i in range(3))
     meta = json.load(open(prefix + ".sft.json"))
     assert meta["report"]["kept"] == 3 and meta["template"] == "chat" and meta["eod"] == vocab["</s>"]
+    # Two workers: the same bytes and the same report.
+    rep2 = D.prepare_sft_data(src, str(tmp_path / "w2" / "sft"), tok, S, on_error="skip", workers=2)
+    assert rep2.as_dict() == rep.as_dict()
+    for ext in (".bin", ".idx"):
+        assert open(prefix + ext, "rb").read() == open(str(tmp_path / "w2" / "sft") + ext, "rb").read()
+    with pytest.raises(ValueError, match=r"chat.jsonl:3: invalid JSON"):
+        D.prepare_sft_data(src, str(tmp_path / "w3" / "sft"), tok, S, workers=2)
     with pytest.raises(ValueError, match="exists"):
         D.prepare_sft_data(src, prefix, tok, S, on_error="skip")
     D.prepare_sft_data(src, prefix, tok, S, on_error="skip", overwrite=True)

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages-key", default="messages", help="JSON key of the message list")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="malformed line: stop with its line number (default) or skip and count it")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (same output)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print the first N samples with the loss-carrying text in [[ ]]")
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
             messages_key=args.messages_key,
             on_error=args.on_error,
             overwrite=args.overwrite,
+            workers=args.workers,
             tokenizer_info={"tokenizer_type": args.tokenizer_type,
                             "tokenizer_model": args.tokenizer_model},
         )

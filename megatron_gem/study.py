@@ -836,7 +836,7 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
         argv = train_argv(study, s)
         it = cfg.pretrain_iters if s.kind == "pretrain" else cfg.sft_iters
         # The script's own defaults are replaced by the study's flags (extra flags come last).
-        env.update(MODEL="tiny", TP=str(cfg.tp), PP="1", SP="0", DIST_OPT="0",
+        env.update(NODES="1", GPUS_PER_NODE=str(gpus), MODEL="tiny", TP=str(cfg.tp), PP="1", SP="0", DIST_OPT="0",
                    PRECISION="fp32" if cfg.precision == "fp32" else "bf16", CKPT_DIR=str(s.out),
                    TRAIN_ITERS=str(it), SEQ_LENGTH=str(cfg.seq_length), MICRO_BATCH=str(cfg.micro_batch),
                    GLOBAL_BATCH=str(cfg.pretrain_batch if s.kind == "pretrain" else cfg.sft_batch),

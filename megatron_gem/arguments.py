@@ -102,7 +102,28 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "sft", False) and not getattr(args, "create_attention_mask_in_dataloader", True):
         _error("argument --no-create-attention-mask-in-dataloader: --sft needs the dataloader's "
                "attention mask (it keeps packed samples from attending to each other)")
+    validate_sft_packing_args(args)
     return args
+
+
+def validate_sft_packing_args(args: argparse.Namespace) -> None:
+    """Packed ``--sft`` limits: no context parallelism; micro-batch 1 with Transformer Engine.
+
+    With TE the packing reaches attention as THD ``cu_seqlens`` of one packed sequence (the
+    entry's ``get_sft_batch``); neither path slices packed samples for context parallelism
+    (Megatron's local attention has none, the THD split is not implemented here).
+    """
+    if not getattr(args, "sft", False):
+        return
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    if cp > 1:
+        _error(f"argument --context-parallel-size: packed --sft does not support context parallelism "
+               f"(got {cp}); use --context-parallel-size 1")
+    mbs = getattr(args, "micro_batch_size", 1)
+    if getattr(args, "transformer_impl", None) == "transformer_engine" and mbs != 1:
+        _error(f"argument --micro-batch-size: packed --sft with --transformer-impl transformer_engine "
+               f"passes each packed sequence as THD (cu_seqlens) and needs --micro-batch-size 1, got {mbs}; "
+               "raise --seq-length or --global-batch-size instead")
 
 
 def transformer_engine_available() -> bool:

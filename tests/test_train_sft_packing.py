@@ -1,10 +1,10 @@
 """Packed SFT through pipeline stages and Transformer Engine's THD path (``megatron_gem.train``).
 
 End to end on CPU (gloo): a 4-layer tiny model trains on packed SFT data with PP=1, saving a
-``torch_dist`` checkpoint at iteration 2 and going on to iteration 4; a PP=4 run (one layer per
-stage, so two middle stages) resumes that checkpoint and must log the same ``lm loss`` at
-iterations 3 and 4 and the same validation loss. Without the packing mask on the middle stages,
-packed samples attend to each other there and the losses differ by ~1e-2.
+``torch_dist`` checkpoint at iteration 2 and going on to iteration 4; a PP=2 run with 2 virtual
+stages of one layer (two middle chunks) resumes that checkpoint and must log the same ``lm loss``
+at iterations 3 and 4 and the same validation/test loss. Without the packing mask on the middle
+chunks, packed samples attend to each other there and the losses differ.
 
 Unit checks (no TE here): the ``cu_seqlens`` built from the packed ``position_ids`` against an
 independent construction from the dataset's block-diagonal mask, and ``forward_step`` handing
@@ -72,26 +72,29 @@ def pp_runs(sft_data):
     ckpt = d / "ckpt"
     ref = run_train(1, TINY4 + flags + ["--train-iters", str(ITERS), "--save", str(ckpt),
                                         "--save-interval", str(SAVE_AT)])
-    pp4 = run_train(4, TINY4 + flags + ["--train-iters", str(ITERS), "--load", str(ckpt),
-                                        "--ckpt-step", str(SAVE_AT), "--pipeline-model-parallel-size", "4"],
+    # PP=2 x 2 virtual stages of one layer: chunks (rank 1, vp 0) and (rank 0, vp 1) are middle
+    # stages. (PP=4, one layer per stage, was checked the same way by hand; it costs 4 processes.)
+    pp = run_train(2, TINY4 + flags + ["--train-iters", str(ITERS), "--load", str(ckpt),
+                                        "--ckpt-step", str(SAVE_AT), "--pipeline-model-parallel-size", "2",
+                                        "--num-layers-per-virtual-pipeline-stage", "1"],
                     timeout=400)
-    assert f"at iteration {SAVE_AT}" in pp4
-    return parse_megatron_log(ref), parse_megatron_log(pp4)
+    assert f"at iteration {SAVE_AT}" in pp
+    return parse_megatron_log(ref), parse_megatron_log(pp)
 
 
-def test_sft_pp4_middle_stages_keep_the_packing_mask(pp_runs):
-    ref, pp4 = pp_runs
+def test_sft_virtual_pipeline_middle_stages_keep_the_packing_mask(pp_runs):
+    ref, pp = pp_runs
     assert sorted(ref["train"]) == list(range(1, ITERS + 1))
-    assert sorted(pp4["train"]) == list(range(SAVE_AT + 1, ITERS + 1))
+    assert sorted(pp["train"]) == list(range(SAVE_AT + 1, ITERS + 1))
     # Megatron's first logged line of a run keeps its running sums, so the resumed run's second
     # line is the mean of iterations SAVE_AT+1 and SAVE_AT+2 (its first is iteration SAVE_AT+1).
     first, second = SAVE_AT + 1, SAVE_AT + 2
     expect = {first: ref["train"][first]["lm loss"],
               second: (ref["train"][first]["lm loss"] + ref["train"][second]["lm loss"]) / 2}
     for i, want in expect.items():
-        assert abs(pp4["train"][i]["lm loss"] - want) <= 1e-5, (i, want, pp4["train"][i], ref["train"])
+        assert abs(pp["train"][i]["lm loss"] - want) <= 1e-5, (i, want, pp["train"][i], ref["train"])
     for split in ("validation", "test"):
-        assert abs(ref[split][ITERS]["lm loss"] - pp4[split][ITERS]["lm loss"]) <= 1e-5, (split, ref[split], pp4[split])
+        assert abs(ref[split][ITERS]["lm loss"] - pp[split][ITERS]["lm loss"]) <= 1e-5, (split, ref[split], pp[split])
 
 
 # --------------------------------------------------------------------------------------- unit

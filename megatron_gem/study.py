@@ -370,10 +370,22 @@ class Study:
     def dep_tokens(self, stage: Stage) -> dict:
         return {d: self.marker(self.by_name[d])["token"] for d in stage.deps}
 
-    def mark(self, stage: Stage, seconds: float | None = None) -> None:
-        _write_json_atomic(stage.out / MARKER, {
-            "stage": stage.name, "token": uuid.uuid4().hex, "deps": self.dep_tokens(stage),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds})
+    def mark(self, stage: Stage, seconds: float | None = None, exclusive: bool = False) -> None:
+        """Write the stage's marker (temp name, then rename). ``exclusive``: keep a marker that
+        another process (a concurrent slurm job adopting the same stage) wrote first."""
+        rec = {"stage": stage.name, "token": uuid.uuid4().hex, "deps": self.dep_tokens(stage),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}
+        if not exclusive:
+            _write_json_atomic(stage.out / MARKER, rec)
+            return
+        tmp = stage.out / f".{MARKER}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, stage.out / MARKER)   # fails if it exists: first writer wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
 
     def complete(self, stage: Stage) -> bool:
         """The output a stage run outside this process (a slurm job) leaves when it succeeded."""
@@ -408,7 +420,7 @@ class Study:
             if all(self.done(self.by_name[d], memo) for d in s.deps) and self.complete(s):
                 rec = _read_json(s.out / INPUTS)
                 if rec is None or rec == self.dep_tokens(s):
-                    self.mark(s)
+                    self.mark(s, exclusive=True)
                     adopted.append(s.name)
                     memo = {}
         return adopted
@@ -620,7 +632,9 @@ def _short_iteration_line(line: str) -> str:
     keep = []
     for part in line.split("|"):
         p = part.strip()
-        if p.startswith("iteration") or p.split(":")[0] in ("lm loss", "gem loss", "entropy"):
+        if "iteration" in p and not keep:
+            keep.append(" ".join(p[p.index("iteration"):].split()))
+        elif p.split(":")[0] in ("lm loss", "gem loss", "entropy"):
             keep.append(" ".join(p.split()))
     return " | ".join(keep)
 
@@ -849,8 +863,11 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
         tf = _tokenizer_flags(study)
         if s.kind == "pretrain":
             env.update(TOKENIZER_MODEL=tf[3], PRETRAIN_DATA=str(prep / "pretrain_text_document"),
-                       LOSS="ce")
+                       LOSS="ce", SPLIT="100,0,0", TOKENIZER_VOCAB_SIZE=str(cfg.vocab_size))
         else:
+            # Packed SFT under Transformer Engine passes each pack as one THD sequence: Megatron
+            # needs micro-batch 1 there (the global batch, hence the schedule, is unchanged).
+            env.update(MICRO_BATCH="1")
             env.update(TOKENIZER_TYPE=tf[1], HF_MODEL=tf[3], SFT_DATA=str(prep / "sft"),
                        BASE_CKPT=str(s.info["base"]), LOSS=s.info["method"],
                        SPLIT="100,0,0")
@@ -916,9 +933,9 @@ def run_slurm(study: Study, opts: SlurmOptions = SlurmOptions()) -> dict[str, st
     for s in todo:
         if s.out.exists():
             # Its inputs are pending (or it failed): the old output cannot be reused, except a
-            # partial training run whose inputs are all done (the job resumes it).
-            if not (not s.atomic and all(d not in jobs for d in s.deps) and
-                    _read_json(s.out / INPUTS) in (None, _deps_or_none(study, s))):
+            # partial training run of the same inputs (the job resumes it).
+            if not (not s.atomic and all(d not in jobs for d in s.deps) and study.marker(s) is None
+                    and _read_json(s.out / INPUTS) in (None, _deps_or_none(study, s))):
                 study.log(f"removing the stale output of {s.name}: {s.out}")
                 shutil.rmtree(s.out)
         if not s.atomic and all(d not in jobs for d in s.deps):
@@ -1044,8 +1061,6 @@ def config_from_args(args) -> StudyConfig:
               "vocab_size", "world_seed", "pretrain_lr", "sft_lr", "temperature"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
-    if over.get("sizes") and over["sizes"][0].hf_model:
-        over.setdefault("world_overrides", {})
     return preset(args.preset, **over)
 
 

@@ -226,13 +226,17 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
         assert len(specs) == 1
         rep = lc.check_spec(specs[0], gpu_memory_gib=None)
         argv = specs[0].argv
+
+        def last(flag):  # argparse keeps the last value of a repeated flag
+            return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
         if name.startswith("sft"):
-            assert "--sft" in argv and argv[argv.index("--gem-beta") + 1] == "1"
-            assert argv[argv.index("--hidden-size") + 1] == "48"
-            assert argv[argv.index("--train-iters") + 1] == "6" and argv[argv.index("--save-interval") + 1] == "3"
+            assert "--sft" in argv and last("--gem-beta") == "1" and last("--hidden-size") == "48"
+            assert last("--train-iters") == "6" and last("--save-interval") == "3"
+            assert last("--global-batch-size") == "8" and last("--seed") == "1234"
         if name.startswith("export"):
             assert argv[:1] == ["megatron-to-hf"] and "--tokenizer" not in argv
-            assert argv[argv.index("--iteration") + 1] == "3"
+            assert last("--iteration") == "3" and last("--vocab-size") == "128"
         assert "OK" in rep.format()
 
 

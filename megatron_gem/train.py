@@ -9,8 +9,9 @@ Logged each ``--log-interval`` by Megatron (stdout, tensorboard): ``lm loss`` = 
 loss) and ``entropy`` (mean token entropy of ``p = softmax(z)``).
 
 Data: Megatron's GPT datasets from ``--data-path`` (``--mock-data`` for smoke tests); with
-``--sft``, ``megatron_gem.sft_data.build_sft_datasets`` (prompt-masked, packed samples with a
-block-diagonal causal attention mask, no Transformer Engine needed).
+``--sft``, ``megatron_gem.sft_data.build_sft_datasets`` (prompt-masked, packed samples), read on
+every pipeline stage (``get_sft_batch``): the local spec gets the block-diagonal causal mask,
+Transformer Engine THD ``packed_seq_params`` (``cu_seqlens`` from the restarts of position_ids).
 
 Without CUDA the same command runs on CPUs with gloo (``megatron_gem.cpu_mode``).
 
@@ -478,7 +479,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     return train_ds, valid_ds, test_ds
 
 
-# the core datasets coordinate across ranks themselves (build on TP rank 0 of first/last stage)
+# the core datasets coordinate across ranks themselves (build where is_dataset_built_on_rank says)
 train_valid_test_datasets_provider.is_distributed = True
 
 

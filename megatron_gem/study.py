@@ -333,7 +333,7 @@ class Study:
     def init_folder(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / CONFIG_FILE
-        want = self.cfg.to_json()
+        want = json.loads(json.dumps(self.cfg.to_json()))  # tuples -> lists, as stored
         have = _read_json(path)
         if have is None:
             if any(p.name != "logs" for p in self.out.iterdir()):

@@ -116,6 +116,9 @@ def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConf
     from megatron.training.argument_utils import gpt_config_from_args
 
     cfg = gpt_config_from_args(args, transformer_config, model_config_cls=GemGPTModelConfig)
+    # megatron-core 0.19.2's gpt_config_from_args drops --rope-scaling-factor (the model would
+    # keep the default 8.0: wrong RoPE for Llama 3.2's factor 32); pass it through.
+    cfg.rope_scaling_factor = getattr(args, "rope_scaling_factor", cfg.rope_scaling_factor)
     cfg.loss = getattr(args, "loss", "ce")
     if cfg.loss == "gem":
         cfg.gem_beta = args.gem_beta

@@ -100,3 +100,12 @@ def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
     fix_dataset_helpers_compile()
     fix_dataset_helpers_compile()  # idempotent: wraps the original once
     assert dataset_utils.compile_helpers() is None and ran == []
+
+
+def test_model_config_keeps_the_rope_scaling_factor():
+    # megatron-core 0.19.2's gpt_config_from_args drops it (Llama 3.2 uses 32, the default is 8)
+    from megatron_gem.model import gem_model_config_from_args
+
+    args = parse_args(BASE + ["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-factor", "32"])
+    cfg = gem_model_config_from_args(args)
+    assert cfg.rope_scaling and cfg.rope_scaling_factor == 32.0

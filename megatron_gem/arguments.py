@@ -95,10 +95,13 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.gem_h is None:
             args.gem_h = DEFAULT_GEM_H
     # Megatron 0.19 has no --eval-interval default but evaluates by default (--eval-iters 100),
-    # and then fails deep in the data setup (int // None).
-    if getattr(args, "eval_iters", 0) and getattr(args, "eval_interval", 0) is None and not getattr(args, "skip_train", False):
-        _error(f"argument --eval-interval: required with --eval-iters {args.eval_iters} "
-               "(Megatron's default); give --eval-interval N, or --eval-iters 0 for no evaluation")
+    # and sizes its validation set with train_iters // eval_interval whenever it trains, so a
+    # missing interval fails deep in the data setup (int // None), even with --eval-iters 0.
+    if getattr(args, "eval_interval", 0) is None and not getattr(args, "skip_train", False):
+        if getattr(args, "eval_iters", 0):
+            _error(f"argument --eval-interval: required with --eval-iters {args.eval_iters} "
+                   "(Megatron's default); give --eval-interval N, or --eval-iters 0 for no evaluation")
+        args.eval_interval = args.train_iters or 10**9  # --eval-iters 0: never evaluates
     if getattr(args, "sft", False) and not getattr(args, "create_attention_mask_in_dataloader", True):
         _error("argument --no-create-attention-mask-in-dataloader: --sft needs the dataloader's "
                "attention mask (it keeps packed samples from attending to each other)")

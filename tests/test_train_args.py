@@ -59,7 +59,8 @@ def test_missing_eval_interval_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         parse_args(no_interval)
     assert "argument --eval-interval: required with --eval-iters 100" in capsys.readouterr().err
-    assert parse_args(no_interval + ["--eval-iters", "0"]).eval_iters == 0
+    no_eval = parse_args(no_interval + ["--eval-iters", "0"])
+    assert no_eval.eval_iters == 0 and no_eval.eval_interval == no_eval.train_iters  # Megatron divides by it
 
 
 def test_world_size_without_distributed_init():

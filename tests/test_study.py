@@ -264,7 +264,7 @@ def test_bad_configs_are_refused_clearly(tmp_path):
         S.preset("ci", betas=(1.5,))
     with pytest.raises(ValueError, match="sft_batch 6 must be a multiple"):
         S.preset("ci", sft_batch=6)
-    with pytest.raises(ValueError, match="--sft-data .*no such file"):
+    with pytest.raises(ValueError, match="--pretrain-data .*no such file"):
         S.preset("ci", sft_data=str(tmp_path / "nope.jsonl"), eval_data=str(tmp_path / "nope.jsonl"),
                  pretrain_data=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="--sizes entry"):

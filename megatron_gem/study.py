@@ -726,7 +726,8 @@ def _run_eval(study: Study, s: Stage) -> None:
 
     cfg = study.cfg
     data = W.world_files(study.by_name["data"].out)
-    model, hf_tok = E.load_hf(s.info["hf"], dtype=torch.float32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, hf_tok = E.load_hf(s.info["hf"], device=dev, dtype=torch.float32)
     if hf_tok is not None:
         fmt = E.hf_chat_format(hf_tok)
     else:
@@ -1033,6 +1034,10 @@ def build_parser():
     r.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then check")
     r.add_argument("--partition")
     r.add_argument("--account")
+    r.add_argument("--stage-sbatch-args", default=None,
+                   help="slurm: sbatch options of the Python stages (data, prep, eval, report), "
+                        "default '--nodes=1 --ntasks=1 --cpus-per-task=8 --time=02:00:00'; "
+                        "add e.g. --gpus=1 to evaluate large models on a GPU")
     s = sub.add_parser("run-stage", help="run one stage of an existing study (slurm jobs use it)")
     s.add_argument("--out", required=True)
     s.add_argument("--stage", required=True)
@@ -1087,7 +1092,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             study = Study(config_from_args(args), args.out)
             if args.executor == "slurm":
-                jobs = run_slurm(study, SlurmOptions(partition=args.partition, account=args.account))
+                opts = SlurmOptions(partition=args.partition, account=args.account)
+                if args.stage_sbatch_args:
+                    opts.cpu_args = tuple(shlex.split(args.stage_sbatch_args))
+                jobs = run_slurm(study, opts)
                 if args.wait:
                     wait_slurm(study, jobs)
                     print_outputs(study)

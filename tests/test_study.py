@@ -255,6 +255,10 @@ def test_slurm_resubmits_only_what_is_missing_and_collects(ci_study, tmp_path, m
     assert _flag(subs[1]["argv"], "--dependency") == "afterok:101"
     for name in jobs:
         assert S.main(["run-stage", "--out", str(study.out), "--stage", name]) == 0
+    # --wait: squeue (a stub: no job left) says they ended; every stage is then done
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "squeue").chmod(0o755)
+    S.wait_slurm(S.Study(study.cfg, study.out, log=lambda m: None), jobs, squeue=str(bin_dir / "squeue"))
     assert S.Study(study.cfg, study.out).pending() == []
     assert len(_rows(study)) == 8
 

@@ -656,7 +656,7 @@ def _run_export(study: Study, s: Stage) -> None:
     from megatron_gem.convert import megatron_to_hf
 
     cfg = study.cfg
-    kw = {"tokenizer_dir": cfg.sizes[0].hf_model} if cfg.imports else {"vocab_size": vocab_size(study)}
+    kw = {"tokenizer_dir": s.info["size"].hf_model} if cfg.imports else {"vocab_size": vocab_size(study)}
     if cfg.imports or _params_estimate(s.info["size"], vocab_size(study)) > IN_PROCESS_EXPORT_MAX_PARAMS:
         megatron_to_hf(s.info["ckpt"], s.out, iteration=s.info["step"], dtype="fp32", **kw)
     else:
@@ -881,7 +881,7 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
         return common + [str(REPO / "launch_scripts" / SCRIPTS[s.kind]), *_script_extra(argv)], env
     if s.kind == "export":
         env.update(CKPT_DIR=str(s.info["ckpt"]), HF_OUT=str(s.out), ITERATION=str(s.info["step"]),
-                   TOKENIZER=str(cfg.sizes[0].hf_model or ""), CONVERT_PP="1", DTYPE="fp32")
+                   TOKENIZER=str(s.info["size"].hf_model or ""), CONVERT_PP="1", DTYPE="fp32")
         extra = [] if cfg.imports else ["--vocab-size", "VOCAB"]
         return common + [str(REPO / "launch_scripts" / SCRIPTS["export"]), *extra], env
     if s.kind == "import":

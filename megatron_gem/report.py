@@ -349,7 +349,7 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
     plt = _pyplot()
     records = _check(records)
     sizes = _sizes(records)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(max(7.0, 5.2 * len(sizes)), 5.0), squeeze=False)
     sty = _styles(_labels(records))
     runs = _runs(records)
     for ax, size in zip(axes.flat, sizes):
@@ -377,8 +377,8 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
         ax.grid(alpha=0.3)
         if seen_lab:
             ax.legend(loc="best")
-    fig.suptitle(f"{title} — one line per run through its checkpoints (numbers: step; ★ last); "
-                 f"prompt set '{prompt_set}'")
+    fig.suptitle(f"{title}, prompt set '{prompt_set}'\n"
+                 "one line per run through its checkpoints (numbers: step; ★ last)")
     fig.tight_layout()
     _save(fig, path)
 

@@ -171,7 +171,7 @@ def main(argv=None):
     rows = [(w, d, n, e.get("sec", float("nan")), e.get("extra", float("nan"))) for (w, d, n), e in measured.items()]
 
     ref = {(w, d): (s, e) for w, d, n, s, e in rows if n == "megatron_ce"}
-    header = f"| TP | logits | method | fwd+bwd ms | peak extra MiB | time / Megatron CE | memory / Megatron CE |"
+    header = "| TP | logits | method | fwd+bwd ms | peak extra MiB | time / Megatron CE | memory / Megatron CE |"
     print(header)
     print("|---|---|---|---|---|---|---|")
     for w, d, n, s, e in rows:

@@ -176,7 +176,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for w, d, n, s, e in rows:
         rs, re_ = ref.get((w, d), (float("nan"), float("nan")))
-        print(f"| {w} | {d} | {n} | {s * 1e3:.0f} | {e / 2**20:.0f} | {s / rs:.2f} | {e / re_:.2f} |")
+        ratio = lambda a, b: a / b if b else float("nan")  # tiny shapes can measure 0 bytes
+        print(f"| {w} | {d} | {n} | {s * 1e3:.0f} | {e / 2**20:.0f} | {ratio(s, rs):.2f} | {ratio(e, re_):.2f} |")
 
 
 if __name__ == "__main__":

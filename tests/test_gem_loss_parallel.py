@@ -31,7 +31,7 @@ def _free_port():
 def _full_case(seed, vocab=VOCAB, pad=3):
     """Same full logits on every rank (fixed seed); the last `pad` columns are padding (-inf)."""
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(*SHAPE, vocab, generator=gen, dtype=torch.float64) * 3
+    logits = (torch.randn(*SHAPE, vocab, generator=gen, dtype=torch.float64) * 3).float().double()  # fp32-exact
     logits[..., vocab - pad :] = float("-inf")
     labels = torch.randint(0, vocab - pad, SHAPE, generator=gen)
     labels[torch.rand(SHAPE, generator=gen) < 0.25] = -100

@@ -11,18 +11,22 @@ reduced over the WHOLE vocabulary with two collectives in the forward:
 
 1. MAX all-reduce of ``[row max m, target logit z_y or -inf, shard checks]`` (the rank that owns
    ``y`` contributes ``z_y``, the others ``-inf``, so the max *is* ``z_y``);
-2. one packed SUM all-reduce of the per-row sums ``[S, sum e w (z-z_y), sum e w (, S1, U1)]``
-   with ``e = exp((z - m) / beta)``.
+2. one packed SUM all-reduce of the per-row sums ``S = sum e``, ``A = sum e w``,
+   ``U = sum e w x`` (and the statistics' ``S1``, ``U1``), with ``x = (z - m) / beta`` and
+   ``e = exp(x)``; then ``loss = (beta U + (m - z_y) A) / S``.
 
-The backward needs no collective: it recomputes ``e`` from the saved logits (in their own
-dtype) with the saved per-row ``m``, ``1/S`` and ``A``, so no fp32 copy of the logits is kept
-alive between forward and backward. Work is done in row chunks so fp32 temporaries stay small
-(and cache-resident on CPUs).
+For ``h="linear"`` the logits are read once in the forward: each row is shifted by its max
+over this shard while the sums are taken, and the sums are rescaled to the global max after
+collective 1 (``logsigmoid`` needs ``z_y`` inside the pass, so it reduces first). The backward
+needs no collective: it recomputes ``e`` from the saved logits (in their own dtype) with the
+saved per-row ``m``, ``1/S`` and ``A``, so no fp32 copy of the logits is kept alive between
+forward and backward. Work is done in row chunks with reused fp32 scratch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 
 import torch
@@ -32,9 +36,11 @@ __all__ = ["gem_loss", "vocab_parallel_gem_loss", "GEM_H_CHOICES"]
 
 GEM_H_CHOICES = ("linear", "logsigmoid")
 LOGSIGMOID_SCALE = 0.01  # the authors' weight: sigmoid(0.01 * (z_v - z_y))
+_FP32_MAX = torch.finfo(torch.float32).max
 
-# fp32 elements per chunk of temporaries. CPU: ~4 MB, stays in L2/L3 across the passes.
-# CUDA: large enough that kernel launches are negligible, small enough to bound memory.
+# fp32 elements per chunk of temporaries. CPU: 4 MB, measured best (smaller chunks pay more in
+# per-op overhead than they gain in cache; larger ones fall out of L3). CUDA: large enough that
+# kernel launches are negligible, small enough to bound memory.
 _CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
@@ -97,50 +103,69 @@ def _validate(logits, target, beta, h, ignore_index) -> None:
         raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
 
 
-def _shifted_scaled(z, m, inv_beta, out):
-    """out = (z - m) / beta in fp32. Mixed-dtype torch ops convert through a fresh temporary
-    (an allocation, and page faults on CPU): convert into `out` first, then work in place."""
-    col = (-m * inv_beta).unsqueeze(-1)
-    if z.dtype == out.dtype:
-        return torch.add(col, z, alpha=inv_beta, out=out)
-    out.copy_(z)
-    return torch.add(col, out, alpha=inv_beta, out=out)
+def _as_fp32(z, out):
+    """z in fp32: z itself, or converted into the scratch `out`. (Mixed-dtype torch ops convert
+    through a fresh temporary: an allocation, and page faults on CPU.)"""
+    return z if z.dtype == out.dtype else out.copy_(z)
 
 
-def _row_sums(z, m, zy, inv_beta, beta, logsigmoid, with_stats, x, e, p):
-    """Per-row sums over one chunk of the local vocabulary shard, in fp32.
+def _neg_scaled_shift(shift, inv_beta):
+    """-shift / beta as a column. A row that is all -inf on this shard (shift -inf) has no mass
+    here: its column is clamped finite, so its logits give x = -inf and e = 0, never NaN."""
+    return torch.mul(shift, -inv_beta).clamp_max_(_FP32_MAX).unsqueeze(-1)
 
-    z: [r, V_local] logits (any float dtype); m, zy: [r] global row max and target logit;
-    x, e (and p, with stats at beta != 1): fp32 [r, V_local] scratch buffers, reused across
-    chunks so the CPU pays no page faults for fresh allocations.
-    Returns [r, k]: S = sum e, B = sum e w (z - z_y), A = sum e w, and with stats
-    S1 = sum exp(z - m), U1 = sum exp(z - m) (z - m). Padded -inf logits give e = 0 and their
-    0 * (-inf) products are skipped by nansum (a NaN logit still poisons S, as it should).
+
+def _chunk_sums(z, shift, find_max, zy, inv_beta, beta, logsigmoid, with_stats, x, e, out):
+    """Per-row sums over one chunk of rows of the local vocabulary shard, in fp32.
+
+    z: [r, V_local] logits (any float dtype). shift: [r] row shift; with `find_max` it is
+    filled with each row's max over this shard (h = linear: nothing is reduced before this
+    pass), else it holds the global row max. zy: [r] global target logit (logsigmoid only).
+    x, e: fp32 [r, V_local] scratch, reused across chunks. out: [k, r] views of the op's sums.
+    With x = (z - shift) / beta, e = exp(x) and p = exp(z - shift), fills S = sum e, A = sum e w
+    (logsigmoid only; linear's A is S), U = sum e w x, and with stats at beta != 1 (at beta = 1
+    p = e and they are copied after the loop) S1 = sum p, U1 / beta = sum p x. Padded -inf
+    logits give e = 0, and their 0 * (-inf) products are skipped by nansum (a NaN logit still
+    poisons S, as it should).
     """
-    _shifted_scaled(z, m, inv_beta, x)
-    stats = []
-    if with_stats and beta != 1.0:
-        torch.mul(x, beta, out=e)  # z - m
-        torch.exp(e, out=p)
-        stats = [p.sum(-1), torch.nansum(p.mul_(e), -1)]
+    src = _as_fp32(z, x)
+    if find_max:
+        torch.amax(src, -1, out=shift)
+    torch.add(_neg_scaled_shift(shift, inv_beta), src, alpha=inv_beta, out=x)
+    if with_stats and beta != 1.0:  # p = exp(beta x), in e before e is needed
+        p = torch.mul(x, beta, out=e).exp_()
+        torch.sum(p, -1, out=out[3])
+        torch.nansum(p.mul_(x), -1, out=out[4])
     torch.exp(x, out=e)
-    s = e.sum(-1)
+    torch.sum(e, -1, out=out[0])
     if logsigmoid:
         if with_stats and beta == 1.0:
-            stats = [s, torch.nansum(e * x, -1)]
-        # w = sigmoid(0.01 (z - z_y)), with z - z_y = beta x + (m - z_y)
-        w = torch.add((LOGSIGMOID_SCALE * (m - zy)).unsqueeze(-1), x, alpha=LOGSIGMOID_SCALE * beta)
+            torch.nansum(e * x, -1, out=out[4])
+        # w = sigmoid(0.01 (z - z_y)), with z - z_y = beta x + (shift - z_y)
+        w = torch.add((LOGSIGMOID_SCALE * (shift - zy)).unsqueeze(-1), x, alpha=LOGSIGMOID_SCALE * beta)
         e.mul_(w.sigmoid_())
         del w
-        a = e.sum(-1)
-    else:
-        a = s
-    ewx = torch.nansum(x.mul_(e), -1)
-    if with_stats and beta == 1.0 and not logsigmoid:
-        stats = [s, ewx]  # p = q: S1 = S, U1 = sum e x
-    # sum e w (z - z_y) = beta * sum e w x + (m - z_y) * sum e w
-    b = beta * ewx + (m - zy) * a
-    return torch.stack([s, b, a] + stats, dim=-1)
+        torch.sum(e, -1, out=out[1])
+    torch.nansum(x.mul_(e), -1, out=out[2])
+
+
+def _rescale_to_max(sums, shift, m, beta):
+    """Sums taken with a per-shard row shift, re-expressed with the global row max m, in place:
+    e = c e_shard and x = x_shard + d, with d = (shift - m) / beta and c = exp(d) (exp(beta d)
+    for the statistics of p). A row that is all -inf on this shard (shift -inf) gives 0; a NaN
+    shift (NaN logits) stays NaN."""
+    no_mass = shift == float("-inf")
+    d = torch.where(no_mass, 0.0, (shift - m) / beta)
+    c = torch.where(no_mass, 0.0, torch.exp(d))
+    s, a, u = sums[:3]
+    u.add_(d * a).mul_(c)
+    s.mul_(c)
+    a.mul_(c)
+    if len(sums) > 3:
+        c1 = torch.where(no_mass, 0.0, torch.exp(beta * d))
+        s1, u1 = sums[3:]
+        u1.add_(d * s1).mul_(c1)  # U1 / beta, like the shard's
+        s1.mul_(c1)
 
 
 class _VocabParallelGEM(torch.autograd.Function):
@@ -154,55 +179,79 @@ class _VocabParallelGEM(torch.autograd.Function):
         logsigmoid = h == "logsigmoid"
         inv_beta = 1.0 / beta
 
-        # Collective 1 (MAX): row max, target logit (owner gives it, others -inf), shard checks.
+        # Target logit (the rank that owns y gives it, the others -inf) and shard checks.
         local_t = t - start
         in_shard = (local_t >= 0) & (local_t < v_local)
         zy_local = z.gather(-1, local_t.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1).float()
         zy_local = zy_local.masked_fill(~in_shard, float("-inf"))
         vocab = v_local * world
         bad_target = ((t < 0) | (t >= vocab)) & (t != ignore_index)
-        m_local = z.amax(-1).float()
         checks = torch.tensor([0.0, v_local, -v_local], dtype=torch.float32, device=z.device)
         checks[0] = bad_target.any()
-        packed = torch.cat([m_local, zy_local, checks])
-        if world > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-        any_bad, v_max, v_min_neg = packed[2 * n :].tolist()  # the op's one host sync
-        if v_max != -v_min_neg:
-            raise ValueError(
-                f"vocab_parallel_logits: the vocabulary shard size differs across tensor-parallel ranks "
-                f"(this rank has {v_local}, others up to {int(v_max)} / down to {int(-v_min_neg)}); "
-                "Megatron pads the vocabulary so every rank holds an equal shard"
-            )
-        if any_bad:
-            bad = t[bad_target]
-            raise ValueError(
-                f"target/labels hold ids outside the vocabulary [0, {vocab}) that are not "
-                f"ignore_index={ignore_index}: e.g. {bad[:5].tolist()}"
-            )
-        m = packed[:n]
         valid = t != ignore_index
-        # Guard rows that are fully -inf (m) and ignored rows (z_y = -inf): keep the math finite.
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        zy = torch.where(valid, packed[n : 2 * n], m)
+
+        def reduce_max(m_local):
+            """Collective 1 (MAX) of [row max, target logit, shard checks], then the op's one
+            host sync, for the checks."""
+            packed = torch.cat([m_local, zy_local, checks])
+            if world > 1:
+                dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+            any_bad, v_max, v_min_neg = packed[2 * n :].tolist()
+            if v_max != -v_min_neg:
+                raise ValueError(
+                    f"vocab_parallel_logits: the vocabulary shard size differs across tensor-parallel ranks "
+                    f"(this rank has {v_local}, others up to {int(v_max)} / down to {int(-v_min_neg)}); "
+                    "Megatron pads the vocabulary so every rank holds an equal shard"
+                )
+            if any_bad:
+                bad = t[bad_target]
+                raise ValueError(
+                    f"target/labels hold ids outside the vocabulary [0, {vocab}) that are not "
+                    f"ignore_index={ignore_index}: e.g. {bad[:5].tolist()}"
+                )
+            # Guard rows that are fully -inf (m) and ignored rows (z_y = -inf): keep the math finite.
+            m = packed[:n]
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            return m, torch.where(valid, packed[n : 2 * n], m)
+
+        # logsigmoid weights need the global max and z_y inside the pass, so they are reduced
+        # first (an extra read of the logits, for the max). linear shifts each row by its shard
+        # max during the pass and rescales the sums after the reduction: one read.
+        if logsigmoid:
+            m, zy = reduce_max(z.amax(-1).float())
+            shift = m
+        else:
+            zy = None
+            shift = torch.empty(n, dtype=torch.float32, device=z.device)
+        sums = torch.empty(5 if with_stats else 3, n, dtype=torch.float32, device=z.device)
+        step = _chunk_rows(z)
+        x, e = torch.empty(2, min(step, n), v_local, dtype=torch.float32, device=z.device)
+        chunks = zip(
+            z.split(step), shift.split(step), sums.split(step, dim=1),
+            zy.split(step) if logsigmoid else itertools.repeat(None),
+        )
+        for z_c, shift_c, sums_c, zy_c in chunks:
+            r = z_c.shape[0]
+            _chunk_sums(z_c, shift_c, not logsigmoid, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c)
+        del x, e
+        if not logsigmoid:
+            sums[1] = sums[0]  # A = S
+        if with_stats and beta == 1.0:  # p = q
+            sums[3] = sums[0]
+            if not logsigmoid:
+                sums[4] = sums[2]
+        if not logsigmoid:
+            m, zy = reduce_max(shift)
+            _rescale_to_max(sums, shift, m, beta)
 
         # Collective 2 (SUM): the packed per-row sums.
-        k = 5 if with_stats else 3
-        sums = torch.empty(n, k, dtype=torch.float32, device=z.device)
-        step = _chunk_rows(z)
-        scratch = torch.empty(3 if with_stats and beta != 1.0 else 2, min(step, n), v_local, dtype=torch.float32, device=z.device)
-        for i in range(0, n, step):
-            j = min(n, i + step)
-            bufs = [b[: j - i] for b in scratch] + [None]
-            sums[i:j] = _row_sums(z[i:j], m[i:j], zy[i:j], inv_beta, beta, logsigmoid, with_stats, *bufs[:3])
-        del scratch
         if world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-
-        s, b, a = sums[:, 0], sums[:, 1], sums[:, 2]
+        s, a, u = sums[0], sums[1], sums[2]
         s_safe = torch.where(valid, s, torch.ones_like(s))
         zero = torch.zeros_like(s)
-        loss = torch.where(valid, b / s_safe, zero)
+        # sum e w (z - z_y) = beta * sum e w x + (m - z_y) * sum e w
+        loss = torch.where(valid, (beta * u + (m - zy) * a) / s_safe, zero)
 
         # Saved per row: m, z_y, 1/S and sum e w (both 0 on ignored rows, which zeroes their gradient).
         ctx.save_for_backward(logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero))
@@ -211,7 +260,7 @@ class _VocabParallelGEM(torch.autograd.Function):
         shape = target.shape
         if not with_stats:
             return loss.view(shape)
-        s1, u1 = sums[:, 3], sums[:, 4]
+        s1, u1 = sums[3], beta * sums[4]
         s1_safe = torch.where(valid, s1, torch.ones_like(s1))
         ce = torch.where(valid, torch.log(s1_safe) + (m - zy), zero)
         entropy = torch.where(valid, torch.log(s1_safe) - u1 / s1_safe, zero)
@@ -231,25 +280,32 @@ class _VocabParallelGEM(torch.autograd.Function):
             own = (local_t >= 0) & (local_t < v_local)
             target_col = local_t.clamp(0, v_local - 1).unsqueeze(-1)
             target_add = torch.where(own, -sum_ew, torch.zeros_like(sum_ew)).unsqueeze(-1)
+            # logsigmoid: w = sigmoid(0.01 (z - z_y)), with z - z_y = beta x + (m - z_y)
+            w_col = (LOGSIGMOID_SCALE * (m - zy)).unsqueeze(-1) if logsigmoid else None
             grad = torch.empty_like(z)
             step = _chunk_rows(z)
             fp32 = grad.dtype == torch.float32
             # fp32 logits: work directly in the gradient's memory; else in an fp32 scratch chunk.
             scratch = None if fp32 else torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
-            for i in range(0, n, step):
-                j = min(n, i + step)
-                x = _shifted_scaled(z[i:j], m[i:j], inv_beta, grad[i:j] if fp32 else scratch[: j - i])
-                if logsigmoid:  # w = sigmoid(0.01 (z - z_y)), z - z_y = beta x + (m - z_y)
-                    w = torch.add((LOGSIGMOID_SCALE * (m[i:j] - zy[i:j])).unsqueeze(-1), x, alpha=LOGSIGMOID_SCALE * beta)
+            chunks = zip(
+                z.split(step), grad.split(step), _neg_scaled_shift(m, inv_beta).split(step),
+                target_col.split(step), target_add.split(step), row_scale.split(step),
+                w_col.split(step) if logsigmoid else itertools.repeat(None),
+            )
+            for z_c, grad_c, col_c, target_col_c, target_add_c, row_scale_c, w_col_c in chunks:
+                x = grad_c if fp32 else scratch[: z_c.shape[0]]
+                torch.add(col_c, _as_fp32(z_c, x), alpha=inv_beta, out=x)
+                if logsigmoid:
+                    w = torch.add(w_col_c, x, alpha=LOGSIGMOID_SCALE * beta)
                     x.exp_().mul_(w.sigmoid_())
                     del w
                 else:
                     x.exp_()
                 # subtract (sum e w) on the rank that owns y (a scatter: no host sync)
-                x.scatter_add_(1, target_col[i:j], target_add[i:j])
-                x.mul_(row_scale[i:j])  # times grad_output / S, still in fp32
+                x.scatter_add_(1, target_col_c, target_add_c)
+                x.mul_(row_scale_c)  # times grad_output / S, still in fp32
                 if not fp32:
-                    grad[i:j].copy_(x)  # the one cast to the logits' dtype
+                    grad_c.copy_(x)  # the one cast to the logits' dtype
         return grad.view_as(logits), None, None, None, None, None, None
 
 

@@ -39,6 +39,14 @@ def _full_case(seed, vocab=VOCAB, pad=3):
     return logits, labels, grad_out
 
 
+def _reference_stats(logits, labels):
+    """float64 cross-entropy and entropy of p = softmax(z) per token (0 where ignored)."""
+    valid = labels != -100
+    ce = (torch.logsumexp(logits, -1) - logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]) * valid
+    entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).nan_to_num().sum(-1) * valid
+    return ce, entropy
+
+
 def _shard(full, rank, size):
     width = full.shape[-1] // size
     return full[..., rank * width : (rank + 1) * width]
@@ -109,12 +117,32 @@ def _run_checks(rank, tp2, tp4):
                     _close(loss, loss1)
                     _close(z.grad, _shard(z1.grad, r, size))
                     _close(z.grad, _shard(ref_grad, r, size))
-                    valid = labels != -100
-                    ref_ce = (torch.logsumexp(logits, -1) - logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]) * valid
-                    p = torch.softmax(logits, -1)
-                    ref_ent = -(p * torch.log_softmax(logits, -1)).nan_to_num().sum(-1) * valid
+                    ref_ce, ref_ent = _reference_stats(logits, labels)
                     _close(ce, ref_ce)
                     _close(ent, ref_ent)
+
+    @check("padding_only_shard_and_low_shards_match_float64")
+    def _():
+        # TP4: the last shard is all padding (-inf) and shard 1 sits 80 below the others, so
+        # its rescaling factor exp((shard max - max) / beta) underflows at beta = 0.3
+        width = VOCAB // 4
+        logits, labels, grad_out = _full_case(seed=23, pad=width)
+        logits[..., width : 2 * width] -= 80
+        for beta in (1.0, 0.3):
+            z = _shard(logits, rank, 4).float().contiguous().requires_grad_()
+            loss, ce, ent = vocab_parallel_gem_loss(z, labels, beta=beta, tp_group=tp4, return_stats=True)
+            (loss * grad_out.float()).sum().backward()
+            ref_loss, ref_grad = reference_grad(logits.clamp(min=-1e30), labels, beta, "linear", grad_out)
+            _close(loss, ref_loss)
+            _close(z.grad, _shard(ref_grad, rank, 4))
+            ref_ce, ref_ent = _reference_stats(logits, labels)
+            _close(ce, ref_ce)
+            _close(ent, ref_ent)
+        # a NaN logit on one rank poisons its row's loss on every rank, and only that row's
+        logits[2, 1, 2 * width + 1] = float("nan")
+        labels[2, 1] = 0
+        loss = vocab_parallel_gem_loss(_shard(logits, rank, 4).float().contiguous(), labels, tp_group=tp4)
+        assert torch.isnan(loss[2, 1]) and torch.isfinite(loss).sum() == loss.numel() - 1, loss
 
     @check("bf16_tp4_within_1e-2")
     def _():
@@ -244,6 +272,7 @@ def rank_results(tmp_path_factory):
 
 CHECKS = [
     "tp2_tp4_equal_tp1_and_float64",
+    "padding_only_shard_and_low_shards_match_float64",
     "bf16_tp4_within_1e-2",
     "at_most_two_collectives_forward_none_backward",
     "beta1_linear_gradient_equals_megatron_cross_entropy_tp2",

@@ -74,26 +74,22 @@ def _methods(group):
     }
 
 
-def _measure(fn, logits, target, grad, repeats, device):
-    """Fastest fwd+bwd seconds and peak extra bytes. A fresh copy of the logits each time:
-    Megatron's cross-entropy overwrites fp32 input logits in place."""
+def _measure_once(fn, logits, target, grad, device):
+    """Seconds and peak extra bytes of one fwd+bwd, on a fresh copy of the logits (Megatron's
+    cross-entropy overwrites fp32 input logits in place)."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    times, extras = [], []
-    for _ in range(repeats + 1):  # first call warms up (and compiles the fused CE)
-        z = logits.detach().clone().requires_grad_()
+    z = logits.detach().clone().requires_grad_()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with PeakMemory(device) as mem:
+        t0 = clock()
+        loss = fn(z, target)
+        loss.backward(grad)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        with PeakMemory(device) as mem:
-            t0 = clock()
-            loss = fn(z, target)
-            loss.backward(grad)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = clock() - t0
-            del loss, z
-        times.append(dt)
-        extras.append(mem.extra)
-    return min(times[1:]), max(extras[1:])
+        dt = clock() - t0
+        del loss, z
+    return dt, mem.extra
 
 
 def _worker(rank, world, args, phase, results):
@@ -113,16 +109,27 @@ def _worker(rank, world, args, phase, results):
         logits = (
             torch.randn(args.tokens, 1, args.local_vocab, generator=gen) * 3
         ).to(device=device, dtype=dtype)
-        for name in args.methods:
-            if name == "megatron_fused_ce" and dtype != torch.bfloat16:
-                continue  # it hard-casts its gradient to bf16: only meaningful for bf16 logits
-            try:
-                sec, extra = _measure(methods[name], logits, target, grad, args.repeats, device)
-            except Exception as exc:  # e.g. the fused CE's torch.compile failing on a host
-                sec, extra = float("nan"), float("nan")
-                if rank == 0:
-                    print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
-            if rank == 0:
+        # the fused CE hard-casts its gradient to bf16: only meaningful for bf16 logits
+        names = [n for n in args.methods if not (n == "megatron_fused_ce" and dtype != torch.bfloat16)]
+        samples = {n: [] for n in names}
+        # Round-robin over the methods, so drift in a shared machine's speed hits all of them;
+        # the first round warms up (and compiles the fused CE). Best time, worst memory.
+        for round_ in range(args.repeats + 1):
+            for name in names:
+                if samples[name] is None:
+                    continue
+                try:
+                    sample = _measure_once(methods[name], logits, target, grad, device)
+                except Exception as exc:  # e.g. the fused CE's torch.compile failing on a host
+                    samples[name] = None
+                    if rank == 0:
+                        print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                if round_:
+                    samples[name].append(sample)
+        if rank == 0:
+            for name, got in samples.items():
+                sec, extra = (min(s for s, _ in got), max(e for _, e in got)) if got else (float("nan"),) * 2
                 results.append((world, dtype_name, name, phase, sec, extra))
         del logits
     dist.barrier()
@@ -136,7 +143,7 @@ def main(argv=None):
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes (processes)")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--methods", nargs="+", default=["gem", "gem+stats", "megatron_ce", "megatron_fused_ce"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch._dynamo.config.suppress_errors = False
 

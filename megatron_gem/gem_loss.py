@@ -128,10 +128,12 @@ def _chunk_sums(z, shift, find_max, zy, inv_beta, beta, logsigmoid, with_stats, 
     logits give e = 0, and their 0 * (-inf) products are skipped by nansum (a NaN logit still
     poisons S, as it should).
     """
-    src = _as_fp32(z, x)
+    # Copy first, fp32 logits too: the logits are read from memory once, and every later pass
+    # over the chunk stays in cache (two reads of fp32 logits cost more than the copy).
+    x.copy_(z)
     if find_max:
-        torch.amax(src, -1, out=shift)
-    torch.add(_neg_scaled_shift(shift, inv_beta), src, alpha=inv_beta, out=x)
+        torch.amax(x, -1, out=shift)
+    torch.add(_neg_scaled_shift(shift, inv_beta), x, alpha=inv_beta, out=x)
     if with_stats and beta != 1.0:  # p = exp(beta x), in e before e is needed
         p = torch.mul(x, beta, out=e).exp_()
         torch.sum(p, -1, out=out[3])
@@ -285,15 +287,15 @@ class _VocabParallelGEM(torch.autograd.Function):
             grad = torch.empty_like(z)
             step = _chunk_rows(z)
             fp32 = grad.dtype == torch.float32
-            # fp32 logits: work directly in the gradient's memory; else in an fp32 scratch chunk.
-            scratch = None if fp32 else torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
+            # fp32 scratch, reused across chunks (it stays in cache; fresh gradient memory does not)
+            scratch = torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
             chunks = zip(
                 z.split(step), grad.split(step), _neg_scaled_shift(m, inv_beta).split(step),
                 target_col.split(step), target_add.split(step), row_scale.split(step),
                 w_col.split(step) if logsigmoid else itertools.repeat(None),
             )
             for z_c, grad_c, col_c, target_col_c, target_add_c, row_scale_c, w_col_c in chunks:
-                x = grad_c if fp32 else scratch[: z_c.shape[0]]
+                x = scratch[: z_c.shape[0]]
                 torch.add(col_c, _as_fp32(z_c, x), alpha=inv_beta, out=x)
                 if logsigmoid:
                     w = torch.add(w_col_c, x, alpha=LOGSIGMOID_SCALE * beta)
@@ -303,9 +305,12 @@ class _VocabParallelGEM(torch.autograd.Function):
                     x.exp_()
                 # subtract (sum e w) on the rank that owns y (a scatter: no host sync)
                 x.scatter_add_(1, target_col_c, target_add_c)
-                x.mul_(row_scale_c)  # times grad_output / S, still in fp32
-                if not fp32:
-                    grad_c.copy_(x)  # the one cast to the logits' dtype
+                # times grad_output / S, still in fp32, then the one cast to the logits' dtype
+                # (fp32: straight into the gradient; a mixed-dtype mul would go through a temporary)
+                if fp32:
+                    torch.mul(x, row_scale_c, out=grad_c)
+                else:
+                    grad_c.copy_(x.mul_(row_scale_c))
         return grad.view_as(logits), None, None, None, None, None, None
 
 

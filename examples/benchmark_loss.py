@@ -15,6 +15,7 @@ CUDA's caching allocator, so neither loss pays first-touch page faults for its b
 would otherwise dominate CPU timings and say nothing about GPUs.
 
     python examples/benchmark_loss.py                      # 4096 tokens x 32064 local vocab
+    python examples/benchmark_loss.py --logits intermediate  # the gradient as a model gets it
     python examples/benchmark_loss.py --tp 1 --dtypes bf16 --tokens 1024
 """
 
@@ -74,9 +75,12 @@ def _methods(group):
     }
 
 
-def _measure_once(fn, logits, target, grad, device):
+def _measure_once(fn, logits, target, grad, device, intermediate):
     """Seconds and peak extra bytes of one fwd+bwd, on a fresh copy of the logits (Megatron's
-    cross-entropy overwrites fp32 input logits in place)."""
+    cross-entropy overwrites fp32 input logits in place). `intermediate`: the gradient is
+    returned (torch.autograd.grad), as a model's output layer receives it, instead of being
+    accumulated into the leaf's .grad, where autograd clones a gradient that aliases its input
+    (Megatron's fp32 one does)."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     z = logits.detach().clone().requires_grad_()
     if device.type == "cuda":
@@ -84,7 +88,10 @@ def _measure_once(fn, logits, target, grad, device):
     with PeakMemory(device) as mem:
         t0 = clock()
         loss = fn(z, target)
-        loss.backward(grad)
+        if intermediate:
+            torch.autograd.grad(loss, z, grad)
+        else:
+            loss.backward(grad)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = clock() - t0
@@ -119,7 +126,7 @@ def _worker(rank, world, args, phase, results):
                 if samples[name] is None:
                     continue
                 try:
-                    sample = _measure_once(methods[name], logits, target, grad, device)
+                    sample = _measure_once(methods[name], logits, target, grad, device, args.logits == "intermediate")
                 except Exception as exc:  # e.g. the fused CE's torch.compile failing on a host
                     samples[name] = None
                     if rank == 0:
@@ -144,12 +151,16 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--methods", nargs="+", default=["gem", "gem+stats", "megatron_ce", "megatron_fused_ce"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--logits", choices=["leaf", "intermediate"], default="leaf",
+        help="leaf: backward() into logits.grad; intermediate: the gradient returned as in a model",
+    )
     args = p.parse_args(argv)
     torch._dynamo.config.suppress_errors = False
 
     print(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"torch {torch.__version__}, {args.tokens} tokens x {args.local_vocab} local vocab, "
-          f"best of {args.repeats} fwd+bwd ({'wall' if torch.cuda.is_available() else 'CPU'} time"
+          f"logits: {args.logits}, best of {args.repeats} fwd+bwd ({'wall' if torch.cuda.is_available() else 'CPU'} time"
           f"{'' if torch.cuda.is_available() else ', 1 thread per rank'})")
     # CPU: memory under the default malloc, time under a retaining one (see the module doc).
     phases = {"both": {}} if torch.cuda.is_available() else {

@@ -236,13 +236,12 @@ class _VocabParallelGEM(torch.autograd.Function):
             r = z_c.shape[0]
             _chunk_sums(z_c, shift_c, not logsigmoid, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c)
         del x, e
-        if not logsigmoid:
-            sums[1] = sums[0]  # A = S
         if with_stats and beta == 1.0:  # p = q
             sums[3] = sums[0]
             if not logsigmoid:
                 sums[4] = sums[2]
         if not logsigmoid:
+            sums[1] = sums[0]  # A = S
             m, zy = reduce_max(shift)
             _rescale_to_max(sums, shift, m, beta)
 

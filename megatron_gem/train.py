@@ -131,6 +131,41 @@ def log_negative_losses() -> None:
 
 
 # --------------------------------------------------------------------------- batches and loss
+def _mtp_on_this_stage(args, vp_stage):
+    """Whether this pipeline stage (virtual chunk) holds multi-token-prediction layers."""
+    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+
+    return bool(args.mtp_num_layers) and mtp_on_this_rank(
+        layout=getattr(args, "pipeline_model_parallel_layout", None),
+        mtp_num_layers=args.mtp_num_layers, ignore_virtual=False, vp_stage=vp_stage,
+    )
+
+
+def _broadcast_over_tp(batch, args, *, tp_rank, mtp_here, first, last, thd, dense_mask):
+    """Megatron's ``get_batch_on_this_tp_rank`` with this run's shapes and groups: tensor-parallel
+    rank 0 sends its micro-batch (``dense_mask``: with the ``[b, 1, s, s]`` mask; ``thd``: with
+    ``cu_seqlens`` / ``max_seqlen``) to the other ranks of its group."""
+    from megatron.core import mpu
+    from megatron.core.utils import get_batch_on_this_tp_rank
+
+    return get_batch_on_this_tp_rank(
+        batch,
+        has_cu_seqlens=thd,
+        is_hybrid_cp=False,
+        create_attention_mask_in_dataloader=dense_mask,
+        broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
+        broadcast_group=mpu.get_tensor_model_parallel_group(),
+        cp_size=args.context_parallel_size,
+        tp_rank=tp_rank,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        mtp_on_this_rank=mtp_here,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        is_pipeline_first_stage=first,
+        is_pipeline_last_stage=last,
+    )
+
+
 def get_batch(data_iterator, vp_stage=None):
     """One micro-batch on this rank: TP rank 0 reads, broadcasts over TP, slices for CP.
 
@@ -141,16 +176,12 @@ def get_batch(data_iterator, vp_stage=None):
     import torch
     from megatron.core import mpu
     from megatron.core.parallel_state import get_context_parallel_group
-    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
-    from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+    from megatron.core.utils import get_batch_on_this_cp_rank
     from megatron.training import get_args
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
     args = get_args()
-    mtp_here = bool(args.mtp_num_layers) and mtp_on_this_rank(
-        layout=getattr(args, "pipeline_model_parallel_layout", None),
-        mtp_num_layers=args.mtp_num_layers, ignore_virtual=False, vp_stage=vp_stage,
-    )
+    mtp_here = _mtp_on_this_stage(args, vp_stage)
     if not is_first_or_last_pipeline_stage(vp_stage) and not mtp_here:
         return None, None, None, None, None
 
@@ -163,21 +194,11 @@ def get_batch(data_iterator, vp_stage=None):
             batch[key] = value.cuda(non_blocking=True) if value is not None else None
         if args.sft and batch["attention_mask"] is None:
             raise ValueError("SFT batches must carry 'attention_mask' (packed samples)")
-    batch = get_batch_on_this_tp_rank(
-        batch,
-        has_cu_seqlens=False,  # packed SFT uses a dense block-diagonal mask, not THD
-        is_hybrid_cp=False,
-        create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
-        broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
-        broadcast_group=mpu.get_tensor_model_parallel_group(),
-        cp_size=args.context_parallel_size,
-        tp_rank=tp_rank,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        mtp_on_this_rank=mtp_here,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
-        is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
+    batch = _broadcast_over_tp(
+        batch, args, tp_rank=tp_rank, mtp_here=mtp_here,
+        first=mpu.is_pipeline_first_stage(), last=mpu.is_pipeline_last_stage(),
+        thd=False,  # packed SFT uses a dense block-diagonal mask, not THD
+        dense_mask=args.create_attention_mask_in_dataloader,
     )
     batch = {key: batch.get(key) for key in BATCH_KEYS}
     if batch["attention_mask"] is not None and batch["attention_mask"].dtype != torch.bool:
@@ -247,8 +268,6 @@ def get_sft_batch(data_iterator, vp_stage=None):
     """
     import torch
     from megatron.core import mpu
-    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
-    from megatron.core.utils import get_batch_on_this_tp_rank
     from megatron.training import get_args
 
     args = get_args()
@@ -256,10 +275,7 @@ def get_sft_batch(data_iterator, vp_stage=None):
     ignore_virtual = vp_stage is None
     first = mpu.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
     last = mpu.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
-    mtp_here = bool(args.mtp_num_layers) and mtp_on_this_rank(
-        layout=getattr(args, "pipeline_model_parallel_layout", None),
-        mtp_num_layers=args.mtp_num_layers, ignore_virtual=False, vp_stage=vp_stage,
-    )
+    mtp_here = _mtp_on_this_stage(args, vp_stage)
     middle = args.pipeline_model_parallel_size > 1 and not (first or last or mtp_here)
     tp_rank = mpu.get_tensor_model_parallel_rank()
     src, group = mpu.get_tensor_model_parallel_src_rank(), mpu.get_tensor_model_parallel_group()
@@ -290,21 +306,8 @@ def get_sft_batch(data_iterator, vp_stage=None):
             torch.distributed.broadcast(mask, src, group=group)
         return None, None, None, mask, None, None
 
-    batch = get_batch_on_this_tp_rank(
-        batch,
-        has_cu_seqlens=thd,
-        is_hybrid_cp=False,
-        create_attention_mask_in_dataloader=not thd,
-        broadcast_src_rank=src,
-        broadcast_group=group,
-        cp_size=args.context_parallel_size,
-        tp_rank=tp_rank,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        mtp_on_this_rank=mtp_here,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        is_pipeline_first_stage=first,
-        is_pipeline_last_stage=last,
+    batch = _broadcast_over_tp(
+        batch, args, tp_rank=tp_rank, mtp_here=mtp_here, first=first, last=last, thd=thd, dense_mask=not thd
     )
     out = [batch.get(key) for key in BATCH_KEYS]
     if middle:  # THD: Megatron sent only cu_seqlens / max_seqlen

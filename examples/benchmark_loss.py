@@ -197,7 +197,8 @@ def main(argv=None):
         time_ratio = s / rs if rs else float("nan")
         # no ratio against ~0 extra bytes (tiny shapes; Megatron's in-place fp32 path as an intermediate)
         mem_ratio = e / re_ if re_ > 2**20 else float("nan")
-        print(f"| {w} | {d} | {n} | {s * 1e3:.0f} | {e / 2**20:.0f} | {time_ratio:.2f} | {mem_ratio:.2f} |")
+        # RSS can end a hair below where it started: that is 0 extra, not "-0"
+        print(f"| {w} | {d} | {n} | {s * 1e3:.0f} | {max(e, 0) / 2**20:.0f} | {time_ratio:.2f} | {mem_ratio:.2f} |")
 
 
 if __name__ == "__main__":

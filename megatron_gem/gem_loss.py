@@ -115,12 +115,12 @@ def _neg_scaled_shift(shift, inv_beta):
     return torch.mul(shift, -inv_beta).clamp_max_(_FP32_MAX).unsqueeze(-1)
 
 
-def _chunk_sums(z, shift, find_max, zy, inv_beta, beta, logsigmoid, with_stats, x, e, out):
+def _chunk_sums(z, shift, zy, inv_beta, beta, logsigmoid, with_stats, x, e, out):
     """Per-row sums over one chunk of rows of the local vocabulary shard, in fp32.
 
-    z: [r, V_local] logits (any float dtype). shift: [r] row shift; with `find_max` it is
-    filled with each row's max over this shard (h = linear: nothing is reduced before this
-    pass), else it holds the global row max. zy: [r] global target logit (logsigmoid only).
+    z: [r, V_local] logits (any float dtype). shift: [r] row shift; for h = linear it is
+    filled with each row's max over this shard (nothing is reduced before this pass), for
+    logsigmoid it holds the global row max. zy: [r] global target logit (logsigmoid only).
     x, e: fp32 [r, V_local] scratch, reused across chunks. out: [k, r] views of the op's sums.
     With x = (z - shift) / beta, e = exp(x) and p = exp(z - shift), fills S = sum e, A = sum e w
     (logsigmoid only; linear's A is S), U = sum e w x, and with stats at beta != 1 (at beta = 1
@@ -131,7 +131,7 @@ def _chunk_sums(z, shift, find_max, zy, inv_beta, beta, logsigmoid, with_stats, 
     # Copy first, fp32 logits too: the logits are read from memory once, and every later pass
     # over the chunk stays in cache (two reads of fp32 logits cost more than the copy).
     x.copy_(z)
-    if find_max:
+    if not logsigmoid:
         torch.amax(x, -1, out=shift)
     torch.add(_neg_scaled_shift(shift, inv_beta), x, alpha=inv_beta, out=x)
     if with_stats and beta != 1.0:  # p = exp(beta x), in e before e is needed
@@ -234,7 +234,7 @@ class _VocabParallelGEM(torch.autograd.Function):
         )
         for z_c, shift_c, sums_c, zy_c in chunks:
             r = z_c.shape[0]
-            _chunk_sums(z_c, shift_c, not logsigmoid, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c)
+            _chunk_sums(z_c, shift_c, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c)
         del x, e
         if with_stats and beta == 1.0:  # p = q
             sums[3] = sums[0]

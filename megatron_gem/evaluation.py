@@ -11,7 +11,6 @@ the prompt.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_gem import jsonl as J
 from megatron_gem import metrics as M
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -48,20 +48,14 @@ def _check_messages(messages, where: str) -> list[dict]:
 
 
 def _read_jsonl(path: str | os.PathLike):
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{path}: no such file")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    """(lineno, object) per non-blank line; the first bad line fails with path:line (evaluation
+    has no --on-error: every prompt counts)."""
+    for lineno, rec in J.read_jsonl(path):
+        if isinstance(rec, J.BadLine):
+            raise ValueError(f"{path}:{lineno}: {rec.reason}")
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def read_prompts(path: str | os.PathLike) -> list[EvalPrompt]:

@@ -49,6 +49,7 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
+from megatron_gem import jsonl as J
 from megatron_gem.tokenizer import (
     PLAIN_HEADERS,
     hf_tokenizer,
@@ -101,12 +102,11 @@ class SampleError(ValueError):
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_chat_line(line: str, messages_key: str = "messages") -> list[dict]:
+def parse_chat_line(line: str | bytes, messages_key: str = "messages") -> list[dict]:
     """The messages of one JSONL line; ``SampleError`` says what is wrong with it."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise SampleError(f"invalid JSON ({err.msg} at column {err.colno})")
+    obj = J.parse_line(line)
+    if isinstance(obj, J.BadLine):
+        raise SampleError(obj.reason)
     if not isinstance(obj, dict):
         raise SampleError(f"not a JSON object (got {type(obj).__name__})")
     if messages_key not in obj:
@@ -305,9 +305,9 @@ def _output_paths(prefix: str) -> dict:
 _WORKER: dict = {}
 
 
-def _encode_line(line: str):
+def _encode_line(line: bytes):
     """``(ids, mask, truncated)`` of one JSONL line, a ``SampleError``, or None if blank."""
-    if not line.strip():
+    if J.is_blank(line):
         return None
     max_tokens = _WORKER["max_tokens"]
     try:
@@ -378,36 +378,37 @@ def prepare_sft_data(
     tmp = {k: f"{p}.tmp-{os.getpid()}" for k, p in final.items()}
     builder = IndexedDatasetBuilder(tmp["bin"], dtype=np.int32)
     try:
-        with open(input_path, "r", encoding="utf-8") as f:
-            if workers > 1:  # forked workers inherit the encoder; results come back in order
-                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF: no fork warning
-                pool = multiprocessing.get_context("fork").Pool(workers)
-                results = pool.imap(_encode_line, f, chunksize=64)
-            else:
-                results = map(_encode_line, f)
-            for lineno, result in enumerate(results, start=1):
-                report.lines += 1
-                if result is None:
-                    report.blank += 1
-                    continue
-                if isinstance(result, SampleError):
-                    if result.malformed and on_error == "fail":
-                        raise ValueError(
-                            f"{input_path}:{lineno}: {result.reason} "
-                            "(pass --on-error skip to skip such lines)"
-                        )
-                    report.skip(result.reason, lineno)
-                    continue
-                ids, mask, truncated = result
-                if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-                    raise ValueError(f"{input_path}:{lineno}: token id out of the vocabulary")
-                stored = np.where(mask, ~ids, ids).astype(np.int32)
-                builder.add_item(torch.from_numpy(stored))
-                builder.end_document()
-                report.kept += 1
-                report.truncated += int(truncated)
-                report.tokens += int(len(ids))
-                report.loss_tokens += int(mask[1:].sum())
+        # Raw lines, decoded and parsed where they are encoded (megatron_gem.jsonl).
+        lines = (raw for _, raw in J.iter_lines(input_path))
+        if workers > 1:  # forked workers inherit the encoder; results come back in order
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF: no fork warning
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            results = pool.imap(_encode_line, lines, chunksize=64)
+        else:
+            results = map(_encode_line, lines)
+        for lineno, result in enumerate(results, start=1):
+            report.lines += 1
+            if result is None:
+                report.blank += 1
+                continue
+            if isinstance(result, SampleError):
+                if result.malformed and on_error == "fail":
+                    raise ValueError(
+                        f"{input_path}:{lineno}: {result.reason} "
+                        "(pass --on-error skip to skip such lines)"
+                    )
+                report.skip(result.reason, lineno)
+                continue
+            ids, mask, truncated = result
+            if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+                raise ValueError(f"{input_path}:{lineno}: token id out of the vocabulary")
+            stored = np.where(mask, ~ids, ids).astype(np.int32)
+            builder.add_item(torch.from_numpy(stored))
+            builder.end_document()
+            report.kept += 1
+            report.truncated += int(truncated)
+            report.tokens += int(len(ids))
+            report.loss_tokens += int(mask[1:].sum())
         builder.finalize(tmp["idx"])
         meta = {
             "format": FORMAT,

@@ -46,10 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megatron_gem.jsonl import BadLine, is_blank, iter_lines, read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".stage.json"
 INPUTS = ".stage-inputs.json"
 CONFIG_FILE = "study.json"
+DATA_KEYS = ("pretrain_data", "sft_data", "eval_data", "heldout_data")  # StudyConfig's JSONL files
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class StudyConfig:
                              "(and --pretrain-data to pre-train)")
         if any(user) and not all(imported) and self.pretrain_data is None:
             raise ValueError("pre-training on user data needs --pretrain-data")
-        for k in ("pretrain_data", "sft_data", "eval_data", "heldout_data"):
+        for k in DATA_KEYS:
             p = getattr(self, k)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"--{k.replace('_', '-')} {p!r}: no such file")
@@ -202,7 +205,7 @@ class StudyConfig:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("pretrain_data", "sft_data", "eval_data", "heldout_data"):
+        for k in DATA_KEYS:
             if d[k] is not None:
                 d[k] = str(Path(d[k]).resolve())
         return d
@@ -513,6 +516,9 @@ def _run_data(study: Study, s: Stage) -> None:
     if cfg.embedded:
         W.write_world(tmp, W.WorldConfig(seed=cfg.world_seed, **cfg.world_overrides))
     else:
+        for k in DATA_KEYS:  # the first bad line, with the user's file:line (copies renumber)
+            if getattr(cfg, k):
+                check_jsonl(getattr(cfg, k), f"--{k.replace('_', '-')}")
         for src, name in ((cfg.pretrain_data, W.PRETRAIN_FILE), (cfg.sft_data, W.SFT_FILE),
                           (cfg.eval_data, W.EVAL_FILE)):
             if src:
@@ -520,10 +526,19 @@ def _run_data(study: Study, s: Stage) -> None:
         if cfg.heldout_data:
             shutil.copyfile(cfg.heldout_data, tmp / W.HELDOUT_FILE)
         elif cfg.pretrain_data:  # hold out every 50th document (not trained on)
-            lines = [l for l in Path(cfg.pretrain_data).read_text(encoding="utf-8").splitlines() if l.strip()]
-            (tmp / W.HELDOUT_FILE).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % 50 == 49))
-            (tmp / W.PRETRAIN_FILE).write_text("".join(l + "\n" for i, l in enumerate(lines) if i % 50 != 49))
+            lines = [raw for _, raw in iter_lines(cfg.pretrain_data) if not is_blank(raw)]
+            (tmp / W.HELDOUT_FILE).write_bytes(b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 == 49))
+            (tmp / W.PRETRAIN_FILE).write_bytes(b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 != 49))
     _publish(tmp, s.out)
+
+
+def check_jsonl(path: str, arg: str) -> None:
+    """Fail on the first line of ``path`` that is not a JSON object (not UTF-8, invalid JSON)."""
+    for lineno, obj in read_jsonl(path):
+        reason = obj.reason if isinstance(obj, BadLine) else (
+            None if isinstance(obj, dict) else f"not a JSON object (got {type(obj).__name__})")
+        if reason:
+            raise ValueError(f"{arg} {path}:{lineno}: {reason}")
 
 
 def _tokenizer_flags(study: Study) -> list[str]:
@@ -1061,7 +1076,7 @@ def config_from_args(args) -> StudyConfig:
         over["betas"] = _floats(args.betas)
     if args.seeds:
         over["seeds"] = tuple(int(x) for x in _floats(args.seeds))
-    for k in ("pretrain_data", "sft_data", "eval_data", "heldout_data"):
+    for k in DATA_KEYS:
         if getattr(args, k):
             over[k] = str(Path(getattr(args, k)).resolve())
     for k in ("pretrain_iters", "sft_iters", "save_interval", "n_samples", "tp", "nproc", "seq_length",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import multiprocessing
 import os
 from typing import Iterable, Iterator, Optional, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from megatron_gem import jsonl as J
 from megatron_gem.tokenizer import build_tokenizer
 
 __all__ = ["PreprocessReport", "output_prefix_for", "preprocess_jsonl"]
@@ -75,15 +75,14 @@ def _init_worker(tokenizer_spec: dict, json_keys: Sequence[str], append_eod: boo
     _WORKER.update(tok=tok, keys=tuple(json_keys), append_eod=append_eod, eod=int(tok.eod))
 
 
-def _encode_line(item: tuple[int, str]):
+def _encode_line(item: tuple[int, bytes]):
     """``(lineno, {key: ids})`` or ``(lineno, error reason)``; ``None`` for a blank line."""
     lineno, line = item
-    if not line.strip():
+    if J.is_blank(line):
         return lineno, None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        return lineno, f"invalid JSON ({err.msg} at column {err.colno})"
+    obj = J.parse_line(line)  # decoded and parsed here, in the worker
+    if isinstance(obj, J.BadLine):
+        return lineno, obj.reason
     if not isinstance(obj, dict):
         return lineno, f"not a JSON object (got {type(obj).__name__})"
     out = {}
@@ -148,38 +147,37 @@ def preprocess_jsonl(
     builders = {k: IndexedDatasetBuilder(tmp[k] + ".bin", dtype=dtype) for k in json_keys}
     pool = None
     try:
-        with open(input_path, "r", encoding="utf-8") as f:
-            lines: Iterable = enumerate(f, start=1)
-            if workers > 1:
-                pool = multiprocessing.get_context("fork").Pool(
-                    workers, initializer=_init_worker, initargs=(spec, json_keys, append_eod)
-                )
-                results: Iterator = pool.imap(_encode_line, lines, chunksize=64)
-            else:
-                results = map(_encode_line, lines)
-            for lineno, result in results:
-                report.lines += 1
-                if result is None:
-                    report.blank += 1
+        lines: Iterable = J.iter_lines(input_path)  # raw bytes: decoded in _encode_line
+        if workers > 1:
+            pool = multiprocessing.get_context("fork").Pool(
+                workers, initializer=_init_worker, initargs=(spec, json_keys, append_eod)
+            )
+            results: Iterator = pool.imap(_encode_line, lines, chunksize=64)
+        else:
+            results = map(_encode_line, lines)
+        for lineno, result in results:
+            report.lines += 1
+            if result is None:
+                report.blank += 1
+                continue
+            if isinstance(result, str):
+                if on_error == "fail":
+                    raise ValueError(
+                        f"{input_path}:{lineno}: {result} (pass --on-error skip to skip "
+                        "such lines)"
+                    )
+                report.skip(result, lineno)
+                continue
+            for key, ids in result.items():
+                if ids.size == 0:
+                    report.skip(f"empty {key!r}", lineno)
                     continue
-                if isinstance(result, str):
-                    if on_error == "fail":
-                        raise ValueError(
-                            f"{input_path}:{lineno}: {result} (pass --on-error skip to skip "
-                            "such lines)"
-                        )
-                    report.skip(result, lineno)
-                    continue
-                for key, ids in result.items():
-                    if ids.size == 0:
-                        report.skip(f"empty {key!r}", lineno)
-                        continue
-                    builders[key].add_item(torch.from_numpy(ids))
-                    builders[key].end_document()
-                    report.documents[key] += 1
-                    report.tokens[key] += int(ids.size)
-                if log_interval and report.lines % log_interval == 0:
-                    print(f"processed {report.lines} lines", flush=True)
+                builders[key].add_item(torch.from_numpy(ids))
+                builders[key].end_document()
+                report.documents[key] += 1
+                report.tokens[key] += int(ids.size)
+            if log_interval and report.lines % log_interval == 0:
+                print(f"processed {report.lines} lines", flush=True)
         for key in json_keys:
             if report.documents[key] == 0:
                 raise ValueError(f"--input {input_path!r}: no document for key {key!r}")

@@ -247,26 +247,25 @@ def iter_training_text(
     as it reads in the plain SFT template (``"User: ..."``), so the template's headers are in
     the vocabulary. Other files give their lines.
     """
+    from megatron_gem.jsonl import BadLine, decode_line, is_blank, iter_lines, parse_line
+
     for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"--input {path!r}: no such file")
         is_jsonl = path.endswith((".jsonl", ".json"))
-        with open(path, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if not is_jsonl:
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-                if isinstance(obj, dict) and isinstance(obj.get(text_key), str):
-                    yield obj[text_key]
-                elif isinstance(obj, dict) and isinstance(obj.get(messages_key), list):
-                    for m in obj[messages_key]:
-                        if isinstance(m, dict) and m.get("role") in PLAIN_HEADERS:
-                            yield f"{PLAIN_HEADERS[m['role']]} {m.get('content', '')}"
-                else:
-                    raise ValueError(f"{path}:{lineno}: no {text_key!r} or {messages_key!r}")
+        for lineno, raw in iter_lines(path):  # bytes, decoded per line (megatron_gem.jsonl)
+            if is_blank(raw):
+                continue
+            obj = parse_line(raw) if is_jsonl else decode_line(raw)
+            if isinstance(obj, BadLine):
+                raise ValueError(f"{path}:{lineno}: {obj.reason}")
+            if not is_jsonl:
+                yield obj
+            elif isinstance(obj, dict) and isinstance(obj.get(text_key), str):
+                yield obj[text_key]
+            elif isinstance(obj, dict) and isinstance(obj.get(messages_key), list):
+                for m in obj[messages_key]:
+                    if isinstance(m, dict) and m.get("role") in PLAIN_HEADERS:
+                        yield f"{PLAIN_HEADERS[m['role']]} {m.get('content', '')}"
+            else:
+                raise ValueError(f"{path}:{lineno}: no {text_key!r} or {messages_key!r}")

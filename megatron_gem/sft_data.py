@@ -38,7 +38,7 @@ import json
 import logging
 import multiprocessing
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_gem import jsonl as J
+from megatron_gem.paths import check_output_apart
 from megatron_gem.tokenizer import (
     PLAIN_HEADERS,
     hf_tokenizer,
@@ -342,6 +343,7 @@ def prepare_sft_data(
     overwrite: bool = False,
     tokenizer_info: Optional[dict] = None,
     workers: int = 1,
+    other_inputs: Sequence[tuple[str, Optional[str]]] = (),
 ) -> SFTPrepReport:
     """Turn chat JSONL into ``output_prefix.{bin,idx,sft.json}``; return the report.
 
@@ -351,8 +353,10 @@ def prepare_sft_data(
     prompt fills ``--seq-length`` (no assistant token left to learn). Malformed lines and
     chat-template failures raise ``ValueError`` naming the line (``on_error="fail"``) or are
     skipped the same way (``"skip"``). Outputs are written under a temporary name and renamed
-    when complete; existing outputs are only replaced with ``overwrite=True``. ``workers`` > 1
-    encodes in forked processes; the output is the same.
+    when complete; existing outputs are only replaced with ``overwrite=True``, and never when
+    an output is, contains or lies inside ``input_path``, ``tokenizer_info["tokenizer_model"]``
+    or one of ``other_inputs`` (``(argument name, path)``). ``workers`` > 1 encodes in forked
+    processes; the output is the same.
     """
     if not isinstance(seq_length, int) or seq_length < 1:
         raise ValueError(f"--seq-length must be a positive integer, got {seq_length!r}")
@@ -363,6 +367,12 @@ def prepare_sft_data(
     if tokenizer.vocab_size >= 2**31 - 1:
         raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the int32 encoding")
     final = _output_paths(output_prefix)
+    # Before anything is written (and before "exists", which would suggest --overwrite): no
+    # output file may be, contain or lie inside an input.
+    tok_model = (tokenizer_info or {}).get("tokenizer_model")
+    inputs = [("--input", input_path), ("--tokenizer-model", tok_model), *other_inputs]
+    for path in final.values():
+        check_output_apart(path, inputs, "--output-prefix file")
     existing = [p for p in final.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise ValueError(f"--output-prefix {output_prefix!r}: {existing[0]} exists (--overwrite)")

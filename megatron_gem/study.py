@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from megatron_gem.jsonl import BadLine, is_blank, iter_lines, read_jsonl
+from megatron_gem.paths import check_output_apart
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".stage.json"
@@ -328,6 +329,11 @@ class Study:
     def __init__(self, cfg: StudyConfig, out: str | os.PathLike, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.out = Path(out).resolve()
+        # The study replaces stage folders under --out (rmtree of stale outputs): refuse an
+        # --out that is, contains or lies inside the user's data or an HF base model.
+        inputs = [(f"--{k.replace('_', '-')}", getattr(cfg, k)) for k in DATA_KEYS]
+        inputs += [(f"--sizes {z.name}=HF_DIR", z.hf_model) for z in cfg.sizes]
+        check_output_apart(self.out, inputs, "--out")
         self.stages = plan(cfg, self.out)
         self.by_name = {s.name: s for s in self.stages}
         self.log = log or _print

@@ -23,6 +23,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_gem import jsonl as J
+from megatron_gem.paths import check_output_apart
 from megatron_gem.tokenizer import build_tokenizer
 
 __all__ = ["PreprocessReport", "output_prefix_for", "preprocess_jsonl"]
@@ -136,8 +137,14 @@ def preprocess_jsonl(
     vocab_size = int(_WORKER["tok"].vocab_size)
     dtype = DType.optimal_dtype(vocab_size)
 
-    report = PreprocessReport()
     final = {k: output_prefix_for(output_prefix, k) for k in json_keys}
+    # Before anything is written: no output file may be, contain or lie inside an input.
+    inputs = [("--input", input_path), ("--tokenizer-model", tokenizer_model),
+              ("--vocab-file", vocab_file), ("--merge-file", merge_file)]
+    for prefix in final.values():
+        for path in (prefix + ".bin", prefix + ".idx"):
+            check_output_apart(path, inputs, "--output-prefix file")
+    report = PreprocessReport()
     for prefix in final.values():
         for path in (prefix + ".bin", prefix + ".idx"):
             if os.path.exists(path) and not overwrite:

@@ -162,6 +162,18 @@ def pad_or_eod(tokenizer) -> int:
     return int(pad)
 
 
+def _keep_error(it: Iterator[str], seen: dict) -> Iterator[str]:
+    """``it``, counting its texts and keeping the ValueError it raises: SentencePiece turns an
+    exception of its sentence iterator into a RuntimeError holding a Python traceback."""
+    try:
+        for t in it:
+            seen["texts"] += 1
+            yield t
+    except ValueError as err:
+        seen["error"] = err
+        raise
+
+
 def train_sentencepiece(
     text: str | os.PathLike | Sequence[str | os.PathLike] | Iterable[str],
     model_prefix: str | os.PathLike,
@@ -173,6 +185,7 @@ def train_sentencepiece(
     byte_fallback: bool = False,
     max_sentence_length: int = 1 << 16,
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
     **trainer_options,
 ) -> str:
     """Train a SentencePiece model; return the path of ``<model_prefix>.model``.
@@ -181,9 +194,13 @@ def train_sentencepiece(
     iterable of strings (one sentence or document each; a list of ``str`` is text, not paths). Special ids follow Llama's layout plus a real pad: unk 0, bos 1, eos 2
     (Megatron's ``eod``), pad 3. Training is single-threaded, so the model is a deterministic
     function of the text. Outputs are written under a temporary name and renamed when complete;
-    existing files are only replaced with ``overwrite=True``.
+    existing files are only replaced with ``overwrite=True``, and never when an output is,
+    contains or lies inside an input: the files of ``text``, or ``inputs`` (the files an
+    iterable ``text`` is read from, e.g. ``iter_training_text``'s).
     """
     import sentencepiece as spm
+
+    from megatron_gem.paths import check_output_apart
 
     if not isinstance(vocab_size, int) or vocab_size < 8:
         raise ValueError(f"vocab_size must be an integer >= 8, got {vocab_size!r}")
@@ -191,6 +208,16 @@ def train_sentencepiece(
         raise ValueError(f"model_type must be bpe, unigram, char or word, got {model_type!r}")
     model_prefix = os.fspath(model_prefix)
     final = {ext: f"{model_prefix}.{ext}" for ext in ("model", "vocab")}
+    if isinstance(text, (str, os.PathLike)):
+        files = [os.fspath(text)]
+    elif isinstance(text, (list, tuple)) and text and all(isinstance(t, os.PathLike) for t in text):
+        files = [os.fspath(t) for t in text]
+    else:  # strings in a list are text, not paths: no guessing
+        files = None
+    # Before anything is written (and before "exists", which would suggest overwrite).
+    for path in final.values():
+        check_output_apart(path, [("--input", f) for f in [*(files or []), *map(os.fspath, inputs)]],
+                           "--model-prefix file")
     existing = [p for p in final.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise ValueError(f"model_prefix {model_prefix!r}: {existing[0]} exists (pass overwrite)")
@@ -210,19 +237,14 @@ def train_sentencepiece(
         minloglevel=2,
     )
     options.update(trainer_options)
-    if isinstance(text, (str, os.PathLike)):
-        files = [os.fspath(text)]
-    elif isinstance(text, (list, tuple)) and text and all(isinstance(t, os.PathLike) for t in text):
-        files = [os.fspath(t) for t in text]
-    else:  # strings in a list are text, not paths: no guessing
-        files = None
+    seen = {"texts": 0, "error": None}
     if files is not None:
         for f in files:
             if not os.path.isfile(f):
                 raise ValueError(f"text file {f!r} does not exist")
         options["input"] = ",".join(files)
     else:
-        options["sentence_iterator"] = iter(text)
+        options["sentence_iterator"] = _keep_error(iter(text), seen)
 
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -231,6 +253,11 @@ def train_sentencepiece(
         try:
             spm.SentencePieceTrainer.train(model_prefix=tmp_prefix, **options)
         except RuntimeError as err:
+            if seen["error"] is not None:  # the text's own error (e.g. path:line: reason)
+                raise seen["error"] from None
+            if files is None and seen["texts"] == 0:
+                where = f" (--input {', '.join(map(os.fspath, inputs))})" if inputs else ""
+                raise ValueError(f"no text to train the tokenizer on{where}: empty, or blank lines only")
             # e.g. "Vocabulary size too high (5000). Please set it to a value <= 812."
             raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {err}")
         for ext, path in final.items():

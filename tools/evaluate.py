@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from megatron_gem import evaluation as E  # noqa: E402
 from megatron_gem.metrics import sentence_embedder  # noqa: E402
+from megatron_gem.paths import check_output_apart  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    # A hidden per-process name opened exclusively ("x"): the old fixed "NAME.tmp" silently
+    # overwrote a user's file of that name (even an input).
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    f = open(tmp, "x", encoding="utf-8")  # from here on, tmp is ours to remove
+    try:
+        with f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_outputs(a) -> None:
+    """No output is, contains or lies inside an input, or another output (before anything)."""
+    inputs = [("--prompts", a.prompts), ("--generations", a.generations), ("--model", a.model),
+              ("--base-model", a.base_model), ("--heldout", a.heldout),
+              ("--tokenizer-model", a.tokenizer_model), ("--embedding-model", a.embedding_model)]
+    outputs = [(name, x) for name, x in (("--out", a.out), ("--csv", a.csv),
+                                          ("--save-generations", a.save_generations)) if x]
+    for k, (name, path) in enumerate(outputs):
+        check_output_apart(path, inputs + outputs[:k], name)
 
 
 def main(argv=None) -> int:
@@ -79,6 +99,11 @@ def main(argv=None) -> int:
         parser.error("give --base-model or --heldout-loss-before, not both")
     if (a.base_model or a.heldout_loss_before is not None) and not a.heldout:
         parser.error("forgetting needs --heldout")
+    try:
+        check_outputs(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     outs = [Path(x) for x in (a.out, a.csv, a.save_generations) if x]
     clash = [str(x) for x in outs if x.exists()]
     if clash and not a.overwrite:

@@ -54,10 +54,21 @@ def main(argv=None) -> int:
     from megatron_gem.tokenizer import tokenizer_from_args
 
     chat_template = args.chat_template
-    if chat_template is not None and os.path.isfile(chat_template):
-        with open(chat_template, "r", encoding="utf-8") as f:
-            chat_template = f.read()
+    template_file = None
     try:
+        if chat_template is not None and os.path.isfile(chat_template):
+            template_file = chat_template
+            try:
+                with open(chat_template, "r", encoding="utf-8") as f:
+                    chat_template = f.read()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--chat-template {template_file}: not UTF-8 ({err.reason} "
+                                 f"at byte {err.start})") from None
+        elif chat_template is not None and "{" not in chat_template:
+            # Neither a file nor jinja (a template without {{ }} / {% %} cannot show messages):
+            # most likely a mistyped path, which would otherwise render as literal text.
+            raise ValueError(f"--chat-template {chat_template!r}: no such file, and not a jinja "
+                             "template (no '{{' or '{%')")
         tokenizer = tokenizer_from_args(args)
         report = prepare_sft_data(
             args.input,
@@ -72,6 +83,8 @@ def main(argv=None) -> int:
             workers=args.workers,
             tokenizer_info={"tokenizer_type": args.tokenizer_type,
                             "tokenizer_model": args.tokenizer_model},
+            other_inputs=[("--chat-template", template_file), ("--vocab-file", args.vocab_file),
+                          ("--merge-file", args.merge_file)],
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

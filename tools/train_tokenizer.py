@@ -51,6 +51,7 @@ def main(argv=None) -> int:
             user_defined_symbols=args.user_defined_symbols,
             byte_fallback=args.byte_fallback,
             overwrite=args.overwrite,
+            inputs=args.input,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -35,12 +35,19 @@ class EvalPrompt:
     split: str = "all"
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for k, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"{where}: messages[{k}] must be an object with string 'role' and 'content', got {m!r}")
+        # The roles SFT data accepts (sft_data.ROLES): a model was never trained on others, and
+        # the plain template would fail on them only later, after loading the model, unnamed.
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: messages[{k}] has role {m['role']!r}; use one of {ROLES}")
     if messages[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the last message is the assistant's; an evaluation prompt ends "
                          f"before the answer (drop the assistant message)")
@@ -108,7 +115,7 @@ def read_generations(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> 
             i = by_id[key]
         elif "index" in rec:
             i = rec["index"]
-            if not isinstance(i, int) or not 0 <= i < len(prompts):
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(prompts):
                 raise ValueError(f"{where}: index {i!r} out of range [0, {len(prompts)})")
         else:
             raise ValueError(f"{where}: needs 'prompt_id' or 'index' (keys present: {sorted(rec)})")

@@ -1067,15 +1067,39 @@ def build_parser():
     return p
 
 
-def config_from_args(args) -> StudyConfig:
-    over: dict = {}
-    if args.config:
-        over.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+def _read_config_file(path: str) -> dict:
+    """StudyConfig fields from a --config JSON file; every mistake named with the file."""
+    try:
+        over = json.loads(Path(path).read_bytes().decode("utf-8-sig"))  # a BOM is harmless
+    except OSError as err:
+        raise ValueError(f"--config {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 (byte {err.start + 1} of the file)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {path}:{err.lineno}: invalid JSON ({err.msg} at column "
+                         f"{err.colno})") from None
+    if not isinstance(over, dict):
+        raise ValueError(f"--config {path}: must be a JSON object of StudyConfig fields, "
+                         f"got {type(over).__name__}")
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    if set(over) - known:
+        raise ValueError(f"--config {path}: unknown key(s) {sorted(set(over) - known)} "
+                         f"(known: {', '.join(sorted(known))})")
+    try:
         if "sizes" in over:
             over["sizes"] = tuple(ModelSize(**z) for z in over["sizes"])
         for k in ("betas", "seeds", "extra_train_args"):
             if k in over:
                 over[k] = tuple(over[k])
+    except TypeError as err:  # a size that is not an object of ModelSize fields, a number list
+        raise ValueError(f"--config {path}: {err}") from None
+    return over
+
+
+def config_from_args(args) -> StudyConfig:
+    over: dict = {}
+    if args.config:
+        over.update(_read_config_file(args.config))
     if args.sizes:
         over["sizes"] = tuple(_size(t.strip()) for t in args.sizes.split(",") if t.strip())
     if args.betas:

@@ -434,6 +434,30 @@ def qkv_megatron_to_hf(qkv, num_heads: int, num_groups: int, head_dim: int):
             v.reshape(-1, *rest).contiguous())
 
 
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """``path`` parsed as JSON; a broken file is a one-line ValueError with its line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+                         f"the {what} is truncated or corrupt: restore or re-download it") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the {what} is "
+                         "corrupt: restore or re-download it") from None
+
+
+def _safe_open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as safetensors ({e}); the file is truncated, "
+                         "corrupt or missing (an interrupted download or save?): download or "
+                         "save it again") from None
+
+
 def _shard(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
     if total % size:
         raise ValueError(f"{what}={total} is not divisible by tensor-parallel size {size}")
@@ -450,11 +474,14 @@ class SafetensorsReader:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
+            wm = read_json(index, "safetensors index")
+            wm = wm.get("weight_map") if isinstance(wm, dict) else None
+            if not isinstance(wm, dict):
+                raise ValueError(f"{index}: no 'weight_map' object; the index is corrupt: "
+                                 "restore or re-download it")
+            self.weight_map = wm
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
+            with _safe_open(single) as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             found = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
@@ -471,9 +498,7 @@ class SafetensorsReader:
             raise ValueError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         fn = self.weight_map[name]
         if fn not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[fn] = safe_open(self.dir / fn, framework="pt")
+            self._handles[fn] = _safe_open(self.dir / fn)
         return self._handles[fn]
 
     def shape(self, name: str) -> list[int]:
@@ -634,7 +659,11 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{hf_dir}: no config.json (is it a HuggingFace model directory?)")
-    return json.loads(path.read_text())
+    cfg = read_json(path, "HF config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: holds a JSON {type(cfg).__name__}, not an object; the HF "
+                         "config is corrupt: restore or re-download it")
+    return cfg
 
 
 def hf_dtype_name(cfg: dict) -> str:

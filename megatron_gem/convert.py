@@ -705,6 +705,27 @@ def check_hf_tensors(reader: SafetensorsReader, arch: ArchSpec) -> None:
                              f"implies {shape}")
 
 
+def untie_if_head_differs(reader: SafetensorsReader, arch: ArchSpec,
+                          rows_per_read: int = 4096) -> ArchSpec:
+    """``arch``, untied when ``config.json`` says ``tie_word_embeddings`` but the files hold an
+    ``lm_head.weight`` that differs from the embedding: transformers (5.x) then does NOT tie
+    them and runs with both, so that is the model to convert. Compared a block of rows at a
+    time (the parent never holds two whole vocabularies)."""
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    if not arch.tie_word_embeddings or head not in reader:
+        return arch
+    shape = reader.shape(emb)
+    same = reader.shape(head) == shape and all(
+        torch.equal(reader.get(emb, rows=(r, r + rows_per_read)),
+                    reader.get(head, rows=(r, r + rows_per_read)))
+        for r in range(0, shape[0], rows_per_read))
+    if same:
+        return arch
+    _log(f"{reader.dir}: config.json ties the embeddings but {head} differs from {emb}; "
+         "transformers then loads both untied, so the conversion is untied too")
+    return dataclasses.replace(arch, tie_word_embeddings=False)
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
@@ -1090,7 +1111,10 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
                          f"intermediate_size={arch.ffn_hidden_size}")
     if arch.num_layers % pp:
         raise ValueError(f"pp={pp}: must divide num_hidden_layers={arch.num_layers}")
-    check_hf_tensors(SafetensorsReader(hf_dir), arch)
+    reader = SafetensorsReader(hf_dir)
+    arch = untie_if_head_differs(reader, arch)
+    check_hf_tensors(reader, arch)
+    reader.close()
     out = check_output_dir(out_dir, overwrite)
     padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
     flags = megatron_model_args(arch, make_vocab_size_divisible_by)

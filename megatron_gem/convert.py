@@ -345,9 +345,10 @@ def hf_config_from_arch(arch: ArchSpec, dtype: torch.dtype, token_ids: dict | No
     if arch.model_type == "llama":
         cfg = LlamaConfig(head_dim=arch.head_dim, attention_bias=False, mlp_bias=False, **common)
     else:
+        # transformers 5.x's Qwen2 attention reads config.head_dim (default hidden/heads); write
+        # it only where it differs, as Qwen2 configs do
         if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
-            raise ValueError(f"qwen2: head_dim={arch.head_dim} must equal hidden_size/heads "
-                             f"({arch.hidden_size}/{arch.num_attention_heads}) in transformers")
+            common["head_dim"] = arch.head_dim
         cfg = Qwen2Config(use_sliding_window=False, **common)
     cfg.architectures = ["LlamaForCausalLM" if arch.model_type == "llama" else "Qwen2ForCausalLM"]
     cfg.dtype = dtype

@@ -298,3 +298,28 @@ def test_llama3_rope_factor32_and_another_training_tp(tmp_path):
     print(f"[test] CE transformers {ce_hf:.6f}, with Megatron's padded columns {ce_meg:.6f}: "
           f"+{ce_meg - ce_hf:.3g} (formula {formula:.3g})")
     assert ce_meg > ce_hf and torch.isclose(ce_meg - ce_hf, formula, rtol=1e-4)
+
+
+def test_export_token_ids_and_import_record_lookup(tmp_path):
+    """(5) without --tokenizer: the HF tokenizer directory the checkpoint records, else the
+    import record of the checkpoint itself or of the one a --finetune run loaded."""
+    imported, trained = tmp_path / "imported", tmp_path / "trained"
+    imported.mkdir(), trained.mkdir()
+    (imported / C.IMPORT_RECORD).write_text(json.dumps(
+        {"vocab_size": 157, "bos_token_id": 5, "eos_token_id": [7, 8], "pad_token_id": None}))
+    null = NS(tokenizer_type="NullTokenizer", vocab_size=157, load=str(imported))
+    rec = C.read_import_record(trained, null)  # found through the saved --load
+    assert C._export_token_ids(None, null, rec) == {"bos_token_id": 5, "eos_token_id": [7, 8]}
+    assert C.read_import_record(trained, NS(load=str(trained))) == {}
+    assert C.read_import_record(imported, NS()) == rec
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"vocab_size": 157, "bos_token_id": 1,
+                                                "eos_token_id": 2}))
+    hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf))
+    assert C._export_token_ids(None, hf_tok, rec) == {"bos_token_id": 1, "eos_token_id": 2,
+                                                      "pad_token_id": None}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"bos_token_id": 9}))
+    assert C._export_token_ids(other, hf_tok, rec)["bos_token_id"] == 9  # --tokenizer first

@@ -345,9 +345,10 @@ def hf_config_from_arch(arch: ArchSpec, dtype: torch.dtype, token_ids: dict | No
     if arch.model_type == "llama":
         cfg = LlamaConfig(head_dim=arch.head_dim, attention_bias=False, mlp_bias=False, **common)
     else:
+        # transformers 5.x's Qwen2 attention reads config.head_dim (default hidden/heads); write
+        # it only where it differs, as Qwen2 configs do
         if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
-            raise ValueError(f"qwen2: head_dim={arch.head_dim} must equal hidden_size/heads "
-                             f"({arch.hidden_size}/{arch.num_attention_heads}) in transformers")
+            common["head_dim"] = arch.head_dim
         cfg = Qwen2Config(use_sliding_window=False, **common)
     cfg.architectures = ["LlamaForCausalLM" if arch.model_type == "llama" else "Qwen2ForCausalLM"]
     cfg.dtype = dtype
@@ -434,6 +435,30 @@ def qkv_megatron_to_hf(qkv, num_heads: int, num_groups: int, head_dim: int):
             v.reshape(-1, *rest).contiguous())
 
 
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """``path`` parsed as JSON; a broken file is a one-line ValueError with its line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+                         f"the {what} is truncated or corrupt: restore or re-download it") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the {what} is "
+                         "corrupt: restore or re-download it") from None
+
+
+def _safe_open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as safetensors ({e}); the file is truncated, "
+                         "corrupt or missing (an interrupted download or save?): download or "
+                         "save it again") from None
+
+
 def _shard(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
     if total % size:
         raise ValueError(f"{what}={total} is not divisible by tensor-parallel size {size}")
@@ -450,11 +475,14 @@ class SafetensorsReader:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
+            wm = read_json(index, "safetensors index")
+            wm = wm.get("weight_map") if isinstance(wm, dict) else None
+            if not isinstance(wm, dict):
+                raise ValueError(f"{index}: no 'weight_map' object; the index is corrupt: "
+                                 "restore or re-download it")
+            self.weight_map = wm
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
+            with _safe_open(single) as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             found = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
@@ -471,9 +499,7 @@ class SafetensorsReader:
             raise ValueError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         fn = self.weight_map[name]
         if fn not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[fn] = safe_open(self.dir / fn, framework="pt")
+            self._handles[fn] = _safe_open(self.dir / fn)
         return self._handles[fn]
 
     def shape(self, name: str) -> list[int]:
@@ -634,7 +660,11 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{hf_dir}: no config.json (is it a HuggingFace model directory?)")
-    return json.loads(path.read_text())
+    cfg = read_json(path, "HF config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: holds a JSON {type(cfg).__name__}, not an object; the HF "
+                         "config is corrupt: restore or re-download it")
+    return cfg
 
 
 def hf_dtype_name(cfg: dict) -> str:
@@ -674,6 +704,27 @@ def check_hf_tensors(reader: SafetensorsReader, arch: ArchSpec) -> None:
         if got != shape:
             raise ValueError(f"{reader.dir}: tensor {name!r} has shape {got}, config.json "
                              f"implies {shape}")
+
+
+def untie_if_head_differs(reader: SafetensorsReader, arch: ArchSpec,
+                          rows_per_read: int = 4096) -> ArchSpec:
+    """``arch``, untied when ``config.json`` says ``tie_word_embeddings`` but the files hold an
+    ``lm_head.weight`` that differs from the embedding: transformers (5.x) then does NOT tie
+    them and runs with both, so that is the model to convert. Compared a block of rows at a
+    time (the parent never holds two whole vocabularies)."""
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    if not arch.tie_word_embeddings or head not in reader:
+        return arch
+    shape = reader.shape(emb)
+    same = reader.shape(head) == shape and all(
+        torch.equal(reader.get(emb, rows=(r, r + rows_per_read)),
+                    reader.get(head, rows=(r, r + rows_per_read)))
+        for r in range(0, shape[0], rows_per_read))
+    if same:
+        return arch
+    _log(f"{reader.dir}: config.json ties the embeddings but {head} differs from {emb}; "
+         "transformers then loads both untied, so the conversion is untied too")
+    return dataclasses.replace(arch, tie_word_embeddings=False)
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -891,8 +942,9 @@ def _log(msg: str) -> None:
     print(f"[convert] {msg}", file=sys.stderr, flush=True)
 
 
-def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str]) -> list[str]:
-    argv = megatron_model_args(arch) + [
+def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str],
+                 make_vocab_size_divisible_by: int = 128) -> list[str]:
+    argv = megatron_model_args(arch, make_vocab_size_divisible_by) + [
         "--tensor-model-parallel-size", str(tp),
         "--pipeline-model-parallel-size", str(pp),
         "--micro-batch-size", "1",
@@ -913,15 +965,21 @@ def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str])
 
 
 def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int, pp: int,
-                  padded_vocab: int, tokenizer_argv: list[str], after_save=None) -> None:
+                  padded_vocab: int, tokenizer_argv: list[str], after_save=None,
+                  make_vocab_size_divisible_by: int = 128) -> None:
     """One rank of ``hf -> megatron``: build this rank's shard, fill it from HF slices, save
-    with Megatron's ``save_checkpoint`` as a release checkpoint. ``after_save(model, arch)``
-    (tests) runs in every rank at the end."""
+    with Megatron's ``save_checkpoint`` as a release checkpoint, and (rank 0) the import
+    record. ``after_save(model, arch)`` (tests) runs in every rank at the end."""
     from megatron.core import parallel_state as ps
 
+    # the divisor goes into the saved args too: the export checks the vocabulary against it
     args = init_megatron_worker(
         _worker_argv(arch, dtype, tp, pp, ["--save", tmp_out, "--no-save-optim", "--no-save-rng",
-                                           *tokenizer_argv]), padded_vocab)
+                                           *tokenizer_argv], make_vocab_size_divisible_by),
+        padded_vocab)
+    if args.rank == 0:
+        write_import_record(Path(hf_dir), Path(tmp_out), arch, padded_vocab,
+                            make_vocab_size_divisible_by, tp)
     model = build_model()
     check_model_rope(model, arch)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
@@ -1061,7 +1119,10 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
                          f"intermediate_size={arch.ffn_hidden_size}")
     if arch.num_layers % pp:
         raise ValueError(f"pp={pp}: must divide num_hidden_layers={arch.num_layers}")
-    check_hf_tensors(SafetensorsReader(hf_dir), arch)
+    reader = SafetensorsReader(hf_dir)
+    arch = untie_if_head_differs(reader, arch)
+    check_hf_tensors(reader, arch)
+    reader.close()
     out = check_output_dir(out_dir, overwrite)
     padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
     flags = megatron_model_args(arch, make_vocab_size_divisible_by)
@@ -1072,7 +1133,8 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
              f"{arch.vocab_size} -> padded {padded}, TP={tp} PP={pp}, {dtype}")
         run_workers(import_worker, tp * pp, hf_dir=str(hf_dir), tmp_out=str(tmp), arch=arch,
                     dtype=dtype, tp=tp, pp=pp, padded_vocab=padded,
-                    tokenizer_argv=tokenizer_argv_for(hf_dir, arch), after_save=after_save)
+                    tokenizer_argv=tokenizer_argv_for(hf_dir, arch), after_save=after_save,
+                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         (tmp / "megatron_args.txt").write_text(
             "# Megatron model flags for this checkpoint (pass them to megatron_gem.train with\n"
             f"# --tensor-model-parallel-size {tp} or --use-checkpoint-args)\n"
@@ -1084,32 +1146,125 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
     return flags
 
 
-def _export_vocab_size(ckpt_args, tokenizer_dir: Path | None, vocab_size: int | None) -> int:
+IMPORT_RECORD = "hf_source.json"
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def write_import_record(hf_dir: Path, out: Path, arch: ArchSpec, padded: int, divisor: int,
+                        tp: int) -> None:
+    """``out/hf_source.json``: the source's real vocabulary, its padding and its special token
+    ids (Megatron's NullTokenizer args cannot hold them), read back by `megatron_to_hf`."""
+    cfg = read_hf_config(hf_dir)
+    gen = hf_dir / "generation_config.json"
+    gen = read_json(gen, "generation config") if gen.is_file() else {}
+    record = {"hf_dir": str(hf_dir.resolve()), "vocab_size": arch.vocab_size,
+              "padded_vocab_size": padded, "make_vocab_size_divisible_by": divisor,
+              "tensor_model_parallel_size": tp,
+              **{k: cfg[k] if cfg.get(k) is not None else gen.get(k) for k in _TOKEN_ID_KEYS}}
+    (out / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_import_record(load_dir: Path, ckpt_args) -> dict:
+    """The import record of this checkpoint, else of the one it was fine-tuned from (the
+    saved ``--load`` / ``--pretrained-checkpoint``); {} when there is none."""
+    for d in (load_dir, getattr(ckpt_args, "load", None),
+              getattr(ckpt_args, "pretrained_checkpoint", None)):
+        if d and (Path(d) / IMPORT_RECORD).is_file():
+            return read_json(Path(d) / IMPORT_RECORD, "import record")
+    return {}
+
+
+def _hf_dir_vocab(d: Path) -> tuple[int, bool] | None:
+    """``(vocabulary, exact)`` of an HF directory: its config.json's ``vocab_size`` (exact),
+    else its tokenizer's length (a lower bound: a model may have more rows than its tokenizer
+    has tokens, e.g. Qwen2.5's 152064 for 151665)."""
+    if (d / "config.json").is_file():
+        v = read_json(d / "config.json", "HF config").get("vocab_size")
+        if v:
+            return int(v), True
+    if d.is_dir():
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(str(d))), False
+    return None
+
+
+def _ckpt_hf_tokenizer(ckpt_args) -> Path | None:
+    if (getattr(ckpt_args, "tokenizer_type", None) == "HuggingFaceTokenizer"
+            and getattr(ckpt_args, "tokenizer_model", None)
+            and Path(ckpt_args.tokenizer_model).is_dir()):
+        return Path(ckpt_args.tokenizer_model)
+    return None
+
+
+def recorded_vocab(ckpt_args, record: dict | None = None) -> tuple[int, bool, str] | None:
+    """``(vocabulary, exact, where)`` the checkpoint records: its NullTokenizer's
+    ``--vocab-size``, its HF tokenizer directory (`_hf_dir_vocab`), else the import record."""
+    if getattr(ckpt_args, "tokenizer_type", None) == "NullTokenizer" and getattr(
+            ckpt_args, "vocab_size", None):
+        return int(ckpt_args.vocab_size), True, "its NullTokenizer --vocab-size"
+    d = _ckpt_hf_tokenizer(ckpt_args)
+    r = _hf_dir_vocab(d) if d else None
+    if r:
+        return (*r, f"its tokenizer {d}" + ("" if r[1] else " (length)"))
+    if record and record.get("vocab_size"):
+        return int(record["vocab_size"]), True, f"its import record ({IMPORT_RECORD})"
+    return None
+
+
+def _export_vocab_size(ckpt_args, tokenizer_dir: Path | None, vocab_size: int | None,
+                       record: dict | None = None) -> int:
     if vocab_size is not None:
         return int(vocab_size)
-    for d in ([tokenizer_dir] if tokenizer_dir else []) + (
-            [Path(ckpt_args.tokenizer_model)] if getattr(ckpt_args, "tokenizer_type", None)
-            == "HuggingFaceTokenizer" and getattr(ckpt_args, "tokenizer_model", None) else []):
-        if (d / "config.json").is_file():
-            v = json.loads((d / "config.json").read_text()).get("vocab_size")
-            if v:
-                return int(v)
-        if d.is_dir():
-            from transformers import AutoTokenizer
-
-            return len(AutoTokenizer.from_pretrained(str(d)))
-    if getattr(ckpt_args, "tokenizer_type", None) == "NullTokenizer" and ckpt_args.vocab_size:
-        return int(ckpt_args.vocab_size)
+    r = _hf_dir_vocab(tokenizer_dir) if tokenizer_dir else None
+    r = r or recorded_vocab(ckpt_args, record)
+    if r:
+        return r[0]
     raise ValueError("cannot tell the real vocabulary size (the checkpoint holds the padded one, "
                      f"{ckpt_args.padded_vocab_size}): pass --vocab-size or --tokenizer")
+
+
+def check_export_vocab(v: int, source: str, ckpt_args, record: dict | None = None) -> None:
+    """``v`` (from ``source``) is a vocabulary this checkpoint can hold: Megatron's padding of
+    it is the checkpoint's padded size (for the saved divisor x TP, or the import record's:
+    ``--use-checkpoint-args`` keeps the padded size at another TP), and it equals the real
+    vocabulary the checkpoint records (is at least its tokenizer's length)."""
+    padded = int(ckpt_args.padded_vocab_size)
+    layouts = [(int(getattr(ckpt_args, "make_vocab_size_divisible_by", 128)),
+                int(getattr(ckpt_args, "tensor_model_parallel_size", 1)))]
+    if record and record.get("padded_vocab_size") == padded:
+        layouts.append((int(record["make_vocab_size_divisible_by"]),
+                        int(record["tensor_model_parallel_size"])))
+    if v > padded or all(padded_vocab_size(v, d, t) != padded for d, t in layouts):
+        d, t = layouts[0]
+        raise ValueError(
+            f"{source}: vocabulary size {v} cannot be this checkpoint's: its vocabulary is padded "
+            f"to {padded} (make_vocab_size_divisible_by={d} x TP {t}), and {v} pads to "
+            f"{padded_vocab_size(v, d, t)}; pass the vocabulary size (or --tokenizer) the "
+            "model was trained with")
+    rec = recorded_vocab(ckpt_args, record)
+    if rec and (v != rec[0] if rec[1] else v < rec[0]):
+        raise ValueError(
+            f"{source}: vocabulary size {v}, but the checkpoint records {rec[0]} ({rec[2]}); "
+            f"the export would {'drop rows of' if v < rec[0] else 'add rows to'} the trained "
+            f"vocabulary: pass --vocab-size {rec[0]} or leave it out")
+
+
+def _export_token_ids(tokenizer_dir: Path | None, ckpt_args, record: dict) -> dict:
+    """Special token ids for the export: ``--tokenizer``'s, else those of the HF tokenizer the
+    checkpoint records, else the import record's."""
+    d = tokenizer_dir or _ckpt_hf_tokenizer(ckpt_args)
+    if d is not None:
+        return _token_ids(d)
+    return {k: record.get(k) for k in _TOKEN_ID_KEYS if record.get(k) is not None}
 
 
 def _token_ids(tokenizer_dir: Path | None) -> dict:
     if tokenizer_dir is None:
         return {}
     if (tokenizer_dir / "config.json").is_file():
-        c = json.loads((tokenizer_dir / "config.json").read_text())
-        ids = {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        c = read_json(tokenizer_dir / "config.json", "HF config")
+        ids = {k: c.get(k) for k in _TOKEN_ID_KEYS}
         if any(v is not None for v in ids.values()):
             return ids
     from transformers import AutoTokenizer
@@ -1130,11 +1285,13 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise ValueError(f"--tokenizer {tokenizer_dir}: not a directory")
-    v = _export_vocab_size(ckpt_args, tokenizer_dir, vocab_size)
+    record = read_import_record(Path(load_dir), ckpt_args)
+    v = _export_vocab_size(ckpt_args, tokenizer_dir, vocab_size, record)
+    check_export_vocab(v, f"--vocab-size {vocab_size}" if vocab_size is not None else
+                       f"--tokenizer {tokenizer_dir}" if tokenizer_dir else
+                       f"{ckpt_dir}'s recorded tokenizer", ckpt_args, record)
     arch = arch_from_megatron_args(ckpt_args, v)
     padded = int(ckpt_args.padded_vocab_size)
-    if v > padded:
-        raise ValueError(f"vocab size {v} > the checkpoint's padded vocabulary {padded}")
     ckpt_dtype = "bf16" if getattr(ckpt_args, "bf16", False) else (
         "fp16" if getattr(ckpt_args, "fp16", False) else "fp32")
     dtype = dtype or ckpt_dtype
@@ -1143,7 +1300,8 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
     if not isinstance(pp, int) or pp < 1 or arch.num_layers % pp:
         raise ValueError(f"pp={pp!r}: must be a positive divisor of num_layers={arch.num_layers}")
     shard = _parse_size(max_shard_size)
-    hf_cfg = hf_config_from_arch(arch, _DTYPES[dtype], _token_ids(tokenizer_dir))
+    hf_cfg = hf_config_from_arch(arch, _DTYPES[dtype],
+                                 _export_token_ids(tokenizer_dir, ckpt_args, record))
     out = check_output_dir(out_dir, overwrite)
     tmp = _temp_sibling(out)
     try:

@@ -1019,9 +1019,11 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
     except mp.ProcessExitedException as err:
         how = (f"was killed by {err.signal_name}" if err.signal_name
                else f"exited with code {err.exit_code}")
+        if err.signal_name == "SIGKILL":
+            how += " (out of memory?)"
         raise IncompleteOutputError(
-            f"conversion worker {err.error_index} of {nprocs} {how} (out of memory?): nothing "
-            "was published") from err
+            f"conversion worker {err.error_index} of {nprocs} {how}: nothing was published"
+        ) from err
     finally:
         if ctx is not None:
             for p in ctx.processes:
@@ -1365,8 +1367,13 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
         raise ValueError(f"pp={pp!r}: must be a positive divisor of num_layers={arch.num_layers}")
     shard = _parse_size(max_shard_size)
     hf_cfg = hf_config_from_arch(arch, _DTYPES[dtype], _token_ids(tokenizer_dir))
-    out = check_output_dir(out_dir, overwrite, [("--load", load_dir),
-                                                ("--tokenizer", tokenizer_dir)])
+    # the HF tokenizer the checkpoint names is read too (vocabulary size): replacing it with
+    # the export would destroy the original model and the checkpoint's tokenizer
+    named_tok = getattr(ckpt_args, "tokenizer_model", None) if getattr(
+        ckpt_args, "tokenizer_type", None) == "HuggingFaceTokenizer" else None
+    out = check_output_dir(out_dir, overwrite, [
+        ("--load", load_dir), ("--tokenizer", tokenizer_dir),
+        ("the checkpoint's --tokenizer-model", named_tok)])
     tmp = _temp_sibling(out)
     try:
         _log(f"megatron-to-hf: {ckpt_dir} -> {arch.model_type}, {arch.num_layers} layers, vocab "

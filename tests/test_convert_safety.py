@@ -110,6 +110,21 @@ def test_output_overlapping_an_input_is_refused_before_anything_is_written(first
         assert listing(w) == before, words
 
 
+def test_export_refuses_to_replace_the_tokenizer_the_checkpoint_names(first, tmp_path,
+                                                                     monkeypatch):
+    """A checkpoint converted from HF records that directory as its tokenizer, and the export
+    reads it: exporting over it (--overwrite) is refused like an explicit input."""
+    w = _work(first, tmp_path)
+    args = C.read_megatron_args(w / "ck" / "release")
+    args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", str(w / "link_hf")
+    monkeypatch.setattr(C, "read_megatron_args", lambda d: args)
+    before = listing(w)
+    with pytest.raises(ValueError, match=f"--out {w / 'hf'} is the checkpoint's "
+                                         f"--tokenizer-model {w / 'link_hf'}"):
+        C.megatron_to_hf(w / "ck", w / "hf", overwrite=True)
+    assert listing(w) == before
+
+
 def test_cli_refuses_an_output_overlapping_an_input(first, tmp_path, capsys):
     """The CLI: exit code 2, the one error line naming both paths, no traceback, nothing
     changed."""
@@ -173,7 +188,8 @@ def test_cli_reports_an_incomplete_output_in_one_line(first, tmp_path, monkeypat
     code = cli.main(["megatron-to-hf", "--load", str(w / "ck"), "--out", str(w / "E"),
                      "--overwrite"])
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
     assert f"error: the conversion workers ended but the HF directory they wrote in {w}" in err
     assert listing(w) == before
 

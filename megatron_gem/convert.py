@@ -867,7 +867,10 @@ def check_hf_output(hf_dir: Path, arch: ArchSpec) -> None:
     want = {n for k, lay in expected_megatron_kinds(arch)
             for n in hf_names(k, lay, arch.tie_word_embeddings)}
     if files and not missing:
-        missing += [f"tensor {n}" for n in sorted(want - have)][:5]
+        absent = sorted(want - have)
+        missing += [f"tensor {n}" for n in absent[:5]]
+        if len(absent) > 5:
+            missing.append(f"{len(absent) - 5} more tensors")
     if missing:
         raise IncompleteOutputError(
             f"the conversion workers ended but the HF directory they wrote in {hf_dir} is "

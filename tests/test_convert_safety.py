@@ -226,6 +226,11 @@ def test_output_checks_name_what_is_missing(first, tmp_path):
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(C.IncompleteOutputError, match="tensor model.layers.1.mlp.up_proj.weight"):
         C.check_hf_output(out, arch)
+    whole = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(whole[:-4])  # a write cut short
+    with pytest.raises(C.IncompleteOutputError, match="missing model.safetensors"):
+        C.check_hf_output(out, arch)
+    (out / "model.safetensors").write_bytes(whole)
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
     (out / "model.safetensors.index.json").write_text(
         '{"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors", '

@@ -30,12 +30,16 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from megatron_gem.paths import check_output_apart
+
 __all__ = [
+    "IncompleteOutputError",
     "ArchSpec",
     "arch_from_hf_config",
     "arch_from_megatron_args",
@@ -727,14 +731,92 @@ def untie_if_head_differs(reader: SafetensorsReader, arch: ArchSpec,
     return dataclasses.replace(arch, tie_word_embeddings=False)
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+class IncompleteOutputError(RuntimeError):
+    """A conversion's workers ended (returned, exited or died) without writing a complete
+    output: nothing was published and an earlier output at ``--out`` is unchanged."""
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool,
+                     inputs: list[tuple[str, object]] = ()) -> Path:
+    """The output directory, checked before anything is written: it must not be, contain or
+    lie inside an input (``(argument name, path)`` pairs: with ``--overwrite`` publishing it
+    would delete that input), and may exist only with ``overwrite``. Leftovers of earlier
+    conversions to the same output whose process has died are named and removed (an earlier
+    output a dead conversion was replacing is put back first)."""
+    check_output_apart(out, inputs)
     out = Path(out)
+    stale = _leftovers(out)
+    if not os.path.lexists(out):
+        _restore_replaced(out, stale)
     if out.exists() and not overwrite:
         raise ValueError(f"output directory {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
+    for path, pid in stale:
+        if not os.path.lexists(path):
+            continue  # restored above
+        if pid is None or _alive(pid):
+            who = f"process {pid}, still running" if pid else "an unknown process"
+            _log(f"found {path} (left by {who}): leaving it")
+        else:
+            _log(f"found {path}, left by a conversion that died (process {pid}): removing it")
+            _remove(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# `.NAME.incomplete-PID-XXXX` (_temp_sibling), `.NAME.replaced-PID` (_publish), `.NAME.tmp-PID`
+_LEFTOVER = re.compile(r"(?:incomplete-(\d+)-[^/]*|replaced-(\d+)|tmp-(\d+))")
+
+
+def _leftovers(out: Path) -> list[tuple[Path, int | None]]:
+    """``(path, creating PID or None when the name does not tell)`` of the temporary names an
+    earlier conversion to ``out`` leaves when it dies."""
+    prefix = f".{out.name}."
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in sorted(out.parent.iterdir()):
+        rest = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        m = _LEFTOVER.fullmatch(rest)
+        if m:
+            found.append((p, int(next(g for g in m.groups() if g))))
+        elif rest.startswith("incomplete-"):  # written before the PID was in the name
+            found.append((p, None))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; only its parent has not reaped it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _restore_replaced(out: Path, stale: list[tuple[Path, int | None]]) -> None:
+    """A conversion killed between its two renames in `_publish` left the earlier output only
+    as ``.NAME.replaced-PID``: put it back rather than treat it as a leftover."""
+    for path, pid in stale:
+        if path.name.startswith(f".{out.name}.replaced-") and pid and not _alive(pid):
+            _log(f"found {path}, the earlier {out} a conversion that died (process {pid}) was "
+                 "replacing: restoring it")
+            os.rename(path, out)
+            return
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def _umask() -> int:
@@ -745,24 +827,105 @@ def _umask() -> int:
 
 def _temp_sibling(out: Path) -> Path:
     """A fresh temporary directory next to ``out`` (same filesystem, so the final rename is
-    atomic); its name says it is incomplete."""
+    atomic); its name says it is incomplete and which process writes it (a later run removes
+    it once that process is gone)."""
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
     return tmp
 
 
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` into place; an existing ``out`` (allowed by --overwrite) is
-    removed only now that the replacement is complete."""
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.rename(out, old)
+    removed only now that the replacement is complete, and put back if the swap fails."""
+    if not os.path.lexists(out):
         os.rename(tmp, out)
-        shutil.rmtree(old)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    _remove(old)  # a symlinked --out: the link goes, the directory it named stays
+
+
+def check_megatron_output(ckpt: Path, arch: ArchSpec) -> None:
+    """``ckpt`` holds the complete release checkpoint of ``arch`` that `import_worker` writes:
+    the tracker, ``release/metadata.json`` and torch_dist files holding every byte their
+    ``.metadata`` lists, for every tensor the model has. Raises `IncompleteOutputError`."""
+    rel = ckpt / "release"
+    missing = [f for f in ("latest_checkpointed_iteration.txt", "release/metadata.json",
+                           "release/.metadata") if not (ckpt / f).is_file()]
+    if not missing and (ckpt / "latest_checkpointed_iteration.txt").read_text() != "release":
+        missing.append("'release' in latest_checkpointed_iteration.txt")
+    if not missing:
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(str(rel)).read_metadata()
+        for info in meta.storage_data.values():
+            f = rel / info.relative_path
+            if not f.is_file() or f.stat().st_size < info.offset + info.length:
+                missing.append(f"release/{info.relative_path} (bytes up to "
+                               f"{info.offset + info.length})")
+                break
+        want = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
+        if not arch.tie_word_embeddings:
+            want.add("output_layer.weight")
+        layers = {k for k, m in meta.state_dict_metadata.items()
+                  if k.startswith("decoder.layers.") and getattr(m, "size", [0])[:1]
+                  == torch.Size([arch.num_layers])}
+        # one stacked tensor per layer parameter (the input norm under its TE name)
+        want_layers = 6 + arch.qkv_bias
+        missing += sorted(want - set(meta.state_dict_metadata))
+        if len(layers) < want_layers:
+            missing.append(f"{want_layers} layer tensors of {arch.num_layers} layers (found "
+                           f"{sorted(layers)})")
+    if missing:
+        raise IncompleteOutputError(
+            f"the conversion workers ended but the checkpoint they wrote in {ckpt} is "
+            f"incomplete (missing {', '.join(missing)}): nothing was published")
+
+
+def check_hf_output(hf_dir: Path, arch: ArchSpec) -> None:
+    """``hf_dir`` holds a complete HF export of ``arch``: config.json and every safetensors
+    file its index (or the single model.safetensors) names, holding every tensor the
+    architecture needs. Raises `IncompleteOutputError`."""
+    from safetensors import safe_open
+
+    missing = [] if (hf_dir / "config.json").is_file() else ["config.json"]
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    elif (hf_dir / "model.safetensors").is_file():
+        weight_map = None
     else:
-        os.rename(tmp, out)
+        weight_map = {}
+        missing.append("model.safetensors or model.safetensors.index.json")
+    files = {"model.safetensors"} if weight_map is None else set(weight_map.values())
+    have = set()
+    for fn in sorted(files):
+        try:
+            with safe_open(str(hf_dir / fn), framework="pt") as f:
+                keys = set(f.keys())
+        except Exception:  # absent or truncated: safetensors checks the header and its size
+            missing.append(fn)
+            continue
+        have |= keys if weight_map is None else {k for k, v in weight_map.items()
+                                                 if v == fn and k in keys}
+    want = {n for k, lay in expected_megatron_kinds(arch)
+            for n in hf_names(k, lay, arch.tie_word_embeddings)}
+    if files and not missing:
+        absent = sorted(want - have)
+        missing += [f"tensor {n}" for n in absent[:5]]
+        if len(absent) > 5:
+            missing.append(f"{len(absent) - 5} more tensors")
+    if missing:
+        raise IncompleteOutputError(
+            f"the conversion workers ended but the HF directory they wrote in {hf_dir} is "
+            f"incomplete (missing {', '.join(missing)}): nothing was published")
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,7 +1000,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, target, kwargs: dict):
+def _child(rank: int, world: int, port: int, target, kwargs: dict, parent: int | None = None):
+    if parent is not None:
+        _die_with_parent(parent)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -845,24 +1010,84 @@ def _child(rank: int, world: int, port: int, target, kwargs: dict):
     target(**kwargs)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Stop this worker and everything it started (Megatron's checkpoint writer starts a
+    multiprocessing Manager) when the conversion that started it dies: kill -9 leaves the
+    parent no chance to stop them, and orphans would go on using the cores and the memory.
+    The worker leads its own process group, which SIGTERM (the parent's clean-up, or the
+    kernel's parent-death signal on Linux) and a thread watching the parent's PID kill."""
+    import signal
+    import threading
+    import time
+
+    os.setpgid(0, 0)
+
+    def stop(*_):
+        os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before the signal was armed
+        stop()
+
+    def watch():  # the signal handler waits for the main thread; this does not
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        stop()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
     """Run ``target(**kwargs)`` in ``nprocs`` fresh processes forming one gloo job (env
-    ``RANK``/``WORLD_SIZE``/``MASTER_*`` set). Raises if any process fails."""
+    ``RANK``/``WORLD_SIZE``/``MASTER_*`` set). Raises if any process fails; the workers never
+    outlive this call (an exception here, e.g. SIGTERM turned into one, kills them) nor the
+    calling process (`_die_with_parent`). A worker that exits 0 without writing its part is
+    not detected here: the callers check the output (`check_megatron_output`,
+    `check_hf_output`)."""
+    import signal
+
     import torch.multiprocessing as mp
 
     # Conversion is CPU work (gloo, megatron_gem.cpu_mode, local layer spec) even on a GPU
     # node: the workers inherit an environment without visible GPUs.
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    ctx = None
     try:
-        mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs), nprocs=nprocs,
-                           start_method="spawn", join=True)
+        ctx = mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs, os.getpid()),
+                                 nprocs=nprocs, start_method="spawn", join=False)
+        while not ctx.join():
+            pass
     except mp.ProcessRaisedException as err:
         last = str(err).strip().splitlines()[-1]
         if last.startswith("ValueError: "):  # a refusal in a worker: report it plainly
             raise ValueError(last[len("ValueError: "):]) from err
         raise
+    except mp.ProcessExitedException as err:
+        how = (f"was killed by {err.signal_name}" if err.signal_name
+               else f"exited with code {err.exit_code}")
+        if err.signal_name == "SIGKILL":
+            how += " (out of memory?)"
+        raise IncompleteOutputError(
+            f"conversion worker {err.error_index} of {nprocs} {how}: nothing was published"
+        ) from err
     finally:
+        if ctx is not None:
+            for p in ctx.processes:
+                if p.is_alive():  # its process group: the worker and what it started
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:  # not yet its own group: nothing started yet
+                        p.kill()
+            for p in ctx.processes:
+                p.join()
         if saved is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
@@ -1123,7 +1348,7 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
     arch = untie_if_head_differs(reader, arch)
     check_hf_tensors(reader, arch)
     reader.close()
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite, [("--hf", hf_dir)])
     padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
     flags = megatron_model_args(arch, make_vocab_size_divisible_by)
     flags += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp32": []}[dtype]
@@ -1139,6 +1364,7 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
             "# Megatron model flags for this checkpoint (pass them to megatron_gem.train with\n"
             f"# --tensor-model-parallel-size {tp} or --use-checkpoint-args)\n"
             + " ".join(flags) + "\n")
+        check_megatron_output(tmp, arch)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1302,7 +1528,13 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
     shard = _parse_size(max_shard_size)
     hf_cfg = hf_config_from_arch(arch, _DTYPES[dtype],
                                  _export_token_ids(tokenizer_dir, ckpt_args, record))
-    out = check_output_dir(out_dir, overwrite)
+    # the HF tokenizer the checkpoint names is read too (vocabulary size): replacing it with
+    # the export would destroy the original model and the checkpoint's tokenizer
+    named_tok = getattr(ckpt_args, "tokenizer_model", None) if getattr(
+        ckpt_args, "tokenizer_type", None) == "HuggingFaceTokenizer" else None
+    out = check_output_dir(out_dir, overwrite, [
+        ("--load", load_dir), ("--tokenizer", tokenizer_dir),
+        ("the checkpoint's --tokenizer-model", named_tok)])
     tmp = _temp_sibling(out)
     try:
         _log(f"megatron-to-hf: {ckpt_dir} -> {arch.model_type}, {arch.num_layers} layers, vocab "
@@ -1324,6 +1556,7 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
             for f in TOKENIZER_FILES:
                 if (tokenizer_dir / f).is_file():
                     shutil.copy2(tokenizer_dir / f, tmp)
+        check_hf_output(tmp, arch)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,12 +5,16 @@
 
 Thin CLI over ``megatron_gem.convert`` (see docs/conversion.md). Runs on CPUs, one process per
 model shard; nothing is written before the input has been validated, an existing output is
-replaced only with ``--overwrite``, and output appears only once complete.
+replaced only with ``--overwrite`` and never when it overlaps an input, and output appears only
+once complete. SIGTERM (like Ctrl-C) stops the workers and removes the temporary directory; if
+the process is killed outright, its workers stop with it and the next conversion to the same
+``--out`` removes what it left.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -67,11 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stopped(BaseException):
+    """SIGTERM, raised where the conversion is so that its clean-up runs."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+    raise _Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     from megatron_gem import convert
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if a.command == "hf-to-megatron":
             flags = convert.hf_to_megatron(
@@ -90,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
     except ValueError as err:
         parser.error(str(err))
+    except convert.IncompleteOutputError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    except (_Stopped, KeyboardInterrupt) as err:
+        what = "SIGTERM" if isinstance(err, _Stopped) else "Ctrl-C"
+        print(f"{parser.prog}: stopped by {what}: nothing was published, the temporary directory "
+              f"was removed and {a.out} is as it was", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, _Stopped) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -161,7 +161,9 @@ def check_load(args) -> None:
     if getattr(args, "finetune", False):
         if load is None:
             raise InputError("argument --finetune: needs --load DIR (the checkpoint to fine-tune from)")
-        if not check_checkpoint_dir("--load", load, step):
+        # Megatron may also load a non-persistent checkpoint (not checked here)
+        non_persistent = getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(load, "non_persistent")
+        if not check_checkpoint_dir("--load", load, step) and not os.path.isdir(non_persistent):
             raise InputError(
                 f"argument --load: {load!r} holds no checkpoint (no {TRACKER}), so --finetune would "
                 "train from random weights; give the directory a training run saved to (--save)"
@@ -181,6 +183,8 @@ def padded_vocab_size(args) -> int:
     try:
         tokenizer = tokenizer_from_megatron_args(args)
     except ValueError as err:
+        if not str(err).startswith("--tokenizer-model"):
+            raise
         raise InputError(f"argument {err}") from err
     if getattr(args, "padded_vocab_size", None):
         return int(args.padded_vocab_size)

@@ -139,8 +139,9 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
 
     Without CUDA or without Transformer Engine, Megatron's defaults ``--transformer-impl
     transformer_engine`` and RoPE fusion cannot run: use the local implementation and unfused
-    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend and no gradient-accumulation fusion. Explicit
-    flags win where Megatron has a flag for both choices.
+    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend and no gradient-accumulation fusion. Without
+    CUDA or the fused softmax extension, the unfused attention softmax (so ``--bf16``/``--fp16``
+    run). Explicit flags win where Megatron has a flag for both choices.
     """
     import torch
 
@@ -157,6 +158,11 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
         argv += ["--distributed-backend", "gloo"]
     if not has_cuda and not _has_flag(argv, "--no-gradient-accumulation-fusion"):
         argv += ["--no-gradient-accumulation-fusion"]  # a fused CUDA kernel (Apex/TE)
+    if (not has_cuda or importlib.util.find_spec("scaled_masked_softmax_cuda") is None) \
+            and not _has_flag(argv, "--no-masked-softmax-fusion"):
+        # fp16/bf16 attention softmax would call this CUDA extension (FusedScaleMaskSoftmax);
+        # unfused it is torch's softmax. fp32 never takes the fused path: unchanged.
+        argv += ["--no-masked-softmax-fusion"]
     return argv
 
 

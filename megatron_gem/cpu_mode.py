@@ -29,7 +29,9 @@ Not here on purpose: the dataset-helper ``make`` at start-up is not CPU-specific
 PyPI wheel on GPU hosts too); ``megatron_gem.train`` handles it. Choosing the local (non-TE)
 transformer implementation is an argument default, also set by ``megatron_gem.train``.
 
-Known CPU limits: fp32 only (bf16 runs but is slow and not bit-compatible with GPU runs);
+Known CPU limits: fp32 is the tested precision; ``--bf16`` runs (the entry adds
+``--no-masked-softmax-fusion``: the fused softmax is a CUDA extension) but is slow and not
+bit-compatible with GPU runs;
 ``--sequence-parallel`` needs Apex/TE norms; Transformer Engine, fused kernels and CUDA graphs
 are unavailable.
 """

@@ -84,27 +84,46 @@ def tokenizer_args(tokenizer_type: str, tokenizer_model: str | None = None, **ov
     return argparse.Namespace(**values)
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, **overrides):
-    """Megatron's tokenizer for these flags (a ``MegatronTokenizerText``)."""
+def _build_named(ns):
+    """Megatron's ``build_tokenizer(ns)``; a model that does not load is a one-line ValueError
+    naming ``--tokenizer-model`` (SentencePiece raises RuntimeError, transformers ValueError/OSError
+    with many lines)."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as _build
 
-    return _build(tokenizer_args(tokenizer_type, tokenizer_model, **overrides))
+    model = getattr(ns, "tokenizer_model", None)
+    if model and ns.tokenizer_type in SP_TOKENIZER_TYPES + ("TikTokenizer",) and not os.path.isfile(model):
+        raise ValueError(f"--tokenizer-model {model!r}: no such file (a {ns.tokenizer_type} model file)")
+    if model and ns.tokenizer_type == "HuggingFaceTokenizer" and model.startswith(("/", ".", "~")) and not os.path.exists(model):
+        raise ValueError(f"--tokenizer-model {model!r}: no such file or directory")
+    try:
+        return _build(ns)
+    except Exception as err:
+        if not model:
+            raise
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ValueError(
+            f"--tokenizer-model {model!r}: not a {ns.tokenizer_type} model (it did not load: {reason})"
+        ) from err
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, **overrides):
+    """Megatron's tokenizer for these flags (a ``MegatronTokenizerText``)."""
+    return _build_named(tokenizer_args(tokenizer_type, tokenizer_model, **overrides))
 
 
 def tokenizer_from_megatron_args(args):
     """The tokenizer training builds from a (possibly partial) Megatron args namespace.
 
     Missing tokenizer fields take Megatron's defaults; the caller's ``args`` is not modified
-    (Megatron's builder would set ``padded_vocab_size`` on it).
+    (Megatron's builder would set ``padded_vocab_size`` on it). A ``--tokenizer-model`` that does
+    not load raises a one-line ``ValueError`` naming it.
     """
-    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as _build
-
     values = _config_defaults()
     for name in values:
         if hasattr(args, name):
             values[name] = getattr(args, name)
     values["pad_vocab_size"] = False
-    return _build(argparse.Namespace(**values))
+    return _build_named(argparse.Namespace(**values))
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -466,11 +466,15 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     args = get_args()
     if args.sft:
         from megatron_gem.sft_data import build_sft_datasets
+        from megatron_gem.train_inputs import InputError
 
         print_rank_0("> building packed SFT datasets (megatron_gem.sft_data) ...")
-        return build_sft_datasets(
-            args, train_val_test_num_samples, is_built_on_rank=partial(is_dataset_built_on_rank, vp_stage=vp_stage)
-        )
+        try:
+            return build_sft_datasets(
+                args, train_val_test_num_samples, is_built_on_rank=partial(is_dataset_built_on_rank, vp_stage=vp_stage)
+            )
+        except ValueError as err:  # sft_data's errors name the data and the fix: one line (main)
+            raise InputError(str(err)) from err
 
     config = gpt_dataset_config_from_args(args)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
@@ -499,8 +503,9 @@ def main(argv=None) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_gem.arguments import _swapped_argv, adapt_argv_to_host, add_gem_arguments, validate_gem_args
+    from megatron_gem.arguments import PROG, _swapped_argv, adapt_argv_to_host, add_gem_arguments, validate_gem_args
     from megatron_gem.model import gem_model_config_from_args
+    from megatron_gem.train_inputs import InputError, check_inputs
 
     fix_dataset_helpers_compile()
     log_negative_losses()
@@ -512,12 +517,17 @@ def main(argv=None) -> None:
             extra_args_provider=add_gem_arguments, args_defaults={"tokenizer_type": "GPT2BPETokenizer"}
         )
     validate_gem_args(args)
-    if args.rank == 0:
-        loss = f"GEM (beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else "cross-entropy"
-        print(f"> megatron_gem: loss = {loss}", flush=True)
-
-    cfg = pretrain_cfg_container_from_args(args, gem_model_config_from_args(args))
-    pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    try:
+        check_inputs(args)  # before anything starts: a bad path or file is one line, not a trace or a hang
+        if args.rank == 0:
+            loss = f"GEM (beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else "cross-entropy"
+            print(f"> megatron_gem: loss = {loss}", flush=True)
+        cfg = pretrain_cfg_container_from_args(args, gem_model_config_from_args(args))
+        pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    except InputError as err:
+        if args.rank == 0:  # every rank stops; one prints
+            print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

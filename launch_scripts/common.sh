@@ -11,7 +11,7 @@
 #
 # parses them with the training entry's own parser (Megatron's parser + --loss/--gem-*) for
 # the job's world size (NODES x GPUS_PER_NODE), checks the parallel layout against the model
-# and prints the layout and Megatron's per-GPU memory estimate (megatron_gem.launch_check).
+# and prints the layout and Megatron's per-GPU memory estimate (megatron_gem.train.launch_check).
 #
 # Launch modes (gem_launch):
 #   srun      one task per GPU on every node of the slurm allocation (RANK, WORLD_SIZE,
@@ -29,7 +29,7 @@ gem_die() { printf '[megatron-gem] error: %s\n' "$*" >&2; exit 1; }
 # The script that sourced us (for its #SBATCH header) and the checkout it belongs to.
 GEM_SCRIPT=${BASH_SOURCE[1]:-$0}
 : "${GEM_REPO:?set GEM_REPO to the megatron-gem checkout before sourcing common.sh}"
-[[ -f "$GEM_REPO/megatron_gem/train.py" ]] \
+[[ -f "$GEM_REPO/megatron_gem/train/entry.py" ]] \
     || gem_die "GEM_REPO=$GEM_REPO is not a megatron-gem checkout (submit jobs from its root or set GEM_REPO)"
 
 : "${DRY_RUN:=0}"
@@ -283,7 +283,7 @@ gem_launch() {
                 >> "$GEM_DRY_RUN_DUMP"
             return 0
         fi
-        local -a check=(-m megatron_gem.launch_check --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE"
+        local -a check=(-m megatron_gem.train.launch_check --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE"
                         --target "$target" --script "$GEM_SCRIPT")
         [[ -n "${GEM_VOCAB_SIZE:-}" ]] && check+=(--vocab-size "$GEM_VOCAB_SIZE")
         [[ "$kind" == tool ]] && check+=(--tool "$GEM_TOOL")

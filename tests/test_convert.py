@@ -1,4 +1,4 @@
-"""HF <-> Megatron conversion (megatron_gem/convert.py, tools/convert_checkpoint.py).
+"""HF <-> Megatron conversion (megatron_gem/convert/api.py, tools/convert_checkpoint.py).
 
 Fast unit tests of the mapping (no Megatron import) first; the multi-process end-to-end checks
 (logits against transformers at TP=2 and TP=2 x PP=2, bit-exact round trip, export after GEM
@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_gem import convert as C
+from megatron_gem.convert import api as C
 
 # --------------------------------------------------------------------------------------------
 # tiny configs (odd sizes: 3 query heads per KV group, ffn not a power of two)

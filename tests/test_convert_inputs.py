@@ -18,7 +18,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from megatron_gem import convert as C
+from megatron_gem.convert import api as C
 from test_convert import (check_reloaded_logits, hf_logits, llama_cfg, qwen2_cfg,
                           random_hf_state, sample_tokens)
 

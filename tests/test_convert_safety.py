@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem import convert as C
+from megatron_gem.convert import api as C
 from test_convert import _cli, llama_cfg, random_hf_state
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
-"""megatron_gem.cpu_mode: inert with CUDA, and what it does without (in-process, undone after)."""
+"""megatron_gem.megatron.cpu: inert with CUDA, and what it does without (in-process, undone after)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megatron_gem import cpu_mode
+from megatron_gem.megatron import cpu as cpu_mode
 
 
 @pytest.fixture

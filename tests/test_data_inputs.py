@@ -4,7 +4,7 @@
   study's --out) refuses, before it writes anything, an output that is, contains or lies inside
   one of its inputs, in one line naming both paths. Each case takes a checksum listing of the
   inputs' folder before and after and asserts they are equal.
-* Every JSONL reader is ``megatron_gem.jsonl``: a BOM at the start of a file is accepted; a
+* Every JSONL reader is ``megatron_gem.data.jsonl``: a BOM at the start of a file is accepted; a
   non-UTF-8 byte or a BOM on a later line is an error of that line (file:line, column, byte),
   which ``--on-error skip`` skips and counts; invalid JSON names its real column.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem import evaluation as E
-from megatron_gem import jsonl as J
-from megatron_gem import study as S
-from megatron_gem import tokenizer as T
+from megatron_gem.eval import api as E
+from megatron_gem.data import jsonl as J
+from megatron_gem.study import driver as S
+from megatron_gem.data import tokenizer as T
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat dog sat on mat a big small red blue runs jumps quickly over under".split()
@@ -236,7 +236,7 @@ def _skipped_like(skipped_lines):
 
 
 def test_sft_data_bad_bytes_bom_and_columns(tmp_path, sp, capsys):
-    from megatron_gem import sft_data as D
+    from megatron_gem.data import sft as D
 
     texts = _sentences(4, 4)
     src = _bad_file(tmp_path / "chat.jsonl", texts, _chat)
@@ -262,7 +262,7 @@ def test_sft_data_bad_bytes_bom_and_columns(tmp_path, sp, capsys):
 
 
 def test_preprocess_bad_bytes_bom_and_columns(tmp_path, sp):
-    from megatron_gem import text_data as P
+    from megatron_gem.data import text as P
 
     texts = _sentences(5, 4)
     doc = lambda t: {"text": t}  # noqa: E731

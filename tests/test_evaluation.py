@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gem import evaluation as E
+from megatron_gem.eval import api as E
 
 transformers = pytest.importorskip("transformers")
 
@@ -319,7 +319,7 @@ def _check_same_as_training(encoder, fmt, convs):
 
 
 def test_formats_match_sft_data_encoders():
-    from megatron_gem import sft_data
+    from megatron_gem.data import sft as sft_data
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     convs = [[{"role": "user", "content": "name a"}, {"role": "assistant", "content": "b and c"}],
@@ -353,9 +353,9 @@ def test_formats_match_sft_data_encoders():
 
 def test_embedded_world_pipeline_with_sentencepiece(tmp_path):
     """The chain a study driver runs: world -> SentencePiece -> format -> evaluate -> report rows."""
-    from megatron_gem import report as R
-    from megatron_gem import world as W
-    from megatron_gem.tokenizer import build_tokenizer, iter_training_text, train_sentencepiece
+    from megatron_gem.study import report as R
+    from megatron_gem.study import world as W
+    from megatron_gem.data.tokenizer import build_tokenizer, iter_training_text, train_sentencepiece
 
     files = W.write_world(tmp_path / "w", W.WorldConfig(n_animals=12, pretrain_docs=150, heldout_docs=8))
     sp = train_sentencepiece(iter_training_text([str(files.pretrain), str(files.sft), str(files.eval)]),

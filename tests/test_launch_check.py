@@ -1,4 +1,4 @@
-"""megatron_gem.launch_check: the memory estimate against an independent parameter count, the
+"""megatron_gem.train.launch_check: the memory estimate against an independent parameter count, the
 dry-run record format, and common.sh's slurm-duration parser."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem import launch_check as lc
+from megatron_gem.train import launch_check as lc
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2 ** 20

@@ -2,7 +2,7 @@
 
 The scripts run for real under bash with DRY_RUN=1 (the code path of a real launch up to its
 last line); their argument lists are then checked in this process with the training entry's
-parser (``megatron_gem.launch_check``), as ``tools/dry_run_launch.py`` does. One launch goes
+parser (``megatron_gem.train.launch_check``), as ``tools/dry_run_launch.py`` does. One launch goes
 end to end through ``DRY_RUN=1 bash SCRIPT`` (what a user runs).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem import launch_check as lc
+from megatron_gem.train import launch_check as lc
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launch_scripts"
@@ -182,7 +182,7 @@ def _user_env(**extra):
 
 
 def test_dry_run_as_a_user_runs_it(tmp_path, capsys):
-    """``DRY_RUN=1 bash SCRIPT`` starts ``$PYTHON -m megatron_gem.launch_check ... -- ARGS``.
+    """``DRY_RUN=1 bash SCRIPT`` starts ``$PYTHON -m megatron_gem.train.launch_check ... -- ARGS``.
 
     The Python it starts is recorded here (a stub), then the recorded command runs in this
     process (a fresh Python would import Megatron again: tens of seconds on a busy machine).
@@ -195,7 +195,7 @@ def test_dry_run_as_a_user_runs_it(tmp_path, capsys):
                           env=_user_env(PRECISION="fp8", PYTHON=str(stub)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     cwd, *argv = record.read_bytes().decode().split("\0")[:-1]
-    assert Path(cwd) == REPO and argv[:2] == ["-m", "megatron_gem.launch_check"]
+    assert Path(cwd) == REPO and argv[:2] == ["-m", "megatron_gem.train.launch_check"]
     assert argv[argv.index("--") + 1:] == _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8"}, ["--seed", "5"])[0].argv
     assert lc.main(argv[2:]) == 0
     out = capsys.readouterr().out
@@ -226,7 +226,7 @@ def test_cli_tool_failure(capsys):
 def test_conversion_job_feeds_the_sft_job(model, sft_script):
     """Default paths line up, and the converted embedding has the padded vocabulary training
     computes (Megatron pads to a multiple of 128 x TP; a mismatch fails the checkpoint load)."""
-    from megatron_gem.convert import padded_vocab_size
+    from megatron_gem.convert.api import padded_vocab_size
 
     conv = _dry("convert_hf_to_megatron.sbatch", {"MODEL": model})[0].argv
     sft = _dry(sft_script)[0].argv
@@ -332,7 +332,7 @@ def test_dry_run_launch_cli(capsys):
 def _converted(tmp_path, name, layers, hidden, ffn, heads, tp):
     """A base checkpoint directory with the megatron_args.txt the converter writes for this HF
     Llama-3 config (the flags come from megatron_gem.convert, not from the launch scripts)."""
-    from megatron_gem.convert import arch_from_hf_config, megatron_model_args
+    from megatron_gem.convert.api import arch_from_hf_config, megatron_model_args
 
     arch = arch_from_hf_config({
         "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,

@@ -8,7 +8,7 @@ import pytest
 import sacrebleu
 import torch
 
-from megatron_gem import metrics as M
+from megatron_gem.eval import metrics as M
 
 
 def test_quality_and_coverage_hand_examples():

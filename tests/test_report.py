@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from megatron_gem import report as R
+from megatron_gem.study import report as R
 
 
 def rec(method, beta, size, step, q, div, forg, seed=0, params=None, sets=("all", "unseen")):

@@ -12,8 +12,8 @@ import random
 import numpy as np
 import pytest
 
-from megatron_gem import sft_data as D
-from megatron_gem import tokenizer as T
+from megatron_gem.data import sft as D
+from megatron_gem.data import tokenizer as T
 
 WORDS = "the cat dog sat on mat a big small red blue runs jumps quickly over under".split()
 TEMPLATE = (

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem import launch_check as lc
-from megatron_gem import study as S
+from megatron_gem.train import launch_check as lc
+from megatron_gem.study import driver as S
 
 REPO = Path(__file__).resolve().parents[1]
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
@@ -147,7 +147,7 @@ def test_resume_does_nothing_then_redoes_only_a_deleted_stage_and_its_dependents
 
 
 def test_in_process_export_equals_the_converter(ci_study, tmp_path):
-    from megatron_gem import convert as C
+    from megatron_gem.convert import api as C
 
     study, _ = ci_study
     sft = study.by_name["sft:xs:ce"]

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from megatron_gem import tokenizer as T
+from megatron_gem.data import tokenizer as T
 
 WORDS = "the cat dog sat on mat a big small red blue runs jumps quickly over under".split()
 

@@ -88,8 +88,8 @@ def _write_chat(path, n=64, seed=0):
 
 @pytest.fixture(scope="module")
 def sft_run(gem1, tmp_path_factory):
-    from megatron_gem.sft_data import prepare_sft_data
-    from megatron_gem.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_gem.data.sft import prepare_sft_data
+    from megatron_gem.data.tokenizer import build_tokenizer, train_sentencepiece
 
     _, ckpt = gem1
     d = tmp_path_factory.mktemp("sft")

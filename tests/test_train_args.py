@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_gem.arguments import adapt_argv_to_host, parse_args
+from megatron_gem.train.arguments import adapt_argv_to_host, parse_args
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -88,7 +88,7 @@ def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
 
     import megatron.core.datasets.utils as dataset_utils
 
-    from megatron_gem.train import fix_dataset_helpers_compile
+    from megatron_gem.train.entry import fix_dataset_helpers_compile
 
     original = getattr(dataset_utils.compile_helpers, "__wrapped_original__", dataset_utils.compile_helpers)
     monkeypatch.setattr(dataset_utils, "compile_helpers", original)  # undone after the test
@@ -105,7 +105,7 @@ def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
 
 def test_model_config_keeps_the_rope_scaling_factor():
     # megatron-core 0.19.2's gpt_config_from_args drops it (Llama 3.2 uses 32, the default is 8)
-    from megatron_gem.model import gem_model_config_from_args
+    from megatron_gem.megatron.model import gem_model_config_from_args
 
     args = parse_args(BASE + ["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-factor", "32"])
     cfg = gem_model_config_from_args(args)

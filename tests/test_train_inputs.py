@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, parse_megatron_log, run_train
-from megatron_gem.arguments import parse_args
-from megatron_gem.train_inputs import InputError, check_inputs, checkpoint_damage
+from megatron_gem.train.arguments import parse_args
+from megatron_gem.train.checks import InputError, check_inputs, checkpoint_damage
 
 MODEL = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -65,7 +65,7 @@ def stop_before_metadata():
 
 if __name__ == "__main__":
     stop_before_metadata()
-    from megatron_gem.train import main
+    from megatron_gem.train.entry import main
     main()
 '''
 
@@ -182,9 +182,9 @@ def resumed(killed):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A 60-token SentencePiece model, 400 pre-training documents, SFT data, a text file."""
-    from megatron_gem.sft_data import prepare_sft_data
-    from megatron_gem.text_data import preprocess_jsonl
-    from megatron_gem.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_gem.data.sft import prepare_sft_data
+    from megatron_gem.data.text import preprocess_jsonl
+    from megatron_gem.data.tokenizer import build_tokenizer, train_sentencepiece
 
     d = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
@@ -304,7 +304,7 @@ def test_tokenizer_model_that_is_not_one_is_named(data, tmp_path):
 
 # --------------------------------------------------------------------------------------- 5. data
 def test_pretraining_data_checks(data, monkeypatch, tmp_path):
-    from megatron_gem import train_inputs
+    from megatron_gem.train import checks as train_inputs
 
     base = MODEL + ["--eval-iters", "1", "--train-iters", "2", "--split", "90,5,5"]
     check_inputs(parse_args(base + _sp(data) + ["--data-path", data["text"]]))  # fine as it is

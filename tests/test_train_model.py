@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_gem.model import GemGPTModel, as_gem_model, unwrap_gem_model
+from megatron_gem.megatron.model import GemGPTModel, as_gem_model, unwrap_gem_model
 
 
 def _bare_model(loss="gem", beta=0.7, h="linear"):
@@ -85,7 +85,7 @@ def megatron_args():
 
 def test_loss_func_reduces_like_upstream_and_ignores_masked_labels(megatron_args):
     """Sums over unmasked tokens; changing only masked (prompt) labels changes nothing."""
-    from megatron_gem.train import loss_func
+    from megatron_gem.train.entry import loss_func
 
     g = torch.Generator().manual_seed(5)
     s, b, v = 6, 2, 23
@@ -121,7 +121,7 @@ _PACKED_SCRIPT = r'''
 import sys
 import torch
 import torch.nn.functional as F
-from megatron_gem.cpu_mode import enable_cpu_mode
+from megatron_gem.megatron.cpu import enable_cpu_mode
 
 enable_cpu_mode()
 import torch.distributed as dist
@@ -131,7 +131,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron_gem.model import as_gem_model
+from megatron_gem.megatron.model import as_gem_model
 
 parallel_state.initialize_model_parallel(1, 1)
 model_parallel_cuda_manual_seed(7)

@@ -54,8 +54,8 @@ def _write_chat(path, n=48, seed=0):
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    from megatron_gem.sft_data import prepare_sft_data
-    from megatron_gem.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_gem.data.sft import prepare_sft_data
+    from megatron_gem.data.tokenizer import build_tokenizer, train_sentencepiece
 
     d = tmp_path_factory.mktemp("sft_pp")
     chats = _write_chat(d / "chat.jsonl")
@@ -108,7 +108,7 @@ def _cu_from_mask(mask: torch.Tensor) -> list[int]:
 
 @pytest.fixture(scope="module")
 def sft_items(sft_data):
-    from megatron_gem.sft_data import build_sft_datasets
+    from megatron_gem.data.sft import build_sft_datasets
 
     d, _ = sft_data
     args = types.SimpleNamespace(seq_length=64, seed=7, data_path=[str(d / "chat")], split="80,10,10",
@@ -118,7 +118,7 @@ def sft_items(sft_data):
 
 
 def test_cu_seqlens_from_position_ids_match_the_block_diagonal_mask(sft_items):
-    from megatron_gem.train import cu_seqlens_from_position_ids, packed_seq_params_from_cu_seqlens
+    from megatron_gem.train.entry import cu_seqlens_from_position_ids, packed_seq_params_from_cu_seqlens
 
     multi = 0
     for item in sft_items:
@@ -136,7 +136,7 @@ def test_cu_seqlens_from_position_ids_match_the_block_diagonal_mask(sft_items):
 
 
 def test_cu_seqlens_at_odd_random_lengths():
-    from megatron_gem.train import cu_seqlens_from_position_ids
+    from megatron_gem.train.entry import cu_seqlens_from_position_ids
 
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
@@ -188,7 +188,7 @@ class _RecordingModel:
 
 @pytest.mark.parametrize("impl", ["transformer_engine", "local"])
 def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl):
-    from megatron_gem.train import forward_step
+    from megatron_gem.train.entry import forward_step
 
     item = next(it for it in sft_items if len(_cu_from_mask(it["attention_mask"])) > 3)
     one_rank["args"] = types.SimpleNamespace(
@@ -210,7 +210,7 @@ def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl):
 
 
 def test_sft_packing_argument_limits(capsys):
-    from megatron_gem.arguments import validate_sft_packing_args
+    from megatron_gem.train.arguments import validate_sft_packing_args
 
     base = dict(sft=True, context_parallel_size=1, micro_batch_size=2, transformer_impl="local")
     validate_sft_packing_args(types.SimpleNamespace(**base))  # local spec: any micro-batch

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from megatron_gem import world as W
+from megatron_gem.study import world as W
 
 SMALL = W.WorldConfig(seed=5, n_animals=20, n_places=5, n_foods=6, pretrain_docs=300, heldout_docs=40)
 

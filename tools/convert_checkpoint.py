@@ -83,7 +83,7 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from megatron_gem import convert
+    from megatron_gem.convert import api as convert
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -7,7 +7,7 @@
 
 Each script runs with DRY_RUN=1 (bash only, the same code path as a real launch up to the last
 line) and hands its full argument list over; all are then checked in this one process
-(``megatron_gem.launch_check``: the entry's parser at the job's world size, the layout, the
+(``megatron_gem.train.launch_check``: the entry's parser at the job's world size, the layout, the
 per-GPU memory estimate). ``DRY_RUN=1 bash SCRIPT`` checks a single script the same way.
 Exit status 1 when any launch fails, with what is wrong.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a clone without installing
 
-from megatron_gem.launch_check import (  # noqa: E402
+from megatron_gem.train.launch_check import (  # noqa: E402
     DEFAULT_GPU_MEMORY_GIB,
     LaunchCheckError,
     check_spec,

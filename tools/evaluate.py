@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import torch  # noqa: E402
 
-from megatron_gem import evaluation as E  # noqa: E402
-from megatron_gem.metrics import sentence_embedder  # noqa: E402
+from megatron_gem.eval import api as E  # noqa: E402
+from megatron_gem.eval.metrics import sentence_embedder  # noqa: E402
 from megatron_gem.paths import check_output_apart  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             dtype = getattr(torch, a.dtype)
             model, tok = E.load_hf(a.model, device=a.device, dtype=dtype)
             if a.tokenizer_type:
-                from megatron_gem.tokenizer import build_tokenizer
+                from megatron_gem.data.tokenizer import build_tokenizer
                 fmt = E.megatron_chat_format(build_tokenizer(a.tokenizer_type, a.tokenizer_model), a.template)
             elif tok is None:
                 raise ValueError(f"{a.model} has no tokenizer files: pass --tokenizer-type and --tokenizer-model")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 # Megatron warns at import about missing GPU libraries (TE, Apex): irrelevant to data tools.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
-from megatron_gem.tokenizer import add_tokenizer_args  # noqa: E402
+from megatron_gem.data.tokenizer import add_tokenizer_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_gem.sft_data import SFTIndexedData, decode_sample, prepare_sft_data
-    from megatron_gem.tokenizer import tokenizer_from_args
+    from megatron_gem.data.sft import SFTIndexedData, decode_sample, prepare_sft_data
+    from megatron_gem.data.tokenizer import tokenizer_from_args
 
     chat_template = args.chat_template
     template_file = None

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 # Megatron warns at import about missing GPU libraries (TE, Apex): irrelevant to data tools.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
-from megatron_gem.tokenizer import add_tokenizer_args  # noqa: E402
+from megatron_gem.data.tokenizer import add_tokenizer_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_gem.text_data import preprocess_jsonl
+    from megatron_gem.data.text import preprocess_jsonl
 
     try:
         report = preprocess_jsonl(

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_gem.tokenizer import iter_training_text, train_sentencepiece
+    from megatron_gem.data.tokenizer import iter_training_text, train_sentencepiece
 
     try:
         path = train_sentencepiece(

@@ -52,7 +52,7 @@ def _config_defaults() -> dict:
             values[f.name] = f.default_factory()
     return values
 
-# The role headers of the plain SFT chat template (see megatron_gem.sft_data and docs/data.md).
+# The role headers of the plain SFT chat template (see megatron_gem.data.sft and docs/data.md).
 # They live here so that tokenizer training can include them without importing Megatron.
 PLAIN_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 
@@ -293,13 +293,13 @@ def iter_training_text(
     as it reads in the plain SFT template (``"User: ..."``), so the template's headers are in
     the vocabulary. Other files give their lines.
     """
-    from megatron_gem.jsonl import BadLine, decode_line, is_blank, iter_lines, parse_line
+    from megatron_gem.data.jsonl import BadLine, decode_line, is_blank, iter_lines, parse_line
 
     for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"--input {path!r}: no such file")
         is_jsonl = path.endswith((".jsonl", ".json"))
-        for lineno, raw in iter_lines(path):  # bytes, decoded per line (megatron_gem.jsonl)
+        for lineno, raw in iter_lines(path):  # bytes, decoded per line (megatron_gem.data.jsonl)
             if is_blank(raw):
                 continue
             obj = parse_line(raw) if is_jsonl else decode_line(raw)

@@ -1,7 +1,7 @@
 """Pre-training data: JSONL text -> Megatron indexed datasets (``.bin/.idx``) for ``--data-path``.
 
 Follows upstream Megatron-LM's ``tools/preprocess_data.py``: one document per JSONL line and
-per ``--json-keys`` key, tokenized with Megatron's own tokenizer (``megatron_gem.tokenizer``),
+per ``--json-keys`` key, tokenized with Megatron's own tokenizer (``megatron_gem.data.tokenizer``),
 ended with ``eod``, written with Megatron's ``IndexedDatasetBuilder`` in the smallest dtype
 that holds the vocabulary, to ``{output_prefix}_{key}_document.{bin,idx}`` (upstream's names:
 pass ``{output_prefix}_{key}_document`` to ``--data-path``). Workers tokenize in parallel but
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from megatron_gem import jsonl as J
+from megatron_gem.data import jsonl as J
 from megatron_gem.paths import check_output_apart
-from megatron_gem.tokenizer import build_tokenizer
+from megatron_gem.data.tokenizer import build_tokenizer
 
 __all__ = ["PreprocessReport", "output_prefix_for", "preprocess_jsonl"]
 

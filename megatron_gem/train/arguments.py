@@ -20,7 +20,7 @@ import math
 import os
 import sys
 
-from megatron_gem.gem_loss import GEM_H_CHOICES
+from megatron_gem.ops.gem_loss import GEM_H_CHOICES
 
 __all__ = [
     "add_gem_arguments",

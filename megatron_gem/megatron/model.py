@@ -25,7 +25,7 @@ from typing import ClassVar
 from megatron.core.models.gpt import GPTModel
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-from megatron_gem.gem_loss import GEM_H_CHOICES, vocab_parallel_gem_loss
+from megatron_gem.ops.gem_loss import GEM_H_CHOICES, vocab_parallel_gem_loss
 
 __all__ = [
     "GemGPTModel",
@@ -96,7 +96,7 @@ def as_gem_model(model: GPTModel, loss: str = "ce", gem_beta: float = 0.7, gem_h
 class GemGPTModelConfig(GPTModelConfig):
     """``GPTModelConfig`` plus the loss; built by ``GemGPTModelBuilder``."""
 
-    builder: ClassVar[str] = "megatron_gem.model.GemGPTModelBuilder"
+    builder: ClassVar[str] = "megatron_gem.megatron.model.GemGPTModelBuilder"
     loss: str = "ce"
     gem_beta: float = 0.7
     gem_h: str = "linear"

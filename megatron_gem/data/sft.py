@@ -49,9 +49,9 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
-from megatron_gem import jsonl as J
+from megatron_gem.data import jsonl as J
 from megatron_gem.paths import check_output_apart
-from megatron_gem.tokenizer import (
+from megatron_gem.data.tokenizer import (
     PLAIN_HEADERS,
     hf_tokenizer,
     pad_or_eod,
@@ -388,7 +388,7 @@ def prepare_sft_data(
     tmp = {k: f"{p}.tmp-{os.getpid()}" for k, p in final.items()}
     builder = IndexedDatasetBuilder(tmp["bin"], dtype=np.int32)
     try:
-        # Raw lines, decoded and parsed where they are encoded (megatron_gem.jsonl).
+        # Raw lines, decoded and parsed where they are encoded (megatron_gem.data.jsonl).
         lines = (raw for _, raw in J.iter_lines(input_path))
         if workers > 1:  # forked workers inherit the encoder; results come back in order
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF: no fork warning

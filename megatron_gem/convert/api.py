@@ -1055,7 +1055,7 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
 
     import torch.multiprocessing as mp
 
-    # Conversion is CPU work (gloo, megatron_gem.cpu_mode, local layer spec) even on a GPU
+    # Conversion is CPU work (gloo, megatron_gem.megatron.cpu, local layer spec) even on a GPU
     # node: the workers inherit an environment without visible GPUs.
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -1097,14 +1097,14 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
 def init_megatron_worker(argv: list[str], padded_vocab: int, overrides: dict | None = None):
     """Initialise Megatron in this worker as the training entry does (CPU mode, its argument
     parser), with a fixed padded vocabulary and no tokenizer; returns the args."""
-    from megatron_gem import cpu_mode
+    from megatron_gem.megatron import cpu as cpu_mode
 
     cpu_mode.enable_cpu_mode()  # no-op with CUDA (never the case here, see _child)
     from megatron.training.global_vars import set_global_variables
     from megatron.training.initialize import initialize_megatron
 
-    from megatron_gem.arguments import parse_args
-    from megatron_gem.train import fix_dataset_helpers_compile
+    from megatron_gem.train.arguments import parse_args
+    from megatron_gem.train.entry import fix_dataset_helpers_compile
 
     fix_dataset_helpers_compile()
     args = parse_args(argv, world_size=int(os.environ["WORLD_SIZE"]),
@@ -1121,7 +1121,7 @@ def build_model():
     """This rank's model chunks, built by the training entry's model provider."""
     from megatron.training.training import get_model
 
-    from megatron_gem.model import model_provider
+    from megatron_gem.megatron.model import model_provider
 
     return get_model(model_provider, wrap_with_ddp=False)
 

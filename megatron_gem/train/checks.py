@@ -2,7 +2,7 @@
 
 Megatron meets many bad inputs with a warning and a random start, a torch stack trace, or an
 endless loop. ``check_inputs(args)`` refuses them first with one :class:`InputError` line that
-names the flag, the path and what to do (``megatron_gem.train.main`` prints it and exits 2):
+names the flag, the path and what to do (``megatron_gem.train.entry.main`` prints it and exits 2):
 
 * ``--finetune`` / ``--pretrained-checkpoint`` whose directory holds no checkpoint (Megatron
   would only warn and train from random weights);
@@ -178,7 +178,7 @@ def padded_vocab_size(args) -> int:
     """The model's vocabulary as Megatron pads it (also checks ``--tokenizer-model``)."""
     from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 
-    from megatron_gem.tokenizer import tokenizer_from_megatron_args
+    from megatron_gem.data.tokenizer import tokenizer_from_megatron_args
 
     try:
         tokenizer = tokenizer_from_megatron_args(args)
@@ -239,7 +239,7 @@ def _split_parts(split: str) -> list:
 
 def check_pretraining_data(args, padded_vocab: int) -> None:
     """SFT data, missing files, out-of-vocabulary ids and empty ``--split`` parts (module doc)."""
-    from megatron_gem.sft_data import META_SUFFIX
+    from megatron_gem.data.sft import META_SUFFIX
 
     if getattr(args, "mock_data", False):
         return
@@ -251,7 +251,7 @@ def check_pretraining_data(args, padded_vocab: int) -> None:
                 "pass --sft to fine-tune on it, or make pre-training data with tools/preprocess_data.py"
             )
         if sft:
-            continue  # megatron_gem.sft_data checks its own format
+            continue  # megatron_gem.data.sft checks its own format
         for ext in (".idx", ".bin"):
             if not os.path.isfile(prefix + ext):
                 raise InputError(

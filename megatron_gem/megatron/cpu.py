@@ -159,7 +159,7 @@ def _stream_ctx(*args, **kwargs):
 
 def _device_properties(*args, **kwargs):
     return SimpleNamespace(
-        name="cpu (megatron_gem.cpu_mode)", major=0, minor=0, total_memory=0, multi_processor_count=1
+        name="cpu (megatron_gem.megatron.cpu)", major=0, minor=0, total_memory=0, multi_processor_count=1
     )
 
 
@@ -305,7 +305,7 @@ def enable_cpu_mode() -> bool:
             "memory_stats": lambda *a, **k: {},
             "mem_get_info": lambda *a, **k: (0, 0),
             "get_device_properties": _device_properties,
-            "get_device_name": lambda *a, **k: "cpu (megatron_gem.cpu_mode)",
+            "get_device_name": lambda *a, **k: "cpu (megatron_gem.megatron.cpu)",
             "get_device_capability": lambda *a, **k: (0, 0),
             "is_current_stream_capturing": lambda: False,
             "Stream": _DummyStream,

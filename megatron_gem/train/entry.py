@@ -3,17 +3,17 @@
     torchrun --nproc-per-node N -m megatron_gem.train [Megatron-LM flags] [--loss gem --gem-beta 0.7]
 
 Every Megatron-LM flag works (it is Megatron's parser, loop, checkpointing and logging); the
-additions are ``--loss {ce,gem}``, ``--gem-beta``, ``--gem-h`` (``megatron_gem.arguments``).
+additions are ``--loss {ce,gem}``, ``--gem-beta``, ``--gem-h`` (``megatron_gem.train.arguments``).
 Logged each ``--log-interval`` by Megatron (stdout, tensorboard): ``lm loss`` = cross-entropy
 (comparable between CE and GEM runs), and with ``--loss gem`` also ``gem loss`` (the optimised
 loss) and ``entropy`` (mean token entropy of ``p = softmax(z)``).
 
 Data: Megatron's GPT datasets from ``--data-path`` (``--mock-data`` for smoke tests); with
-``--sft``, ``megatron_gem.sft_data.build_sft_datasets`` (prompt-masked, packed samples), read on
+``--sft``, ``megatron_gem.data.sft.build_sft_datasets`` (prompt-masked, packed samples), read on
 every pipeline stage (``get_sft_batch``): the local spec gets the block-diagonal causal mask,
 Transformer Engine THD ``packed_seq_params`` (``cu_seqlens`` from the restarts of position_ids).
 
-Without CUDA the same command runs on CPUs with gloo (``megatron_gem.cpu_mode``).
+Without CUDA the same command runs on CPUs with gloo (``megatron_gem.megatron.cpu``).
 
 Module import stays light (no Megatron import at module level): Megatron's checkpoint writer
 starts a helper process that re-imports the entry module.
@@ -47,7 +47,7 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 def parse_args(argv=None, **kwargs):
     """Megatron's validated args for ``argv`` without initialising anything (see arguments.py)."""
-    from megatron_gem.arguments import parse_args as _parse_args
+    from megatron_gem.train.arguments import parse_args as _parse_args
 
     return _parse_args(argv, **kwargs)
 
@@ -221,7 +221,7 @@ def cu_seqlens_from_position_ids(position_ids):
     """``(cu_seqlens int32 [n + 1], max_seqlen)`` of one packed sequence.
 
     ``position_ids`` (``[S]`` or ``[1, S]``) restart at 0 at every packed sample and at the
-    padding tail (``megatron_gem.sft_data``); each restart opens a segment.
+    padding tail (``megatron_gem.data.sft``); each restart opens a segment.
     """
     import torch
 
@@ -334,7 +334,7 @@ def loss_func(loss_mask, output_tensor, model=None):
     from megatron.core.rerun_state_machine import get_rerun_state_machine
     from megatron.training import get_args
 
-    from megatron_gem.model import unwrap_gem_model
+    from megatron_gem.megatron.model import unwrap_gem_model
 
     args = get_args()
     losses = output_tensor.view(-1).float()
@@ -465,10 +465,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
     args = get_args()
     if args.sft:
-        from megatron_gem.sft_data import build_sft_datasets
-        from megatron_gem.train_inputs import InputError
+        from megatron_gem.data.sft import build_sft_datasets
+        from megatron_gem.train.checks import InputError
 
-        print_rank_0("> building packed SFT datasets (megatron_gem.sft_data) ...")
+        print_rank_0("> building packed SFT datasets (megatron_gem.data.sft) ...")
         try:
             return build_sft_datasets(
                 args, train_val_test_num_samples, is_built_on_rank=partial(is_dataset_built_on_rank, vp_stage=vp_stage)
@@ -494,7 +494,7 @@ train_valid_test_datasets_provider.is_distributed = True
 def main(argv=None) -> None:
     """``python -m megatron_gem.train`` / ``megatron-gem-train``."""
     main_entry_time = time.time()
-    from megatron_gem import cpu_mode
+    from megatron_gem.megatron import cpu as cpu_mode
 
     cpu_mode.enable_cpu_mode()  # no-op when CUDA is available
 
@@ -503,9 +503,9 @@ def main(argv=None) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_gem.arguments import PROG, _swapped_argv, adapt_argv_to_host, add_gem_arguments, validate_gem_args
-    from megatron_gem.model import gem_model_config_from_args
-    from megatron_gem.train_inputs import InputError, check_inputs
+    from megatron_gem.train.arguments import PROG, _swapped_argv, adapt_argv_to_host, add_gem_arguments, validate_gem_args
+    from megatron_gem.megatron.model import gem_model_config_from_args
+    from megatron_gem.train.checks import InputError, check_inputs
 
     fix_dataset_helpers_compile()
     log_negative_losses()

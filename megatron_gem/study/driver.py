@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from megatron_gem.jsonl import BadLine, is_blank, iter_lines, read_jsonl
+from megatron_gem.data.jsonl import BadLine, is_blank, iter_lines, read_jsonl
 from megatron_gem.paths import check_output_apart
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MARKER = ".stage.json"
 INPUTS = ".stage-inputs.json"
 CONFIG_FILE = "study.json"
@@ -437,7 +437,7 @@ class Study:
         return adopted
 
     def records(self) -> list[dict]:
-        from megatron_gem.report import make_record
+        from megatron_gem.study.report import make_record
 
         recs = []
         for s in self.stages:
@@ -515,7 +515,7 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _run_data(study: Study, s: Stage) -> None:
-    from megatron_gem import world as W
+    from megatron_gem.study import world as W
 
     cfg = study.cfg
     tmp = _building(s)
@@ -556,10 +556,10 @@ def _tokenizer_flags(study: Study) -> list[str]:
 
 
 def _run_prep(study: Study, s: Stage) -> None:
-    from megatron_gem import world as W
-    from megatron_gem.sft_data import prepare_sft_data
-    from megatron_gem.text_data import preprocess_jsonl
-    from megatron_gem.tokenizer import build_tokenizer, iter_training_text, train_sentencepiece
+    from megatron_gem.study import world as W
+    from megatron_gem.data.sft import prepare_sft_data
+    from megatron_gem.data.text import preprocess_jsonl
+    from megatron_gem.data.tokenizer import build_tokenizer, iter_training_text, train_sentencepiece
 
     cfg, data = study.cfg, W.world_files(study.by_name["data"].out)
     tmp = _building(s)
@@ -663,7 +663,7 @@ def _short_iteration_line(line: str) -> str:
 
 
 def _run_import(study: Study, s: Stage) -> None:
-    from megatron_gem.convert import hf_to_megatron
+    from megatron_gem.convert.api import hf_to_megatron
 
     hf_to_megatron(s.info["size"].hf_model, s.out, tp=study.cfg.tp)
 
@@ -674,7 +674,7 @@ IN_PROCESS_EXPORT_MAX_PARAMS = 50_000_000
 
 
 def _run_export(study: Study, s: Stage) -> None:
-    from megatron_gem.convert import megatron_to_hf
+    from megatron_gem.convert.api import megatron_to_hf
 
     cfg = study.cfg
     kw = {"tokenizer_dir": s.info["size"].hf_model} if cfg.imports else {"vocab_size": vocab_size(study)}
@@ -701,7 +701,7 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from megatron_gem import convert as C
+    from megatron_gem.convert import api as C
 
     ckpt_dir, _ = C.megatron_checkpoint_dir(load_dir, iteration)
     arch = C.arch_from_megatron_args(C.read_megatron_args(ckpt_dir), vocab_size)
@@ -732,7 +732,7 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
 
 
 def _sampling(cfg: StudyConfig):
-    from megatron_gem.evaluation import SamplingConfig
+    from megatron_gem.eval.api import SamplingConfig
 
     return SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                           max_new_tokens=cfg.max_new_tokens, seed=0)
@@ -741,9 +741,9 @@ def _sampling(cfg: StudyConfig):
 def _run_eval(study: Study, s: Stage) -> None:
     import torch
 
-    from megatron_gem import evaluation as E
-    from megatron_gem import world as W
-    from megatron_gem.tokenizer import build_tokenizer
+    from megatron_gem.eval import api as E
+    from megatron_gem.study import world as W
+    from megatron_gem.data.tokenizer import build_tokenizer
 
     cfg = study.cfg
     data = W.world_files(study.by_name["data"].out)
@@ -810,7 +810,7 @@ def report_notes(study: Study) -> list[str]:
 
 
 def _run_report(study: Study, s: Stage) -> None:
-    from megatron_gem.report import write_report
+    from megatron_gem.study.report import write_report
 
     recs = study.records()
     tmp = _building(s)

@@ -2,9 +2,9 @@
 
 A launch script (``launch_scripts/*.sbatch``, ``*.sh``) builds its full argument list and ends
 with ``gem_launch`` (``launch_scripts/common.sh``). With ``DRY_RUN=1`` that call does not start
-anything; it runs ``python -m megatron_gem.launch_check`` on the same arguments, which
+anything; it runs ``python -m megatron_gem.train.launch_check`` on the same arguments, which
 
-* parses them with the training entry's own parser (``megatron_gem.arguments.parse_args``:
+* parses them with the training entry's own parser (``megatron_gem.train.arguments.parse_args``:
   Megatron's parser and ``validate_args`` plus ``--loss/--gem-*``) for the job's world size
   ``nodes x gpus_per_node``, as on the cluster (``--transformer-impl`` etc. as written, not
   adapted to this machine; FP8 flags parse without Transformer Engine installed);
@@ -18,7 +18,7 @@ Tool jobs (checkpoint conversion, data preparation) are checked by parsing their
 the tool's own ``build_parser()``.
 
 Megatron's ``validate_args`` asks ``torch.cuda`` for the device architecture when TP/CP > 1;
-without a GPU the check runs under ``megatron_gem.cpu_mode`` (switched on only for the parse and
+without a GPU the check runs under ``megatron_gem.megatron.cpu`` (switched on only for the parse and
 off again), whose stand-in device reports architecture 0: Megatron then validates as for a
 pre-Blackwell GPU, which is what an H100 is.
 
@@ -60,7 +60,7 @@ __all__ = [
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 SXM; --gpu-memory-gib for other GPUs
 MIB = 1024 * 1024
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class LaunchCheckError(ValueError):
@@ -147,8 +147,8 @@ def parse_train_args(argv: list[str], world_size: int, target: str = "cluster") 
     ``target="cluster"`` keeps the flags as written; ``"host"`` applies the defaults the entry
     applies on this machine (the CPU smoke run).
     """
-    from megatron_gem import cpu_mode
-    from megatron_gem.arguments import parse_args
+    from megatron_gem.megatron import cpu as cpu_mode
+    from megatron_gem.train.arguments import parse_args
 
     switched_on = False
     out, err = io.StringIO(), io.StringIO()
@@ -320,7 +320,7 @@ def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_s
         comment = " ".join(x for x in lines if x.lstrip().startswith("#"))
         found = re.search(r"--tensor-model-parallel-size (\d+)", comment)
         if found and vocab_size:
-            from megatron_gem.convert import padded_vocab_size
+            from megatron_gem.convert.api import padded_vocab_size
 
             div = args.make_vocab_size_divisible_by
             ckpt_tp, tp = int(found.group(1)), args.tensor_model_parallel_size
@@ -520,7 +520,7 @@ def dry_run_script(script: str | os.PathLike, env: dict[str, str] | None = None,
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m megatron_gem.launch_check",
+        prog="python -m megatron_gem.train.launch_check",
         description="Check a launch's arguments without a GPU: parse them with the training entry's "
         "parser for the job's world size, check the parallel layout, print it with Megatron's per-GPU "
         "memory estimate. Usually called by launch scripts run with DRY_RUN=1.",

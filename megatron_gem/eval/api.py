@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_gem import jsonl as J
-from megatron_gem import metrics as M
+from megatron_gem.data import jsonl as J
+from megatron_gem.eval import metrics as M
 
 # ---- inputs ---------------------------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def read_texts(path: str | os.PathLike, key: str = "text") -> list[str]:
 
 def plain_render(messages: list[dict]) -> str:
     """Readable text of the plain SFT template (for display; ids come from PlainTemplateFormat)."""
-    from megatron_gem.tokenizer import PLAIN_HEADERS
+    from megatron_gem.data.tokenizer import PLAIN_HEADERS
 
     return " ".join(f"{PLAIN_HEADERS[m['role']]} {m['content']}" for m in messages) + " " + PLAIN_HEADERS["assistant"]
 
@@ -198,13 +198,13 @@ class ChatFormat:
 
 
 class PlainTemplateFormat(ChatFormat):
-    """The plain SFT template of ``megatron_gem.sft_data.PlainTemplateEncoder``, on ids: per
+    """The plain SFT template of ``megatron_gem.data.sft.PlainTemplateEncoder``, on ids: per
     message ``ids(header) + ids(content) (+ [eod] after an assistant turn)``, each piece encoded
     on its own; the prompt ends with ``ids("Assistant:")``; a response is ``ids(text) + [eod]``."""
 
     def __init__(self, encode, decode, eos_id: int, pad_id: int | None = None):
         super().__init__(encode=encode, decode=decode, render=plain_render, eos_id=eos_id, pad_id=pad_id)
-        from megatron_gem.tokenizer import PLAIN_HEADERS
+        from megatron_gem.data.tokenizer import PLAIN_HEADERS
 
         self._headers = {r: list(encode(h)) for r, h in PLAIN_HEADERS.items()}
 
@@ -274,10 +274,10 @@ def hf_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
 
 
 def megatron_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
-    """Format for a Megatron tokenizer (``megatron_gem.tokenizer.build_tokenizer``), the ids
+    """Format for a Megatron tokenizer (``megatron_gem.data.tokenizer.build_tokenizer``), the ids
     training saw: HF tokenizers go through ``hf_chat_format``; others (SentencePiece) use the
     plain template with Megatron's ``tokenize``/``detokenize``/``eod``."""
-    from megatron_gem.tokenizer import hf_tokenizer, pad_or_eod, text_to_ids
+    from megatron_gem.data.tokenizer import hf_tokenizer, pad_or_eod, text_to_ids
 
     hf = hf_tokenizer(tokenizer)
     if hf is not None:

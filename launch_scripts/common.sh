@@ -180,7 +180,9 @@ gem_precision_args() {
 # gem_loss_args: LOSS (gem | ce), GEM_BETA, GEM_H -> LOSS_ARGS.
 gem_loss_args() {
     case "${LOSS:-gem}" in
-        gem) LOSS_ARGS=(--loss gem --gem-beta "${GEM_BETA:-0.7}" --gem-h "${GEM_H:-linear}") ;;
+        gem) LOSS_ARGS=(--loss gem)  # empty GEM_BETA / GEM_H: the entry's defaults
+             if [[ -n "${GEM_BETA:-}" ]]; then LOSS_ARGS+=(--gem-beta "$GEM_BETA"); fi
+             if [[ -n "${GEM_H:-}" ]]; then LOSS_ARGS+=(--gem-h "$GEM_H"); fi ;;
         ce) LOSS_ARGS=(--loss ce) ;;
         *) gem_die "LOSS=${LOSS}: choose gem or ce" ;;
     esac

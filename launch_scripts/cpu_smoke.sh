@@ -16,8 +16,8 @@ source "$GEM_REPO/launch_scripts/common.sh"
 : "${NPROC:=2}"                 # processes (ranks) on this machine
 : "${TP:=2}" "${PP:=1}" "${CP:=1}" "${SP:=0}" "${DIST_OPT:=0}"
 : "${LOSS:=gem}"
-: "${GEM_BETA:=0.7}"
-: "${GEM_H:=linear}"
+: "${GEM_BETA:=}"             # empty: the entry's default (megatron_gem.DEFAULT_BETA)
+: "${GEM_H:=}"
 : "${PRECISION:=fp32}"          # CPUs: fp32
 : "${TOKENIZER_VOCAB_SIZE:=1000}"
 : "${TRAIN_ITERS:=10}"
@@ -37,6 +37,7 @@ TRAIN_ARGS=(
     --seq-length 64 --micro-batch-size 2 --global-batch-size 8 --train-iters "$TRAIN_ITERS"
     --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 2 --seed 1234
     --log-interval 1 --eval-interval "$TRAIN_ITERS" --eval-iters 1 --num-workers 0
+    --cpu                       # the entry's CPU mode (gloo, torch.cuda stand-ins)
 )
 if [[ -n "$CKPT_DIR" ]]; then
     TRAIN_ARGS+=(--save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval "$TRAIN_ITERS")

@@ -17,8 +17,8 @@ source "$GEM_REPO/launch_scripts/common.sh"
 : "${PRECISION:=bf16}"          # bf16 | fp8
 : "${FP8_RECIPE:=tensorwise}"
 : "${LOSS:=gem}"                # gem | ce
-: "${GEM_BETA:=0.7}"
-: "${GEM_H:=linear}"
+: "${GEM_BETA:=}"             # empty: the entry's default (megatron_gem.DEFAULT_BETA)
+: "${GEM_H:=}"
 : "${GEM_WORK:=$GEM_REPO/work}"
 : "${HF_MODEL:=$GEM_WORK/hf/Meta-Llama-3-8B}"
 : "${BASE_CKPT:=$GEM_WORK/megatron/llama3-8b}"

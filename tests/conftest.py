@@ -41,6 +41,13 @@ def parse_megatron_log(stdout: str) -> dict:
     return log
 
 
+def cpu_flag() -> list[str]:
+    """``["--cpu"]`` where CUDA is absent: the entry's CPU mode is opt-in."""
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--cpu"]
+
+
 def run_train(nproc: int, argv: list[str], timeout: float = 300, env: dict | None = None) -> str:
     """Run ``torchrun --standalone --nproc-per-node N -m megatron_gem.train ARGV``; return stdout.
 
@@ -48,7 +55,7 @@ def run_train(nproc: int, argv: list[str], timeout: float = 300, env: dict | Non
     so concurrent runs do not collide.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_gem.train", *argv]
+           "-m", "megatron_gem.train", *cpu_flag(), *argv]
     full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     full_env.update(env or {})

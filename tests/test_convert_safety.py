@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from megatron_gem.convert import api as C
+from megatron_gem.paths import publish
 from test_convert import _cli, llama_cfg, random_hf_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def test_publish_puts_the_earlier_output_back_when_the_swap_fails(tmp_path, monk
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="disk gone"):
-        C._publish(tmp, out)
+        publish(tmp, out)
     assert (out / "f").read_text() == "earlier output"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.incomplete-1-x", "out"]
 

@@ -38,7 +38,11 @@ def test_inert_when_cuda_is_present(monkeypatch):
 
 
 def test_cuda_calls_map_to_cpu_and_are_undone(cpu_mode_on):
+    from megatron_gem.megatron import patches
+
     names = cpu_mode.patched_names()
+    assert "cpu-mode" in patches.applied() and patches.patched_attributes("cpu-mode") == names
+    assert "torch.cuda.current_device" in names  # torch.cuda's stand-ins, through the one registry
     assert cpu_mode.enable_cpu_mode() is True and cpu_mode.patched_names() == names  # idempotent
     assert torch.tensor([1.0], device="cuda").device.type == "cpu"
     assert torch.zeros(2, device=torch.device("cuda", 0)).device.type == "cpu"
@@ -51,6 +55,7 @@ def test_cuda_calls_map_to_cpu_and_are_undone(cpu_mode_on):
         torch.cuda.current_stream().synchronize()
     cpu_mode.disable_cpu_mode()
     assert cpu_mode.patched_names() == [] and x.type() == "torch.FloatTensor"
+    assert "cpu-mode" not in patches.applied()
     with pytest.raises((RuntimeError, AssertionError)):
         torch.tensor([1.0], device="cuda")
 

@@ -82,27 +82,6 @@ def test_host_adaptation_only_fills_unset_flags():
     assert as_written.transformer_impl == "transformer_engine" and as_written.distributed_backend == "nccl"
 
 
-def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
-    """Megatron runs `make` at start-up and exits on failure; the PyPI wheel has no Makefile."""
-    import subprocess
-
-    import megatron.core.datasets.utils as dataset_utils
-
-    from megatron_gem.train.entry import fix_dataset_helpers_compile
-
-    original = getattr(dataset_utils.compile_helpers, "__wrapped_original__", dataset_utils.compile_helpers)
-    monkeypatch.setattr(dataset_utils, "compile_helpers", original)  # undone after the test
-    ran = []
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a) or subprocess.CompletedProcess(a, 2))
-    with pytest.raises(SystemExit):  # unfixed: the wheel's missing Makefile ends the run
-        dataset_utils.compile_helpers()
-    assert ran
-    ran.clear()
-    fix_dataset_helpers_compile()
-    fix_dataset_helpers_compile()  # idempotent: wraps the original once
-    assert dataset_utils.compile_helpers() is None and ran == []
-
-
 def test_model_config_keeps_the_rope_scaling_factor():
     # megatron-core 0.19.2's gpt_config_from_args drops it (Llama 3.2 uses 32, the default is 8)
     from megatron_gem.megatron.model import gem_model_config_from_args
@@ -110,3 +89,30 @@ def test_model_config_keeps_the_rope_scaling_factor():
     args = parse_args(BASE + ["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-factor", "32"])
     cfg = gem_model_config_from_args(args)
     assert cfg.rope_scaling and cfg.rope_scaling_factor == 32.0
+
+
+def test_cpu_mode_is_opt_in(monkeypatch):
+    """Without CUDA and without --cpu the entry stops at once with one line; --cpu is taken out
+    of the arguments Megatron parses, and refused where CUDA is available."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import REPO
+    from megatron_gem.train.arguments import take_cpu_flag
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    proc = subprocess.run([sys.executable, "-m", "megatron_gem.train", "--num-layers", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "megatron-gem-train: error: CUDA is not available on this machine; pass --cpu to train on "
+        "CPUs (gloo, for tests and smoke runs)"]
+    assert take_cpu_flag(["--num-layers", "2", "--cpu"]) == (["--num-layers", "2"], True)
+    assert parse_args(BASE + ["--cpu"]).cpu is True  # the launch dry run parses a CPU script's flags
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert take_cpu_flag(["--num-layers", "2"]) == (["--num-layers", "2"], False)
+    with pytest.raises(SystemExit):
+        take_cpu_flag(["--cpu"])

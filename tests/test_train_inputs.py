@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, parse_megatron_log, run_train
+from conftest import REPO, cpu_flag, parse_megatron_log, run_train
 from megatron_gem.train.arguments import parse_args
 from megatron_gem.train.checks import InputError, check_inputs, checkpoint_damage
 
@@ -109,9 +109,9 @@ def _run_entry(argv, nproc=None, timeout=120):
     On timeout the process tree is killed and the test fails (a hang is a failure)."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_gem.train", *argv]
+               "-m", "megatron_gem.train", *cpu_flag(), *argv]
     else:
-        cmd = [sys.executable, "-m", "megatron_gem.train", *argv]
+        cmd = [sys.executable, "-m", "megatron_gem.train", *cpu_flag(), *argv]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -156,7 +156,7 @@ def killed(tmp_path_factory):
     ckpt, flag, script = d / "ckpt", d / "stopped", d / "stop_save.py"
     script.write_text(STOP_SAVE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           *KILL_ARGS, "--save", str(ckpt)]
+           *cpu_flag(), *KILL_ARGS, "--save", str(ckpt)]
     proc, log = _start(cmd, d / "killed.log", env={"STOP_SAVE_AT": "iter_0000008", "STOP_SAVE_FLAG": str(flag)})
     try:
         deadline = time.time() + 240

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_gem import GemConfig
 from megatron_gem.megatron.model import GemGPTModel, as_gem_model, unwrap_gem_model
 
 
@@ -15,7 +16,7 @@ def _bare_model(loss="gem", beta=0.7, h="linear"):
     model = object.__new__(GemGPTModel)
     torch.nn.Module.__init__(model)
     model.tp_group = None
-    model.set_loss(loss, beta, h)
+    model.set_loss(loss, GemConfig(beta, h))
     return model
 
 
@@ -62,9 +63,13 @@ def test_last_call_stats_are_kept_and_arguments_checked():
     model.compute_language_model_loss(second, logits)  # the main head comes last
     ce, _ = model.pop_token_stats()
     torch.testing.assert_close(ce.double(), _reference(logits, second, 0.7, "linear")[1], atol=2e-5, rtol=1e-5)
-    for bad in [("mse", 0.7, "linear"), ("gem", 0.0, "linear"), ("gem", 1.2, "linear"), ("gem", 0.7, "tanh")]:
-        with pytest.raises(ValueError):
-            model.set_loss(*bad)
+    with pytest.raises(ValueError, match="loss="):
+        model.set_loss("mse")
+    with pytest.raises(ValueError, match="gem="):
+        model.set_loss("gem", 0.7)
+    for beta, h in [(0.0, "linear"), (1.2, "linear"), (float("nan"), "linear"), (True, "linear"), (0.7, "tanh")]:
+        with pytest.raises(ValueError, match="beta=" if h == "linear" else "h="):
+            GemConfig(beta, h)
     with pytest.raises(ValueError, match="GPTModel"):
         as_gem_model(torch.nn.Linear(2, 2))
     wrapped = SimpleNamespace(module=SimpleNamespace(module=model))
@@ -131,6 +136,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron_gem import GemConfig
 from megatron_gem.megatron.model import as_gem_model
 
 parallel_state.initialize_model_parallel(1, 1)
@@ -144,7 +150,7 @@ cfg = TransformerConfig(
 )
 model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=64, max_sequence_length=16,
                  position_embedding_type="rope")
-model = as_gem_model(model, "gem", 0.7, "linear").eval()
+model = as_gem_model(model, "gem", GemConfig(0.7, "linear")).eval()
 g = torch.Generator().manual_seed(0)
 S = 16
 

@@ -118,7 +118,7 @@ def sft_items(sft_data):
 
 
 def test_cu_seqlens_from_position_ids_match_the_block_diagonal_mask(sft_items):
-    from megatron_gem.train.entry import cu_seqlens_from_position_ids, packed_seq_params_from_cu_seqlens
+    from megatron_gem.train.batches import cu_seqlens_from_position_ids, packed_seq_params_from_cu_seqlens
 
     multi = 0
     for item in sft_items:
@@ -136,7 +136,7 @@ def test_cu_seqlens_from_position_ids_match_the_block_diagonal_mask(sft_items):
 
 
 def test_cu_seqlens_at_odd_random_lengths():
-    from megatron_gem.train.entry import cu_seqlens_from_position_ids
+    from megatron_gem.train.batches import cu_seqlens_from_position_ids
 
     g = torch.Generator().manual_seed(3)
     for _ in range(20):

@@ -36,7 +36,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_gem.paths import check_output_apart
+from megatron_gem.paths import check_output_dir as _check_output_dir
+from megatron_gem.paths import publish, temp_sibling, umask
 
 __all__ = [
     "IncompleteOutputError",
@@ -736,120 +737,9 @@ class IncompleteOutputError(RuntimeError):
     output: nothing was published and an earlier output at ``--out`` is unchanged."""
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool,
-                     inputs: list[tuple[str, object]] = ()) -> Path:
-    """The output directory, checked before anything is written: it must not be, contain or
-    lie inside an input (``(argument name, path)`` pairs: with ``--overwrite`` publishing it
-    would delete that input), and may exist only with ``overwrite``. Leftovers of earlier
-    conversions to the same output whose process has died are named and removed (an earlier
-    output a dead conversion was replacing is put back first)."""
-    check_output_apart(out, inputs)
-    out = Path(out)
-    stale = _leftovers(out)
-    if not os.path.lexists(out):
-        _restore_replaced(out, stale)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output directory {out} exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory")
-    for path, pid in stale:
-        if not os.path.lexists(path):
-            continue  # restored above
-        if pid is None or _alive(pid):
-            who = f"process {pid}, still running" if pid else "an unknown process"
-            _log(f"found {path} (left by {who}): leaving it")
-        else:
-            _log(f"found {path}, left by a conversion that died (process {pid}): removing it")
-            _remove(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-# `.NAME.incomplete-PID-XXXX` (_temp_sibling), `.NAME.replaced-PID` (_publish), `.NAME.tmp-PID`
-_LEFTOVER = re.compile(r"(?:incomplete-(\d+)-[^/]*|replaced-(\d+)|tmp-(\d+))")
-
-
-def _leftovers(out: Path) -> list[tuple[Path, int | None]]:
-    """``(path, creating PID or None when the name does not tell)`` of the temporary names an
-    earlier conversion to ``out`` leaves when it dies."""
-    prefix = f".{out.name}."
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for p in sorted(out.parent.iterdir()):
-        rest = p.name[len(prefix):] if p.name.startswith(prefix) else ""
-        m = _LEFTOVER.fullmatch(rest)
-        if m:
-            found.append((p, int(next(g for g in m.groups() if g))))
-        elif rest.startswith("incomplete-"):  # written before the PID was in the name
-            found.append((p, None))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited; only its parent has not reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _restore_replaced(out: Path, stale: list[tuple[Path, int | None]]) -> None:
-    """A conversion killed between its two renames in `_publish` left the earlier output only
-    as ``.NAME.replaced-PID``: put it back rather than treat it as a leftover."""
-    for path, pid in stale:
-        if path.name.startswith(f".{out.name}.replaced-") and pid and not _alive(pid):
-            _log(f"found {path}, the earlier {out} a conversion that died (process {pid}) was "
-                 "replacing: restoring it")
-            os.rename(path, out)
-            return
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _temp_sibling(out: Path) -> Path:
-    """A fresh temporary directory next to ``out`` (same filesystem, so the final rename is
-    atomic); its name says it is incomplete and which process writes it (a later run removes
-    it once that process is gone)."""
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-{os.getpid()}-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` into place; an existing ``out`` (allowed by --overwrite) is
-    removed only now that the replacement is complete, and put back if the swap fails."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    _remove(old)  # a symlinked --out: the link goes, the directory it named stays
+def check_output_dir(out, overwrite: bool, inputs=()) -> Path:
+    """``megatron_gem.paths.check_output_dir``, with leftovers named as a conversion's."""
+    return _check_output_dir(out, overwrite, inputs, log=_log, writer="conversion")
 
 
 def check_megatron_output(ckpt: Path, arch: ArchSpec) -> None:
@@ -1104,9 +994,9 @@ def init_megatron_worker(argv: list[str], padded_vocab: int, overrides: dict | N
     from megatron.training.initialize import initialize_megatron
 
     from megatron_gem.train.arguments import parse_args
-    from megatron_gem.train.entry import fix_dataset_helpers_compile
+    from megatron_gem.megatron import patches
 
-    fix_dataset_helpers_compile()
+    patches.prebuilt_dataset_helpers()
     args = parse_args(argv, world_size=int(os.environ["WORLD_SIZE"]),
                       rank=int(os.environ["RANK"]))
     args.padded_vocab_size = padded_vocab  # the checkpoint's, not recomputed from a tokenizer
@@ -1298,7 +1188,7 @@ def export_worker(ckpt_root: str, iteration: int | None, tmp_out: str, arch: Arc
         for i, (fn, names, _) in enumerate(all_parts):
             final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.rename(os.path.join(tmp_out, fn), os.path.join(tmp_out, final))
-            os.chmod(os.path.join(tmp_out, final), 0o666 & ~_umask())
+            os.chmod(os.path.join(tmp_out, final), 0o666 & ~umask())
             weight_map.update({k: final for k in names})
         if n > 1:
             index = {"metadata": {"total_size": sum(g[1] for g in gathered)},
@@ -1352,7 +1242,7 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
     padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
     flags = megatron_model_args(arch, make_vocab_size_divisible_by)
     flags += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp32": []}[dtype]
-    tmp = _temp_sibling(out)
+    tmp = temp_sibling(out)
     try:
         _log(f"hf-to-megatron: {arch.model_type} {arch.num_layers} layers, vocab "
              f"{arch.vocab_size} -> padded {padded}, TP={tp} PP={pp}, {dtype}")
@@ -1365,7 +1255,7 @@ def hf_to_megatron(hf_dir, out_dir, tp: int = 1, pp: int = 1, *, dtype: str | No
             f"# --tensor-model-parallel-size {tp} or --use-checkpoint-args)\n"
             + " ".join(flags) + "\n")
         check_megatron_output(tmp, arch)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1535,7 +1425,7 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
     out = check_output_dir(out_dir, overwrite, [
         ("--load", load_dir), ("--tokenizer", tokenizer_dir),
         ("the checkpoint's --tokenizer-model", named_tok)])
-    tmp = _temp_sibling(out)
+    tmp = temp_sibling(out)
     try:
         _log(f"megatron-to-hf: {ckpt_dir} -> {arch.model_type}, {arch.num_layers} layers, vocab "
              f"{v} (padded {padded} trimmed), {dtype}, {pp} process(es)")
@@ -1557,7 +1447,7 @@ def megatron_to_hf(load_dir, out_dir, *, iteration: int | None = None, pp: int =
                 if (tokenizer_dir / f).is_file():
                     shutil.copy2(tokenizer_dir / f, tmp)
         check_hf_output(tmp, arch)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

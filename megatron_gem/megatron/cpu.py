@@ -50,20 +50,18 @@ from types import SimpleNamespace
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_gem.megatron import patches
+
 __all__ = ["enable_cpu_mode", "disable_cpu_mode", "is_cpu_mode_enabled", "patched_names"]
 
 _LOCK = threading.Lock()
-_ORIGINALS: dict[tuple[object, str], object] = {}  # (owner, attribute) -> original value
 _MODE: TorchFunctionMode | None = None
 _LOG_FILTER: logging.Filter | None = None
 _RNG_LOGGER = "megatron.core.tensor_parallel.random"
 
 
 def _patch(owner, name: str, value) -> None:
-    key = (owner, name)
-    if key not in _ORIGINALS:
-        _ORIGINALS[key] = getattr(owner, name, _MISSING)
-    setattr(owner, name, value)
+    patches.set_attr("cpu-mode", owner, name, value)
 
 
 _ENV_SET: list[str] = []
@@ -74,21 +72,13 @@ def _patch_env(name: str, value: str) -> None:
     _ENV_SET.append(name)
 
 
-class _Missing:
-    pass
-
-
-_MISSING = _Missing()
-
-
 def is_cpu_mode_enabled() -> bool:
-    return bool(_ORIGINALS)
-
+    return patches.is_applied("cpu-mode")
 
 
 def patched_names() -> list[str]:
     """``module.attribute`` names currently replaced by CPU mode (empty when inactive)."""
-    return sorted(f"{getattr(o, '__name__', type(o).__name__)}.{n}" for o, n in _ORIGINALS)
+    return patches.patched_attributes("cpu-mode")
 
 
 # --------------------------------------------------------------------------- torch.cuda stand-ins
@@ -279,7 +269,7 @@ def enable_cpu_mode() -> bool:
     with _LOCK:
         if torch.cuda.is_available():
             return False
-        if _ORIGINALS:
+        if is_cpu_mode_enabled():
             return True
         # Import what we patch first: torch._dynamo builds an identity map of torch functions
         # on import and rejects one stand-in function registered under two names.
@@ -354,12 +344,7 @@ def disable_cpu_mode() -> None:
         if _LOG_FILTER is not None:
             logging.getLogger(_RNG_LOGGER).removeFilter(_LOG_FILTER)
             _LOG_FILTER = None
-        for (owner, name), value in reversed(list(_ORIGINALS.items())):
-            if value is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
-        _ORIGINALS.clear()
+        patches.revert("cpu-mode")
         for name in _ENV_SET:
             os.environ.pop(name, None)
         _ENV_SET.clear()

@@ -25,7 +25,9 @@ from typing import ClassVar
 from megatron.core.models.gpt import GPTModel
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-from megatron_gem.ops.gem_loss import GEM_H_CHOICES, vocab_parallel_gem_loss
+from megatron_gem.ops import GemConfig, vocab_parallel_gem_loss
+
+LOSS_CHOICES = ("ce", "gem")
 
 __all__ = [
     "GemGPTModel",
@@ -38,25 +40,23 @@ __all__ = [
 
 
 class GemGPTModel(GPTModel):
-    """``GPTModel`` whose token loss is GEM (``loss="gem"``) or Megatron's cross-entropy."""
+    """``GPTModel`` whose token loss is GEM (``loss="gem"``, settings ``gem``) or Megatron's
+    cross-entropy (``loss="ce"``)."""
 
     # Class defaults so that a GPTModel converted with ``as_gem_model`` (no __init__) is valid.
     gem_loss_type: str = "ce"
-    gem_beta: float = 0.7
-    gem_h: str = "linear"
+    gem: GemConfig = GemConfig()
 
-    def __init__(self, *args, loss: str = "ce", gem_beta: float = 0.7, gem_h: str = "linear", **kwargs):
+    def __init__(self, *args, loss: str = "ce", gem: GemConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.set_loss(loss, gem_beta, gem_h)
+        self.set_loss(loss, gem)
 
-    def set_loss(self, loss: str, gem_beta: float = 0.7, gem_h: str = "linear") -> None:
-        if loss not in ("ce", "gem"):
-            raise ValueError(f"loss must be 'ce' or 'gem', got loss={loss!r}")
-        if isinstance(gem_beta, bool) or not isinstance(gem_beta, (int, float)) or not 0.0 < gem_beta <= 1.0:
-            raise ValueError(f"gem_beta must be a number in (0, 1], got gem_beta={gem_beta!r}")
-        if gem_h not in GEM_H_CHOICES:
-            raise ValueError(f"gem_h must be one of {GEM_H_CHOICES}, got gem_h={gem_h!r}")
-        self.gem_loss_type, self.gem_beta, self.gem_h = loss, float(gem_beta), gem_h
+    def set_loss(self, loss: str, gem: GemConfig | None = None) -> None:
+        if loss not in LOSS_CHOICES:
+            raise ValueError(f"loss must be one of {LOSS_CHOICES}, got loss={loss!r}")
+        if gem is not None and not isinstance(gem, GemConfig):
+            raise ValueError(f"gem must be a GemConfig, got gem={gem!r}")
+        self.gem_loss_type, self.gem = loss, gem or GemConfig()
         self._gem_token_stats = None
 
     def compute_language_model_loss(self, labels, logits):
@@ -65,7 +65,7 @@ class GemGPTModel(GPTModel):
             return super().compute_language_model_loss(labels, logits)
         target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], Megatron's layout
         loss, ce, entropy = vocab_parallel_gem_loss(
-            logits, target, beta=self.gem_beta, h=self.gem_h, tp_group=self.tp_group, return_stats=True
+            logits, target, beta=self.gem.beta, h=self.gem.h, tp_group=self.tp_group, return_stats=True
         )
         # MTP depths call this first and the main head last, so the main head's stats stay.
         self._gem_token_stats = (ce.transpose(0, 1), entropy.transpose(0, 1))
@@ -77,18 +77,19 @@ class GemGPTModel(GPTModel):
         return stats
 
 
-def as_gem_model(model: GPTModel, loss: str = "ce", gem_beta: float = 0.7, gem_h: str = "linear") -> GemGPTModel:
+def as_gem_model(model: GPTModel, loss: str = "ce", gem: GemConfig | None = None) -> GemGPTModel:
     """Turn a built ``GPTModel`` into a ``GemGPTModel`` in place.
 
     Megatron's ``GPTModelBuilder.build_model`` hard-codes ``GPTModel(...)``; rather than copying
     that method (and drifting from it), the built instance gets the subclass, which only adds an
-    overridden method and three attributes.
+    overridden method and two attributes. This is also the hook for other trainers (e.g.
+    Megatron-Bridge's model-provider hooks): build the GPTModel as usual, then call this.
     """
     if not isinstance(model, GPTModel):
         raise ValueError(f"expected a megatron GPTModel, got {type(model).__name__}")
     if not isinstance(model, GemGPTModel):
         model.__class__ = GemGPTModel
-    model.set_loss(loss, gem_beta, gem_h)
+    model.set_loss(loss, gem)
     return model
 
 
@@ -98,8 +99,7 @@ class GemGPTModelConfig(GPTModelConfig):
 
     builder: ClassVar[str] = "megatron_gem.megatron.model.GemGPTModelBuilder"
     loss: str = "ce"
-    gem_beta: float = 0.7
-    gem_h: str = "linear"
+    gem: GemConfig = GemConfig()
 
 
 class GemGPTModelBuilder(GPTModelBuilder):
@@ -108,7 +108,7 @@ class GemGPTModelBuilder(GPTModelBuilder):
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
         model = super().build_model(pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         cfg = self._model_config
-        return as_gem_model(model, getattr(cfg, "loss", "ce"), getattr(cfg, "gem_beta", 0.7), getattr(cfg, "gem_h", "linear"))
+        return as_gem_model(model, getattr(cfg, "loss", "ce"), getattr(cfg, "gem", None))
 
 
 def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConfig:
@@ -121,8 +121,7 @@ def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConf
     cfg.rope_scaling_factor = getattr(args, "rope_scaling_factor", cfg.rope_scaling_factor)
     cfg.loss = getattr(args, "loss", "ce")
     if cfg.loss == "gem":
-        cfg.gem_beta = args.gem_beta
-        cfg.gem_h = args.gem_h
+        cfg.gem = GemConfig(args.gem_beta, args.gem_h)
     return cfg
 
 

@@ -32,9 +32,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, check_beta, check_h
+
 __all__ = ["gem_loss", "vocab_parallel_gem_loss", "GEM_H_CHOICES"]
 
-GEM_H_CHOICES = ("linear", "logsigmoid")
 LOGSIGMOID_SCALE = 0.01  # the authors' weight: sigmoid(0.01 * (z_v - z_y))
 _FP32_MAX = torch.finfo(torch.float32).max
 
@@ -95,10 +96,8 @@ def _validate(logits, target, beta, h, ignore_index) -> None:
         )
     if target.device != logits.device:
         raise ValueError(f"target/labels are on {target.device} but logits on {logits.device}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 < float(beta) <= 1.0):
-        raise ValueError(f"beta must be a number in (0, 1], got beta={beta!r}")
-    if h not in GEM_H_CHOICES:
-        raise ValueError(f"h must be one of {GEM_H_CHOICES}, got h={h!r}")
+    check_beta(beta)
+    check_h(h)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
 
@@ -316,8 +315,8 @@ class _VocabParallelGEM(torch.autograd.Function):
 def vocab_parallel_gem_loss(
     vocab_parallel_logits: torch.Tensor,
     target: torch.Tensor,
-    beta: float = 0.7,
-    h: str = "linear",
+    beta: float = DEFAULT_BETA,
+    h: str = DEFAULT_H,
     tp_group=None,
     ignore_index: int = -100,
     return_stats: bool = False,
@@ -348,7 +347,7 @@ def vocab_parallel_gem_loss(
     return out
 
 
-def gem_loss(logits, labels, beta: float = 0.7, h: str = "linear", ignore_index: int = -100):
+def gem_loss(logits, labels, beta: float = DEFAULT_BETA, h: str = DEFAULT_H, ignore_index: int = -100):
     """Single-device per-token GEM loss for logits ``[..., V]`` and labels ``[...]``, unreduced (fp32)."""
     _validate(logits, labels, beta, h, ignore_index)
     with _nvtx("megatron_gem/gem_loss/forward"):

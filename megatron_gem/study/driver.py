@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megatron_gem.ops.config import DEFAULT_BETA, check_beta
 from megatron_gem.data.jsonl import BadLine, is_blank, iter_lines, read_jsonl
-from megatron_gem.paths import check_output_apart
+from megatron_gem.paths import check_output_apart, publish, temp_sibling
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = ".stage.json"
@@ -103,7 +104,7 @@ class StudyConfig:
     """Everything a study's results depend on (stored as OUT/study.json)."""
 
     sizes: tuple[ModelSize, ...]
-    betas: tuple[float, ...] = (0.7,)          # GEM runs; CE is always run
+    betas: tuple[float, ...] = (DEFAULT_BETA,)  # GEM runs; CE is always run
     seeds: tuple[int, ...] = (1234,)           # SFT seeds (one run per method and seed)
     # data: None = the embedded world from world_seed (world_overrides: WorldConfig fields)
     world_seed: int = 1234
@@ -141,8 +142,10 @@ class StudyConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"model size names must be distinct, got {names}")
         for b in self.betas:
-            if not (isinstance(b, (int, float)) and 0 < b <= 1):
-                raise ValueError(f"--betas: each beta must be in (0, 1], got {b!r}")
+            try:
+                check_beta(b)
+            except ValueError:
+                raise ValueError(f"--betas: each beta must be in (0, 1], got {b!r}") from None
         if len(set(self.betas)) != len(self.betas):
             raise ValueError(f"--betas must be distinct, got {list(self.betas)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -226,7 +229,7 @@ class StudyConfig:
 
 # The README's main command: one tiny GPT, CE and GEM at two betas, on 2 CPU cores in minutes.
 PRESETS = {
-    "default": dict(sizes=(ModelSize("tiny", 2, 64, 4, 176, 2),), betas=(0.7, 0.5)),
+    "default": dict(sizes=(ModelSize("tiny", 2, 64, 4, 176, 2),), betas=(DEFAULT_BETA, 0.5)),
     # The test suite's: 2 sizes x {CE, GEM beta=1}: GEM at beta = 1 has CE's gradient. One
     # process per training run (TP=1) halves the CPU cost of Megatron's start-up.
     "ci": dict(sizes=(ModelSize("xs", 1, 32, 2, 64), ModelSize("s", 1, 48, 2, 96)), betas=(1.0,),
@@ -624,11 +627,19 @@ def _logfile(study: Study, s: Stage) -> Path:
     return d / f"{s.slug}.log"
 
 
+def _cpu_flag() -> list[str]:
+    """The entry's CPU mode is opt-in: a local run on a machine without CUDA asks for it."""
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--cpu"]
+
+
 def _run_train(study: Study, s: Stage) -> None:
     s.out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(s.out / INPUTS, study.dep_tokens(s))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           f"--nproc-per-node={study.cfg.nproc}", "-m", "megatron_gem.train", *train_argv(study, s)]
+           f"--nproc-per-node={study.cfg.nproc}", "-m", "megatron_gem.train", *_cpu_flag(),
+           *train_argv(study, s)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -717,14 +728,14 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
             state[name] = t
     hf = {k: v.to(torch.float32).contiguous() for k, v in C.megatron_full_state_to_hf(state, arch).items()}
     out = C.check_output_dir(out_dir, overwrite=False)
-    tmp = C._temp_sibling(out)
+    tmp = temp_sibling(out)
     try:
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = C.hf_config_from_arch(arch, torch.float32, {})
         cfg.save_pretrained(str(tmp))
         GenerationConfig(**{k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
                          ).save_pretrained(str(tmp))
-        C._publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

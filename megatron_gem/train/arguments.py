@@ -3,7 +3,7 @@
 ``add_gem_arguments(parser)`` is an ``extra_args_provider`` for Megatron's argument parser:
 
 * ``--loss {ce,gem}`` (default ``ce``): Megatron's cross-entropy, or GEM;
-* ``--gem-beta B`` (default 0.7), the temperature of GEM's ``q = softmax(z / B)``, in (0, 1];
+* ``--gem-beta B`` (default ``DEFAULT_BETA``, 0.7), the temperature of GEM's ``q = softmax(z / B)``, in (0, 1];
 * ``--gem-h {linear,logsigmoid}`` (default ``linear``).
 
 ``parse_args(argv)`` returns Megatron's fully parsed and validated arguments for an argv
@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import math
 import os
 import sys
 
-from megatron_gem.ops.gem_loss import GEM_H_CHOICES
+from megatron_gem.megatron import patches
+from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, check_beta
 
 __all__ = [
     "add_gem_arguments",
+    "parse_entry_args",
+    "take_cpu_flag",
     "validate_gem_args",
     "adapt_argv_to_host",
     "parse_args",
@@ -33,8 +35,8 @@ __all__ = [
 ]
 
 LOSS_CHOICES = ("ce", "gem")
-DEFAULT_GEM_BETA = 0.7
-DEFAULT_GEM_H = "linear"
+DEFAULT_GEM_BETA = DEFAULT_BETA  # one definition: megatron_gem.ops.config
+DEFAULT_GEM_H = DEFAULT_H
 PROG = "megatron-gem-train"
 
 
@@ -43,9 +45,10 @@ def _gem_beta(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
+    try:
+        return check_beta(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}") from None
 
 
 def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,6 +69,13 @@ def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--gem-h", choices=GEM_H_CHOICES, default=None,
         help=f"GEM weighting h (default {DEFAULT_GEM_H}); needs --loss gem. 'logsigmoid' weights "
         "each term by sigmoid(0.01 (z_v - z_y)) as in the authors' code.",
+    )
+    # Taken out of argv before Megatron parses it (take_cpu_flag): listed here for --help and
+    # so that the launch dry run accepts the flags a CPU script passes.
+    parser.add_argument_group(title="CPU mode (megatron-gem)").add_argument(
+        "--cpu", action="store_true",
+        help="Train on CPUs with gloo (tests, smoke runs; megatron_gem.megatron.cpu). Required "
+        "without CUDA; refused where CUDA is available.",
     )
     return parser
 
@@ -166,6 +176,35 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
     return argv
 
 
+def take_cpu_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """``(argv without --cpu, whether --cpu was given)``. CPU mode is opt-in: without CUDA and
+    without ``--cpu`` this exits at once with one line (a GPU job on a node whose GPUs are not
+    visible must fail, not train on CPUs); ``--cpu`` where CUDA is available is refused too
+    (CPU mode never runs beside CUDA)."""
+    import torch
+
+    cpu = "--cpu" in argv
+    argv = [a for a in argv if a != "--cpu"]
+    if cpu and torch.cuda.is_available():
+        _error("argument --cpu: CUDA is available here; drop --cpu to train on the GPUs")
+    if not cpu and not torch.cuda.is_available():
+        print(f"{PROG}: error: CUDA is not available on this machine; pass --cpu to train on "
+              "CPUs (gloo, for tests and smoke runs)", file=sys.stderr)
+        raise SystemExit(2)
+    return argv, cpu
+
+
+def parse_entry_args(argv: list[str]) -> argparse.Namespace:
+    """The entry's arguments: Megatron's ``parse_and_validate_args`` (which reads ``sys.argv``)
+    on ``argv``, plus the GEM arguments and their checks."""
+    from megatron.training.arguments import parse_and_validate_args
+
+    with _swapped_argv(argv):
+        args = parse_and_validate_args(extra_args_provider=add_gem_arguments,
+                                       args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    return validate_gem_args(args)
+
+
 def _has_flag(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
@@ -178,24 +217,6 @@ def _swapped_argv(argv: list[str]):
         yield
     finally:
         sys.argv = saved
-
-
-@contextlib.contextmanager
-def _device_arch(major: int):
-    """Megatron's validate_args asks the GPU's architecture for TP/CP checks; without CUDA,
-    answer ``major`` (only for the duration of validation)."""
-    import torch
-    import megatron.training.arguments as margs
-
-    if torch.cuda.is_available() or not hasattr(margs, "get_device_arch_version"):
-        yield
-        return
-    saved = margs.get_device_arch_version
-    margs.get_device_arch_version = lambda: major
-    try:
-        yield
-    finally:
-        margs.get_device_arch_version = saved
 
 
 def parse_args(argv: list[str] | None = None, *, world_size: int | None = None, rank: int = 0,
@@ -222,6 +243,6 @@ def parse_args(argv: list[str] | None = None, *, world_size: int | None = None, 
         args.world_size = int(world_size)
     args.rank = rank
     validate_gem_args(args)
-    with _device_arch(device_arch):
+    with patches.device_arch(device_arch):
         validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     return args

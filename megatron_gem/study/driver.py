@@ -674,7 +674,7 @@ def _short_iteration_line(line: str) -> str:
 
 
 def _run_import(study: Study, s: Stage) -> None:
-    from megatron_gem.convert.api import hf_to_megatron
+    from megatron_gem.convert import hf_to_megatron
 
     hf_to_megatron(s.info["size"].hf_model, s.out, tp=study.cfg.tp)
 
@@ -685,7 +685,7 @@ IN_PROCESS_EXPORT_MAX_PARAMS = 50_000_000
 
 
 def _run_export(study: Study, s: Stage) -> None:
-    from megatron_gem.convert.api import megatron_to_hf
+    from megatron_gem.convert import megatron_to_hf
 
     cfg = study.cfg
     kw = {"tokenizer_dir": s.info["size"].hf_model} if cfg.imports else {"vocab_size": vocab_size(study)}
@@ -712,7 +712,7 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from megatron_gem.convert import api as C
+    from megatron_gem import convert as C
 
     ckpt_dir, _ = C.megatron_checkpoint_dir(load_dir, iteration)
     arch = C.arch_from_megatron_args(C.read_megatron_args(ckpt_dir), vocab_size)
@@ -743,7 +743,7 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
 
 
 def _sampling(cfg: StudyConfig):
-    from megatron_gem.eval.api import SamplingConfig
+    from megatron_gem.eval import SamplingConfig
 
     return SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                           max_new_tokens=cfg.max_new_tokens, seed=0)
@@ -752,7 +752,7 @@ def _sampling(cfg: StudyConfig):
 def _run_eval(study: Study, s: Stage) -> None:
     import torch
 
-    from megatron_gem.eval import api as E
+    import megatron_gem.eval as E
     from megatron_gem.study import world as W
     from megatron_gem.data.tokenizer import build_tokenizer
 

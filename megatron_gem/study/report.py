@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from megatron_gem.eval.api import flat_metrics
+from megatron_gem.eval import flat_metrics
 
 # Metrics shown in tables and plots, in order; (label, higher is better).
 SHOWN = {

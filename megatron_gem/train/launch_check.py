@@ -320,7 +320,7 @@ def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_s
         comment = " ".join(x for x in lines if x.lstrip().startswith("#"))
         found = re.search(r"--tensor-model-parallel-size (\d+)", comment)
         if found and vocab_size:
-            from megatron_gem.convert.api import padded_vocab_size
+            from megatron_gem.convert import padded_vocab_size
 
             div = args.make_vocab_size_divisible_by
             ckpt_tp, tp = int(found.group(1)), args.tensor_model_parallel_size

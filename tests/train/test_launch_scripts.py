@@ -18,7 +18,7 @@ import pytest
 
 from megatron_gem.train import launch_check as lc
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 SCRIPTS = REPO / "launch_scripts"
 ALL = sorted(p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh")
 CLUSTER_SFT = ["llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "local_torchrun.sh"]

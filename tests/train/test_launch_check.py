@@ -12,7 +12,7 @@ import pytest
 
 from megatron_gem.train import launch_check as lc
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 MIB = 2 ** 20
 
 LLAMA3_8B = dict(L=32, h=4096, ffn=14336, nh=32, g=8, d=128, V=128256)

@@ -1,78 +1,19 @@
 #!/usr/bin/env python
-"""Dry-run launch scripts: check every launch they would make, without a GPU or slurm.
+"""Dry-run launch scripts (``megatron-gem-dry-run``; ``megatron_gem.train.dry_run``), from a clone
+without installing; the default scripts are this checkout's ``launch_scripts/``.
 
-    python tools/dry_run_launch.py                                   # every launch script
-    python tools/dry_run_launch.py launch_scripts/llama3_70b_sft.sbatch --set NODES=16
-    python tools/dry_run_launch.py --set PRECISION=fp8 launch_scripts/llama3_8b_sft.sbatch
-
-Each script runs with DRY_RUN=1 (bash only, the same code path as a real launch up to the last
-line) and hands its full argument list over; all are then checked in this one process
-(``megatron_gem.train.launch_check``: the entry's parser at the job's world size, the layout, the
-per-GPU memory estimate). ``DRY_RUN=1 bash SCRIPT`` checks a single script the same way.
-Exit status 1 when any launch fails, with what is wrong.
+    python tools/dry_run_launch.py [SCRIPT ...] [--set VAR=VALUE] [--gpu-memory-gib G]
 """
 
-from __future__ import annotations
-
-import argparse
+import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a clone without installing
+os.environ.setdefault("GEM_LAUNCH_SCRIPTS", str(REPO / "launch_scripts"))
 
-from megatron_gem.train.launch_check import (  # noqa: E402
-    DEFAULT_GPU_MEMORY_GIB,
-    LaunchCheckError,
-    check_spec,
-    dry_run_script,
-)
-
-
-def default_scripts() -> list[Path]:
-    d = REPO / "launch_scripts"
-    return sorted(p for p in d.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh")
-
-
-def _assignment(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected VAR=VALUE, got {text!r}")
-    return name, value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dry_run_launch.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scripts", nargs="*", type=Path, help="launch scripts (default: all in launch_scripts/)")
-    p.add_argument("--set", dest="env", action="append", type=_assignment, default=[], metavar="VAR=VALUE",
-                   help="set a script variable (repeatable), as in VAR=VALUE sbatch SCRIPT")
-    p.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
-                   help=f"GPU memory the estimate must fit in (default {DEFAULT_GPU_MEMORY_GIB:.0f})")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    scripts = ns.scripts or default_scripts()
-    env = dict(ns.env)
-    failed = 0
-    for script in scripts:
-        try:
-            specs = dry_run_script(script, env)
-        except LaunchCheckError as e:
-            print(f"== {script.name}: DRY RUN FAILED\n{e}", flush=True)
-            failed += 1
-            continue
-        for spec in specs:
-            try:
-                print(check_spec(spec, ns.gpu_memory_gib).format(), flush=True)
-            except LaunchCheckError as e:
-                print(f"== {spec.name}: DRY RUN FAILED\n{e}", flush=True)
-                failed += 1
-    print(f"{len(scripts)} script(s), {failed} failure(s)")
-    return 1 if failed else 0
-
+from megatron_gem.train.dry_run import build_parser, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

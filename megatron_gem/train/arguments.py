@@ -187,7 +187,7 @@ def take_cpu_flag(argv: list[str]) -> tuple[list[str], bool]:
     argv = [a for a in argv if a != "--cpu"]
     if cpu and torch.cuda.is_available():
         _error("argument --cpu: CUDA is available here; drop --cpu to train on the GPUs")
-    if not cpu and not torch.cuda.is_available():
+    if not cpu and not torch.cuda.is_available() and not {"-h", "--help"} & set(argv):
         print(f"{PROG}: error: CUDA is not available on this machine; pass --cpu to train on "
               "CPUs (gloo, for tests and smoke runs)", file=sys.stderr)
         raise SystemExit(2)

@@ -313,12 +313,9 @@ def test_real_launch_refuses_missing_inputs(fake_slurm):
     assert not (log / "srun_args").exists()
 
 
-def test_dry_run_launch_cli(capsys):
-    import importlib.util
+def test_dry_run_launch_cli(capsys, monkeypatch, tmp_path):
+    from megatron_gem.train import dry_run as tool
 
-    spec = importlib.util.spec_from_file_location("dry_run_launch", REPO / "tools" / "dry_run_launch.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     script = str(SCRIPTS / "convert_megatron_to_hf.sbatch")
     assert tool.main([script, "--set", "ITERATION=7"]) == 0
     out = capsys.readouterr().out
@@ -326,6 +323,13 @@ def test_dry_run_launch_cli(capsys):
     assert tool.main([script, "--set", "CONVERT_PP=0"]) == 1
     out = capsys.readouterr().out
     assert "DRY RUN FAILED" in out and "argument --pp: must be a positive integer" in out
+    monkeypatch.setenv("GEM_LAUNCH_SCRIPTS", str(SCRIPTS))
+    assert {p.name for p in tool.default_scripts()} == {p.name for p in ALL}
+    monkeypatch.delenv("GEM_LAUNCH_SCRIPTS")
+    monkeypatch.chdir(tmp_path)  # an installed package finds no scripts by its own place
+    with pytest.raises(SystemExit, match="no folder launch_scripts"):
+        tool.default_scripts()
+    monkeypatch.chdir(REPO)
     assert {p.name for p in tool.default_scripts()} == {p.name for p in ALL}
 
 

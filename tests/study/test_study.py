@@ -32,7 +32,7 @@ import pytest
 from megatron_gem.train import launch_check as lc
 from megatron_gem.study import driver as S
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
 
 

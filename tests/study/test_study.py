@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from megatron_gem.train import launch_check as lc
-from megatron_gem.study import driver as S
+import megatron_gem.study as S
+from megatron_gem.study.config import parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
@@ -272,7 +273,7 @@ def test_bad_configs_are_refused_clearly(tmp_path):
         S.preset("ci", sft_data=str(tmp_path / "nope.jsonl"), eval_data=str(tmp_path / "nope.jsonl"),
                  pretrain_data=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="--sizes entry"):
-        S._size("tiny:2")
+        parse_size("tiny:2")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):

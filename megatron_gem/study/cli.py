@@ -11,7 +11,8 @@ from typing import Sequence
 
 from megatron_gem.study.config import (DATA_KEYS, PRESETS, StudyConfig, parse_floats, parse_size,
                                        preset, read_config_file)
-from megatron_gem.study.executors import SlurmOptions, run_local, run_slurm, wait_slurm
+from megatron_gem.study.executors import (SlurmOptions, launch_scripts_dir, run_local, run_slurm,
+                                          wait_slurm)
 from megatron_gem.study.stages import Study, load_study
 
 
@@ -42,6 +43,9 @@ def build_parser():
     r.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then check")
     r.add_argument("--partition")
     r.add_argument("--account")
+    r.add_argument("--launch-scripts", metavar="DIR",
+                   help="slurm: the launch_scripts/ folder of the megatron-gem checkout the jobs "
+                        "run (default: $GEM_LAUNCH_SCRIPTS)")
     r.add_argument("--stage-sbatch-args", default=None,
                    help="slurm: sbatch options of the Python stages (data, prep, eval, report), "
                         "default '--nodes=1 --ntasks=1 --cpus-per-task=8 --time=02:00:00'; "
@@ -86,9 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
+            # The jobs run the checkout's launch scripts: refused before anything else without them.
+            scripts = launch_scripts_dir(args.launch_scripts) if args.executor == "slurm" else None
             study = Study(config_from_args(args), args.out)
             if args.executor == "slurm":
-                opts = SlurmOptions(partition=args.partition, account=args.account)
+                opts = SlurmOptions(partition=args.partition, account=args.account,
+                                    launch_scripts=scripts)
                 if args.stage_sbatch_args:
                     opts.cpu_args = tuple(shlex.split(args.stage_sbatch_args))
                 jobs = run_slurm(study, opts)

@@ -5,7 +5,10 @@ Executors: ``local`` runs the pending stages in sequence in this process (traini
 ``slurm`` submits them as ``sbatch`` jobs chained with ``--dependency=afterok`` through the
 launch scripts (``launch_scripts/gpt_pretrain.sbatch``, ``llama3_8b_sft.sbatch``,
 ``convert_*.sbatch``; the Python stages as ``sbatch --wrap`` of ``python -m megatron_gem.study
-run-stage``), and collects the results in its ``report`` job (or when run again).
+run-stage``), and collects the results in its ``report`` job (or when run again). The launch
+scripts stay in the megatron-gem checkout (they are not part of the installed package): the
+slurm executor is given their folder (``SlurmOptions.launch_scripts``, ``--launch-scripts``,
+default ``$GEM_LAUNCH_SCRIPTS``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from megatron_gem.study.stages import INPUTS, Stage, Study, read_json, write_json_atomic
-from megatron_gem.study.steps import REPO, RUNNERS, describe, tokenizer_flags, train_argv, vocab_size
+from megatron_gem.study.steps import RUNNERS, describe, tokenizer_flags, train_argv, vocab_size
 
 
 # ---- local execution -------------------------------------------------------------------------
@@ -57,6 +60,7 @@ def run_local(study: Study, only: Sequence[str] | None = None) -> list[str]:
 SCRIPTS = {"pretrain": "gpt_pretrain.sbatch", "sft": "llama3_8b_sft.sbatch",
            "export": "convert_megatron_to_hf.sbatch", "import": "convert_hf_to_megatron.sbatch"}
 JOBS_FILE = "slurm_jobs.json"
+LAUNCH_SCRIPTS_ENV = "GEM_LAUNCH_SCRIPTS"   # the default of SlurmOptions.launch_scripts
 
 
 @dataclass
@@ -69,6 +73,25 @@ class SlurmOptions:
     # training jobs: GPUs (= processes) per node (default: nproc)
     gpus_per_node: int | None = None
     extra_sbatch: tuple[str, ...] = ()   # for every job (e.g. --qos=...)
+    launch_scripts: str | os.PathLike | None = None  # a checkout's launch_scripts/ folder
+
+
+def launch_scripts_dir(given: str | os.PathLike | None = None) -> Path:
+    """The launch_scripts/ folder of a megatron-gem checkout that the jobs run: ``given``, else
+    $GEM_LAUNCH_SCRIPTS. Its parent is the jobs' GEM_REPO (the scripts source
+    ``$GEM_REPO/launch_scripts/common.sh``)."""
+    folder = given or os.environ.get(LAUNCH_SCRIPTS_ENV)
+    if not folder:
+        raise ValueError("--executor slurm needs the launch_scripts/ folder of a megatron-gem "
+                         f"checkout: pass --launch-scripts DIR or set {LAUNCH_SCRIPTS_ENV}")
+    folder = Path(os.path.abspath(folder))
+    needed = [folder / name for name in SCRIPTS.values()]
+    needed.append(folder.parent / "launch_scripts" / "common.sh")
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise ValueError(f"--launch-scripts {folder}: not the launch_scripts/ folder of a "
+                         f"megatron-gem checkout (no {', '.join(missing)})")
+    return folder
 
 
 def _sbatch(opts: SlurmOptions, args: list[str], env: dict | None = None) -> str:
@@ -94,7 +117,8 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
     if opts.account:
         common.append(f"--account={opts.account}")
     common += list(opts.extra_sbatch)
-    env = {"GEM_REPO": str(REPO)}
+    scripts = launch_scripts_dir(opts.launch_scripts)
+    env = {"GEM_REPO": str(scripts.parent)}
     if s.kind in ("pretrain", "sft"):
         gpus = opts.gpus_per_node or cfg.nproc
         common += ["--nodes=1", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}"]
@@ -128,17 +152,17 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
                 env.update(GEM_BETA=f"{s.info['beta']:g}", GEM_H="linear")
         # Flags not set by the script's variables (architecture, seed, ...) go as script
         # arguments, last, so they win over the preset.
-        return common + [str(REPO / "launch_scripts" / SCRIPTS[s.kind]), *_script_extra(argv)], env
+        return common + [str(scripts / SCRIPTS[s.kind]), *_script_extra(argv)], env
     if s.kind == "export":
         env.update(CKPT_DIR=str(s.info["ckpt"]), HF_OUT=str(s.out), ITERATION=str(s.info["step"]),
                    TOKENIZER=str(s.info["size"].hf_model or ""), CONVERT_PP="1", DTYPE="fp32")
         extra = [] if cfg.imports else ["--vocab-size", "VOCAB"]
-        return common + [str(REPO / "launch_scripts" / SCRIPTS["export"]), *extra], env
+        return common + [str(scripts / SCRIPTS["export"]), *extra], env
     if s.kind == "import":
         env.update(HF_MODEL=str(s.info["size"].hf_model), BASE_CKPT=str(s.out),
                    MODEL=s.info["size"].name, CONVERT_TP=str(cfg.tp), CONVERT_PP="1", DTYPE="")
-        return common + [str(REPO / "launch_scripts" / SCRIPTS["import"])], env
-    wrap = f"cd {shlex.quote(str(REPO))} && {shlex.quote(py)} -m megatron_gem.study run-stage " \
+        return common + [str(scripts / SCRIPTS["import"])], env
+    wrap = f"{shlex.quote(py)} -m megatron_gem.study run-stage " \
            f"--out {shlex.quote(str(study.out))} --stage {shlex.quote(s.name)}"
     return common + list(opts.cpu_args) + [f"--wrap={wrap}"], env
 
@@ -172,7 +196,9 @@ def run_slurm(study: Study, opts: SlurmOptions = SlurmOptions()) -> dict[str, st
     """Submit every pending stage as a slurm job, chained with --dependency=afterok on the jobs
     of its pending inputs; returns {stage: job id} (also in OUT/slurm_jobs.json). Stages that
     jobs finished since the last call are adopted first, so calling it again only submits what
-    is still missing (and, when nothing is, writes nothing)."""
+    is still missing (and, when nothing is, writes nothing). Refused (ValueError) without the
+    launch scripts (``opts.launch_scripts`` or $GEM_LAUNCH_SCRIPTS)."""
+    opts = replace(opts, launch_scripts=launch_scripts_dir(opts.launch_scripts))
     study.init_folder()
     (study.out / "logs").mkdir(exist_ok=True)
     adopted = study.adopt_finished()

@@ -18,8 +18,6 @@ from megatron_gem.paths import publish, temp_sibling
 from megatron_gem.study.config import DATA_KEYS, ModelSize, StudyConfig
 from megatron_gem.study.stages import INPUTS, Stage, Study, read_json, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def describe(cfg: StudyConfig, s: Stage) -> str:
     if s.kind == "data":
@@ -185,15 +183,16 @@ def _run_train(study: Study, s: Stage) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            f"--nproc-per-node={study.cfg.nproc}", "-m", "megatron_gem.train", *_cpu_flag(),
            *train_argv(study, s)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
+    # The installed package: the caller's environment and working directory (every path in the
+    # flags is absolute: the study folder is resolved).
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
     log = _logfile(study, s)
     study.log(f"   log: {log}")
     with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         for line in proc.stdout:
             f.write(line)

@@ -23,7 +23,7 @@ import pytest
 
 from megatron_gem.eval import api as E
 from megatron_gem.data import jsonl as J
-from megatron_gem.study import driver as S
+import megatron_gem.study as S
 from megatron_gem.data import tokenizer as T
 
 REPO = Path(__file__).resolve().parents[1]

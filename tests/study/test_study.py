@@ -30,9 +30,12 @@ from pathlib import Path
 import pytest
 
 from megatron_gem.train import launch_check as lc
-from megatron_gem.study import driver as S
+import megatron_gem.study as S
+from megatron_gem.study.config import parse_size
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# The slurm executor runs the checkout's launch scripts (not part of the installed package).
+SLURM = S.SlurmOptions(launch_scripts=REPO / "launch_scripts")
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
 
 
@@ -191,7 +194,7 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
     bin_dir = _stub(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     study = S.Study(S.preset("ci"), tmp_path / "study", log=lambda m: None)
-    jobs = S.run_slurm(study)
+    jobs = S.run_slurm(study, SLURM)
     subs = [json.loads(l) for l in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
     assert list(jobs) == [s.name for s in study.stages] and len(subs) == len(jobs)
     assert jobs == {s.name: str(101 + i) for i, s in enumerate(study.stages)}
@@ -209,9 +212,11 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
     assert Path(script["pretrain:xs"]).name == "gpt_pretrain.sbatch"
     assert Path(script["sft:s:gem-b1"]).name == "llama3_8b_sft.sbatch"
     assert Path(script["export:xs:ce:3"]).name == "convert_megatron_to_hf.sbatch"
+    assert Path(script["pretrain:xs"]).parent == REPO / "launch_scripts"
     for n in ("data", "prep", "eval:xs:base", "eval:s:gem-b1:6", "report"):
         assert script[n] is None
         assert f"run-stage --out {study.out} --stage {n}" in _flag(by[n]["argv"], "--wrap")
+        assert not _flag(by[n]["argv"], "--wrap").startswith("cd ")  # the installed package
     assert by["sft:s:gem-b1"]["env"]["LOSS"] == "gem" and by["sft:s:gem-b1"]["env"]["GEM_BETA"] == "1"
     assert by["sft:s:ce"]["env"]["LOSS"] == "ce"
     assert by["sft:s:ce"]["env"]["BASE_CKPT"] == str(study.by_name["pretrain:s"].out)
@@ -241,15 +246,38 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
         assert "OK" in rep.format()
 
 
+def test_slurm_needs_the_launch_scripts_folder(tmp_path, monkeypatch, capsys):
+    """The launch scripts are in the checkout, not the package: without --launch-scripts or
+    $GEM_LAUNCH_SCRIPTS the slurm executor is refused at once (one line, nothing written); the
+    variable is the option's default, and the jobs' GEM_REPO is the folder's parent."""
+    monkeypatch.delenv("GEM_LAUNCH_SCRIPTS", raising=False)
+    monkeypatch.delenv("GEM_REPO", raising=False)
+    out = tmp_path / "study"
+    run = ["run", "--preset", "ci", "--executor", "slurm", "--out", str(out)]
+    assert S.main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--launch-scripts DIR" in err[0] and "GEM_LAUNCH_SCRIPTS" in err[0]
+    assert not out.exists()
+    assert S.main(run + ["--launch-scripts", str(tmp_path)]) == 2
+    assert "not the launch_scripts/ folder" in capsys.readouterr().err and not out.exists()
+    bin_dir = _stub(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GEM_LAUNCH_SCRIPTS", str(REPO / "launch_scripts"))
+    assert S.main(run) == 0
+    subs = [json.loads(l) for l in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
+    assert len(subs) == len(S.plan(S.preset("ci"), out))
+    assert {sub["env"]["GEM_REPO"] for sub in subs} == {str(REPO)}
+
+
 def test_slurm_resubmits_only_what_is_missing_and_collects(ci_study, tmp_path, monkeypatch):
     """On a finished study (from the local run), a deleted evaluation is resubmitted with the
     report after it; once its jobs ran (here: their run-stage commands), nothing is left."""
     study, _ = ci_study
     bin_dir = _stub(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert S.run_slurm(S.Study(study.cfg, study.out, log=lambda m: None)) == {}
+    assert S.run_slurm(S.Study(study.cfg, study.out, log=lambda m: None), SLURM) == {}
     shutil.rmtree(study.by_name["eval:s:ce:3"].out)
-    jobs = S.run_slurm(S.Study(study.cfg, study.out, log=lambda m: None))
+    jobs = S.run_slurm(S.Study(study.cfg, study.out, log=lambda m: None), SLURM)
     assert jobs == {"eval:s:ce:3": "101", "report": "102"}
     subs = [json.loads(l) for l in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
     assert _flag(subs[1]["argv"], "--dependency") == "afterok:101"
@@ -272,7 +300,7 @@ def test_bad_configs_are_refused_clearly(tmp_path):
         S.preset("ci", sft_data=str(tmp_path / "nope.jsonl"), eval_data=str(tmp_path / "nope.jsonl"),
                  pretrain_data=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="--sizes entry"):
-        S._size("tiny:2")
+        parse_size("tiny:2")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):

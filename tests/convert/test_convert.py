@@ -1,4 +1,4 @@
-"""HF <-> Megatron conversion (megatron_gem/convert/api.py, tools/convert_checkpoint.py).
+"""HF <-> Megatron conversion (megatron_gem/convert/, tools/convert_checkpoint.py).
 
 Fast unit tests of the mapping (no Megatron import) first; the multi-process end-to-end checks
 (logits against transformers at TP=2 and TP=2 x PP=2, bit-exact round trip, export after GEM
@@ -475,7 +475,7 @@ def _cli(argv, capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
     spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

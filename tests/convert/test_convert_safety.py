@@ -25,7 +25,7 @@ from megatron_gem.convert import api as C
 from megatron_gem.paths import publish
 from test_convert import _cli, llama_cfg, random_hf_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "tools" / "convert_checkpoint.py"
 
 

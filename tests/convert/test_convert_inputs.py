@@ -1,5 +1,5 @@
 """Conversion inputs (issue 11): the right model or a named one-line error, never a silently
-wrong one. Tiny models and helpers from tests/test_convert.py; the worker spawns are grouped
+wrong one. Tiny models and helpers from tests/convert/test_convert.py; the worker spawns are grouped
 (one qwen2 import + export, one Llama-3 import at TP=2 and two one-iteration training runs).
 """
 
@@ -22,7 +22,7 @@ from megatron_gem.convert import api as C
 from test_convert import (check_reloaded_logits, hf_logits, llama_cfg, qwen2_cfg,
                           random_hf_state, sample_tokens)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def listing(*roots) -> dict:

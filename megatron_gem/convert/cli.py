@@ -17,7 +17,8 @@ import argparse
 import signal
 import sys
 
-from megatron_gem.convert.api import IncompleteOutputError, hf_to_megatron, megatron_to_hf
+from megatron_gem.convert.api import hf_to_megatron, megatron_to_hf
+from megatron_gem.convert.checkpoints import IncompleteOutputError
 
 
 def _positive(text: str) -> int:

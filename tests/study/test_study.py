@@ -150,7 +150,7 @@ def test_resume_does_nothing_then_redoes_only_a_deleted_stage_and_its_dependents
 
 
 def test_in_process_export_equals_the_converter(ci_study, tmp_path):
-    from megatron_gem.convert import api as C
+    from megatron_gem import convert as C
 
     study, _ = ci_study
     sft = study.by_name["sft:xs:ce"]

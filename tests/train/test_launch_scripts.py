@@ -226,7 +226,7 @@ def test_cli_tool_failure(capsys):
 def test_conversion_job_feeds_the_sft_job(model, sft_script):
     """Default paths line up, and the converted embedding has the padded vocabulary training
     computes (Megatron pads to a multiple of 128 x TP; a mismatch fails the checkpoint load)."""
-    from megatron_gem.convert.api import padded_vocab_size
+    from megatron_gem.convert import padded_vocab_size
 
     conv = _dry("convert_hf_to_megatron.sbatch", {"MODEL": model})[0].argv
     sft = _dry(sft_script)[0].argv
@@ -336,7 +336,7 @@ def test_dry_run_launch_cli(capsys, monkeypatch, tmp_path):
 def _converted(tmp_path, name, layers, hidden, ffn, heads, tp):
     """A base checkpoint directory with the megatron_args.txt the converter writes for this HF
     Llama-3 config (the flags come from megatron_gem.convert, not from the launch scripts)."""
-    from megatron_gem.convert.api import arch_from_hf_config, megatron_model_args
+    from megatron_gem.convert import arch_from_hf_config, megatron_model_args
 
     arch = arch_from_hf_config({
         "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,

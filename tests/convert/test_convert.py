@@ -1,4 +1,4 @@
-"""HF <-> Megatron conversion (megatron_gem/convert/api.py, tools/convert_checkpoint.py).
+"""HF <-> Megatron conversion (megatron_gem/convert/, tools/convert_checkpoint.py).
 
 Fast unit tests of the mapping (no Megatron import) first; the multi-process end-to-end checks
 (logits against transformers at TP=2 and TP=2 x PP=2, bit-exact round trip, export after GEM
@@ -13,7 +13,27 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_gem.convert import api as C
+from megatron_gem.convert import (
+    arch_from_hf_config,
+    arch_from_megatron_args,
+    hf_config_from_arch,
+    hf_to_megatron,
+    megatron_full_state_to_hf,
+    megatron_model_args,
+    megatron_to_hf,
+    padded_vocab_size,
+    read_megatron_tensors,
+)
+from megatron_gem.convert.api import _export_vocab_size, _parse_size
+from megatron_gem.convert.hf_files import SafetensorsReader, hf_token_ids, read_hf_config
+from megatron_gem.convert.mapping import (
+    hf_to_megatron_full_state,
+    local_megatron_tensor,
+    parse_megatron_name,
+    qkv_hf_to_megatron,
+    qkv_megatron_to_hf,
+)
+from megatron_gem.convert.workers import build_model, unwrap
 
 # --------------------------------------------------------------------------------------------
 # tiny configs (odd sizes: 3 query heads per KV group, ffn not a power of two)
@@ -62,12 +82,12 @@ def random_hf_state(cfg, seed):
 
 
 def test_arch_from_hf_llama_and_qwen2():
-    a = C.arch_from_hf_config(llama_cfg().to_dict())
+    a = arch_from_hf_config(llama_cfg().to_dict())
     assert (a.model_type, a.num_layers, a.hidden_size, a.ffn_hidden_size) == ("llama", 4, 48, 88)
     assert (a.num_attention_heads, a.num_query_groups, a.head_dim) == (6, 2, 12)
     assert (a.rope_theta, a.rope_scaling_factor, a.tie_word_embeddings, a.qkv_bias) == (
         500000, 32.0, False, False)
-    q = C.arch_from_hf_config(qwen2_cfg().to_dict())
+    q = arch_from_hf_config(qwen2_cfg().to_dict())
     assert (q.model_type, q.qkv_bias, q.tie_word_embeddings, q.head_dim, q.rope_theta) == (
         "qwen2", True, True, 10, 1000000)
     assert q.rope_scaling_factor is None
@@ -79,7 +99,7 @@ def test_arch_from_hf_transformers4_style_rope_keys():
     d["rope_theta"] = 500000.0
     d["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    a = C.arch_from_hf_config(d)
+    a = arch_from_hf_config(d)
     assert (a.rope_theta, a.rope_scaling_factor) == (500000, 8.0)
 
 
@@ -101,24 +121,24 @@ def test_arch_from_hf_refuses_what_it_cannot_map(change, match):
     d = llama_cfg().to_dict()
     d.update(change)
     with pytest.raises(ValueError, match=match):
-        C.arch_from_hf_config(d)
+        arch_from_hf_config(d)
 
 
 def test_arch_from_hf_refuses_qwen2_sliding_window():
     d = qwen2_cfg().to_dict()
     d["use_sliding_window"] = True
     with pytest.raises(ValueError, match="use_sliding_window"):
-        C.arch_from_hf_config(d)
+        arch_from_hf_config(d)
 
 
 @pytest.mark.parametrize("make", [llama_cfg, qwen2_cfg])
 def test_hf_config_round_trip(make):
-    a = C.arch_from_hf_config(make().to_dict())
-    cfg = C.hf_config_from_arch(a, torch.bfloat16, {"eos_token_id": 7})
+    a = arch_from_hf_config(make().to_dict())
+    cfg = hf_config_from_arch(a, torch.bfloat16, {"eos_token_id": 7})
     d = json.loads(cfg.to_json_string())
     assert d["dtype"] == "bfloat16" and d["eos_token_id"] == 7 and d["bos_token_id"] is None
     assert "rope_parameters" in d and "rope_theta" not in d
-    assert C.arch_from_hf_config(d) == a
+    assert arch_from_hf_config(d) == a
 
 
 def test_megatron_args_round_trip_through_megatron_parser():
@@ -129,13 +149,13 @@ def test_megatron_args_round_trip_through_megatron_parser():
 
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
     for make in (llama_cfg, qwen2_cfg):
-        a = C.arch_from_hf_config(make().to_dict())
-        ns = parser.parse_args(C.megatron_model_args(a, 64))
+        a = arch_from_hf_config(make().to_dict())
+        ns = parser.parse_args(megatron_model_args(a, 64))
         assert ns.make_vocab_size_divisible_by == 64
-        assert C.arch_from_megatron_args(ns, a.vocab_size) == a
+        assert arch_from_megatron_args(ns, a.vocab_size) == a
     ns.num_experts = 8
     with pytest.raises(ValueError, match="num_experts=8"):
-        C.arch_from_megatron_args(ns, 10)
+        arch_from_megatron_args(ns, 10)
 
 
 def test_padded_vocab_size_matches_megatron():
@@ -145,7 +165,7 @@ def test_padded_vocab_size_matches_megatron():
 
     for v, d, tp in [(203, 128, 2), (128256, 128, 8), (256, 128, 1), (151665, 64, 4), (1, 1, 3)]:
         ns = SimpleNamespace(make_vocab_size_divisible_by=d, tensor_model_parallel_size=tp, rank=1)
-        assert C.padded_vocab_size(v, d, tp) == vocab_size_with_padding(v, ns, False)
+        assert padded_vocab_size(v, d, tp) == vocab_size_with_padding(v, ns, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,14 +187,14 @@ def test_qkv_layout_against_explicit_loop():
         rows += [k[i * d + r] for r in range(d)]
         rows += [v[i * d + r] for r in range(d)]
     ref = torch.stack(rows)
-    got = C.qkv_hf_to_megatron(q, k, v, nh, g, d)
+    got = qkv_hf_to_megatron(q, k, v, nh, g, d)
     assert torch.equal(got, ref)
-    q2, k2, v2 = C.qkv_megatron_to_hf(got, nh, g, d)
+    q2, k2, v2 = qkv_megatron_to_hf(got, nh, g, d)
     assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
     # biases (1-D)
     qb, kb, vb = torch.randn(nh * d), torch.randn(g * d), torch.randn(g * d)
-    fused = C.qkv_hf_to_megatron(qb, kb, vb, nh, g, d)
-    assert torch.equal(fused, C.qkv_hf_to_megatron(qb[:, None], kb[:, None], vb[:, None],
+    fused = qkv_hf_to_megatron(qb, kb, vb, nh, g, d)
+    assert torch.equal(fused, qkv_hf_to_megatron(qb[:, None], kb[:, None], vb[:, None],
                                                     nh, g, d)[:, 0])
 
 
@@ -184,7 +204,7 @@ def test_megatron_attention_split_recovers_hf_heads():
     # small integers in float64: every product is exact, whatever the matmul blocking
     q, k, v, x = (torch.randint(-4, 5, s).double() for s in [(nh * d, h), (g * d, h),
                                                            (g * d, h), (3, h)])
-    fused = x @ C.qkv_hf_to_megatron(q, k, v, nh, g, d).T  # [s, (nh + 2g) d]
+    fused = x @ qkv_hf_to_megatron(q, k, v, nh, g, d).T  # [s, (nh + 2g) d]
     mixed = fused.view(3, g, (nh // g + 2) * d)
     mq, mk, mv = torch.split(mixed, [nh // g * d, d, d], dim=2)
     assert torch.equal(mq.reshape(3, nh, d), (x @ q.T).view(3, nh, d))
@@ -193,7 +213,7 @@ def test_megatron_attention_split_recovers_hf_heads():
 
 
 def _full_megatron_from_shards(kind, layer, arch, read, tp, padded):
-    parts = [C.local_megatron_tensor(kind, layer, arch, read, r, tp, padded) for r in range(tp)]
+    parts = [local_megatron_tensor(kind, layer, arch, read, r, tp, padded) for r in range(tp)]
     if kind in ("o", "fc2"):
         return torch.cat(parts, 1)
     if kind in ("input_norm", "post_norm", "final_norm"):
@@ -210,9 +230,9 @@ def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
     cfg = make()
     model = random_hf_state(cfg, seed=3 + tp)
     hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    a = C.arch_from_hf_config(cfg.to_dict())
-    padded = C.padded_vocab_size(a.vocab_size, 16, tp)
-    full = C.hf_to_megatron_full_state(hf, a, padded)
+    a = arch_from_hf_config(cfg.to_dict())
+    padded = padded_vocab_size(a.vocab_size, 16, tp)
+    full = hf_to_megatron_full_state(hf, a, padded)
 
     def read(name, rows=None, cols=None):
         t = hf[name]
@@ -220,14 +240,14 @@ def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
         return t[:, cols[0]:cols[1]] if cols else t
 
     for name, t in full.items():
-        kind, layer = C.parse_megatron_name(name)
+        kind, layer = parse_megatron_name(name)
         assert torch.equal(_full_megatron_from_shards(kind, layer, a, read, tp, padded), t), name
     emb = full["embedding.word_embeddings.weight"]
     assert emb.shape == (padded, a.hidden_size) and padded > a.vocab_size
     assert torch.equal(emb[: a.vocab_size], hf["model.embed_tokens.weight"])
     assert not emb[a.vocab_size:].any()
     assert ("output_layer.weight" in full) == (not a.tie_word_embeddings)
-    back = C.megatron_full_state_to_hf(full, a)
+    back = megatron_full_state_to_hf(full, a)
     expected = {k: v for k, v in hf.items() if not (a.tie_word_embeddings and k == "lm_head.weight")}
     assert back.keys() == expected.keys()
     for k in expected:
@@ -235,16 +255,16 @@ def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
 
 
 def test_parse_megatron_name_local_and_te_spec():
-    assert C.parse_megatron_name("module.decoder.layers.3.input_layernorm.weight") == (
+    assert parse_megatron_name("module.decoder.layers.3.input_layernorm.weight") == (
         "input_norm", 3)
-    assert C.parse_megatron_name(
+    assert parse_megatron_name(
         "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight") == ("input_norm", 0)
-    assert C.parse_megatron_name("decoder.layers.7.mlp.linear_fc1.layer_norm_weight") == (
+    assert parse_megatron_name("decoder.layers.7.mlp.linear_fc1.layer_norm_weight") == (
         "post_norm", 7)
-    assert C.parse_megatron_name("decoder.layers.7.pre_mlp_layernorm.weight") == ("post_norm", 7)
-    assert C.parse_megatron_name("output_layer.weight") == ("lm_head", None)
+    assert parse_megatron_name("decoder.layers.7.pre_mlp_layernorm.weight") == ("post_norm", 7)
+    assert parse_megatron_name("output_layer.weight") == ("lm_head", None)
     with pytest.raises(ValueError, match="q_layernorm"):
-        C.parse_megatron_name("decoder.layers.0.self_attention.q_layernorm.weight")
+        parse_megatron_name("decoder.layers.0.self_attention.q_layernorm.weight")
 
 
 def test_safetensors_reader_sharded_slices(tmp_path):
@@ -256,7 +276,7 @@ def test_safetensors_reader_sharded_slices(tmp_path):
     save_file({"b": b}, str(tmp_path / "model-00002-of-00002.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    r = C.SafetensorsReader(tmp_path)
+    r = SafetensorsReader(tmp_path)
     assert torch.equal(r.get("a", rows=(2, 5)), a[2:5])
     assert torch.equal(r.get("a", cols=(1, 4)), a[:, 1:4])
     assert torch.equal(r.get("a", rows=(3, 9), cols=(0, 2)), a[3:9, 0:2])
@@ -264,7 +284,7 @@ def test_safetensors_reader_sharded_slices(tmp_path):
     with pytest.raises(ValueError, match="'c' is missing"):
         r.get("c")
     with pytest.raises(ValueError, match="only safetensors"):
-        C.SafetensorsReader(tmp_path / "nothing")
+        SafetensorsReader(tmp_path / "nothing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +307,7 @@ def megatron_logits(model_chunks, tokens):
 
     (model,) = model_chunks
     model.eval()
-    gpt = C.unwrap(model)
+    gpt = unwrap(model)
     b, s = tokens.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]  # True = masked
@@ -323,7 +343,7 @@ def check_reloaded_logits(model, arch, ref):
 
     args = get_args()
     args.load, args.no_load_optim, args.no_load_rng = args.save, True, True
-    fresh = C.build_model()
+    fresh = build_model()
     load_checkpoint(fresh, None, None)
     tokens = sample_tokens(arch.vocab_size)
     got = megatron_logits(fresh, tokens)
@@ -365,7 +385,7 @@ def _stack_layers(full: dict, arch) -> dict:
           "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
     out, per = {}, {}
     for name, t in full.items():
-        kind, layer = C.parse_megatron_name(name)
+        kind, layer = parse_megatron_name(name)
         if layer is None:
             out[name] = t
         else:
@@ -384,26 +404,26 @@ def test_e2e_llama_tp2_pp2_logits_and_round_trip(e2e, tmp_path):
     hf = dirs["llama"]
     ckpt = root / "llama_tp2pp2"
     ref = hf_logits(hf, sample_tokens(203))
-    flags = C.hf_to_megatron(hf, ckpt, tp=2, pp=2, after_save=partial(check_reloaded_logits, ref=ref))
+    flags = hf_to_megatron(hf, ckpt, tp=2, pp=2, after_save=partial(check_reloaded_logits, ref=ref))
     assert "--untie-embeddings-and-output-weights" in flags and "--use-rope-scaling" in flags
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert " ".join(flags) in (ckpt / "megatron_args.txt").read_text()
     assert not [p for p in root.iterdir() if "incomplete" in p.name]
 
-    arch = C.arch_from_hf_config(C.read_hf_config(hf))
-    reader = C.SafetensorsReader(hf)
+    arch = arch_from_hf_config(read_hf_config(hf))
+    reader = SafetensorsReader(hf)
     hf_state = {k: reader.get(k) for k in reader.weight_map}
-    saved = C.read_megatron_tensors(ckpt / "release")
-    want = _stack_layers(C.hf_to_megatron_full_state(hf_state, arch, 256), arch)
+    saved = read_megatron_tensors(ckpt / "release")
+    want = _stack_layers(hf_to_megatron_full_state(hf_state, arch, 256), arch)
     assert saved.keys() == want.keys()
     for k in want:
         assert torch.equal(saved[k], want[k]), k
 
     out = tmp_path / "llama_back"
-    C.megatron_to_hf(ckpt, out, pp=2, max_shard_size="60KB")
+    megatron_to_hf(ckpt, out, pp=2, max_shard_size="60KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    back = C.SafetensorsReader(out)
+    back = SafetensorsReader(out)
     assert sorted(back.weight_map) == sorted(hf_state)
     for k, t in hf_state.items():
         assert torch.equal(back.get(k), t), k
@@ -413,7 +433,7 @@ def test_e2e_llama_tp2_pp2_logits_and_round_trip(e2e, tmp_path):
     # ... -> Megatron again: the writer above produced exactly the mapping of its input (checked
     # against `want`), so mapping the export back must give the checkpoint bit for bit
     # (a second import process would add nothing but start-up time).
-    again = _stack_layers(C.hf_to_megatron_full_state(
+    again = _stack_layers(hf_to_megatron_full_state(
         {k: back.get(k) for k in back.weight_map}, arch, 256), arch)
     assert again.keys() == saved.keys()
     for k in saved:
@@ -424,7 +444,7 @@ def test_e2e_qwen2_tp2_logits(e2e):
     """(1) HF Qwen2 (QKV bias, tied embeddings) -> Megatron at TP=2: logits equal transformers'."""
     root, dirs = e2e
     ref = hf_logits(dirs["qwen2"], sample_tokens(157))
-    flags = C.hf_to_megatron(dirs["qwen2"], root / "qwen2_tp2", tp=2, pp=1,
+    flags = hf_to_megatron(dirs["qwen2"], root / "qwen2_tp2", tp=2, pp=1,
                              after_save=partial(check_reloaded_logits, ref=ref))
     assert "--add-qkv-bias" in flags and "--untie-embeddings-and-output-weights" not in flags
 
@@ -438,7 +458,7 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
     root, dirs = e2e
     ckpt = root / "llama_tp2pp2"  # written by the TP=2 x PP=2 test, or here when run alone
     if not ckpt.exists():
-        C.hf_to_megatron(dirs["llama"], ckpt, tp=2, pp=1)
+        hf_to_megatron(dirs["llama"], ckpt, tp=2, pp=1)
     flags = (ckpt / "megatron_args.txt").read_text().splitlines()[-1].split()
     trained = tmp_path / "trained"
     out = run_train(2, flags + [
@@ -453,7 +473,7 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
     assert (trained / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
     hf_out, logits_file = tmp_path / "trained_hf", tmp_path / "megatron_logits.pt"
-    C.megatron_to_hf(trained, hf_out, pp=2,
+    megatron_to_hf(trained, hf_out, pp=2,
                      after_load=partial(save_megatron_logits, path=str(logits_file)))
     megatron = torch.load(logits_file)
     ref = hf_logits(hf_out, sample_tokens(203))  # HF_HUB_OFFLINE: a local directory only
@@ -461,8 +481,8 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
     print(f"[test] trained Megatron vs exported transformers logits: max |diff| = {diff:.3g}")
     assert diff <= 1e-5, diff
     # training moved the weights away from the imported ones
-    before = C.SafetensorsReader(dirs["llama"]).get("model.layers.0.mlp.down_proj.weight")
-    after = C.SafetensorsReader(hf_out).get("model.layers.0.mlp.down_proj.weight")
+    before = SafetensorsReader(dirs["llama"]).get("model.layers.0.mlp.down_proj.weight")
+    after = SafetensorsReader(hf_out).get("model.layers.0.mlp.down_proj.weight")
     assert not torch.equal(before, after)
 
 
@@ -475,7 +495,7 @@ def _cli(argv, capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
     spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -528,29 +548,29 @@ def test_cli_refuses_before_writing(tmp_path, capsys):
 
 
 def test_parse_size():
-    assert C._parse_size("5GB") == 5 * 10**9 and C._parse_size("60KB") == 60_000
-    assert C._parse_size(123) == 123 and C._parse_size("1.5MB") == 1_500_000
+    assert _parse_size("5GB") == 5 * 10**9 and _parse_size("60KB") == 60_000
+    assert _parse_size(123) == 123 and _parse_size("1.5MB") == 1_500_000
     for bad in ("lots", "0", "-1GB"):
         with pytest.raises(ValueError, match="max_shard_size"):
-            C._parse_size(bad)
+            _parse_size(bad)
 
 
 def test_export_vocab_size_and_token_ids(tmp_path):
     from types import SimpleNamespace as NS
 
     null = NS(tokenizer_type="NullTokenizer", vocab_size=203, padded_vocab_size=256)
-    assert C._export_vocab_size(null, None, None) == 203
-    assert C._export_vocab_size(null, None, 201) == 201
+    assert _export_vocab_size(null, None, None) == 203
+    assert _export_vocab_size(null, None, 201) == 201
     tok = tmp_path / "orig"
     tok.mkdir()
     (tok / "config.json").write_text(json.dumps({"vocab_size": 250, "bos_token_id": 3,
                                                  "eos_token_id": [4, 5]}))
-    assert C._export_vocab_size(null, tok, None) == 250
+    assert _export_vocab_size(null, tok, None) == 250
     hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok),
                 vocab_size=None, padded_vocab_size=256)
-    assert C._export_vocab_size(hf_tok, None, None) == 250
+    assert _export_vocab_size(hf_tok, None, None) == 250
     with pytest.raises(ValueError, match="pass --vocab-size or --tokenizer"):
-        C._export_vocab_size(NS(tokenizer_type="GPT2BPETokenizer", vocab_size=None,
+        _export_vocab_size(NS(tokenizer_type="GPT2BPETokenizer", vocab_size=None,
                                 padded_vocab_size=256), None, None)
-    assert C._token_ids(tok) == {"bos_token_id": 3, "eos_token_id": [4, 5], "pad_token_id": None}
-    assert C._token_ids(None) == {}
+    assert hf_token_ids(tok) == {"bos_token_id": 3, "eos_token_id": [4, 5], "pad_token_id": None}
+    assert hf_token_ids(None) == {}

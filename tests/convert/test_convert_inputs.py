@@ -1,10 +1,11 @@
 """Conversion inputs (issue 11): the right model or a named one-line error, never a silently
-wrong one. Tiny models and helpers from tests/test_convert.py; the worker spawns are grouped
+wrong one. Tiny models and helpers from tests/convert/test_convert.py; the worker spawns are grouped
 (one qwen2 import + export, one Llama-3 import at TP=2 and two one-iteration training runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,11 +19,19 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from megatron_gem.convert import api as C
+from megatron_gem.convert import (
+    arch_from_hf_config,
+    hf_to_megatron,
+    megatron_to_hf,
+    read_megatron_args,
+)
+from megatron_gem.convert.api import _export_token_ids, check_export_vocab, recorded_vocab
+from megatron_gem.convert.checkpoints import IMPORT_RECORD, read_import_record
+from megatron_gem.convert.hf_files import SafetensorsReader, read_hf_config, untie_if_head_differs
 from test_convert import (check_reloaded_logits, hf_logits, llama_cfg, qwen2_cfg,
                           random_hf_state, sample_tokens)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def listing(*roots) -> dict:
@@ -63,7 +72,7 @@ def test_broken_config_json_and_safetensors_are_named_errors(tmp_path):
     (hf / "config.json").write_text(cut)
     line = cut.count("\n") + 1
     with pytest.raises(ValueError) as e:
-        C.hf_to_megatron(hf, out)
+        hf_to_megatron(hf, out)
     msg = str(e.value)
     assert f"{hf / 'config.json'}: invalid JSON at line {line} column" in msg
     assert "restore or re-download" in msg and "\n" not in msg
@@ -71,14 +80,14 @@ def test_broken_config_json_and_safetensors_are_named_errors(tmp_path):
     assert_one_line_error(code, err, str(hf / "config.json"), f"line {line} column")
     (hf / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not an object"):
-        C.read_hf_config(hf)
+        read_hf_config(hf)
 
     # truncated single-file safetensors (an interrupted download)
     (hf / "config.json").write_text(good_cfg)
     st = hf / "model.safetensors"
     st.write_bytes(st.read_bytes()[:-100])
     with pytest.raises(ValueError) as e:
-        C.hf_to_megatron(hf, out)
+        hf_to_megatron(hf, out)
     assert f"{st}: cannot be read as safetensors" in str(e.value)
     assert "truncated" in str(e.value) and "download or save it again" in str(e.value)
     code, err = cli("hf-to-megatron", "--hf", str(hf), "--out", str(out))
@@ -93,14 +102,14 @@ def test_broken_config_json_and_safetensors_are_named_errors(tmp_path):
     last = hf / shards[-1]
     last.write_bytes(last.read_bytes()[:50])
     with pytest.raises(ValueError, match=f"{last}: cannot be read as safetensors"):
-        C.hf_to_megatron(hf, out)
+        hf_to_megatron(hf, out)
     last.unlink()
     with pytest.raises(ValueError, match=f"{last}: cannot be read as safetensors.*missing"):
-        C.hf_to_megatron(hf, out)
+        hf_to_megatron(hf, out)
     ix = hf / "model.safetensors.index.json"
     ix.write_text(ix.read_text()[:200])
     with pytest.raises(ValueError, match=f"{ix}: invalid JSON at line"):
-        C.hf_to_megatron(hf, out)
+        hf_to_megatron(hf, out)
     before = listing(hf)
     code, err = cli("hf-to-megatron", "--hf", str(hf), "--out", str(out))
     assert_one_line_error(code, err, str(ix), "invalid JSON at line")
@@ -118,19 +127,19 @@ def test_untie_if_head_differs_follows_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     random_hf_state(qwen2_cfg(), 1).save_pretrained(str(tmp_path))
-    arch = C.arch_from_hf_config(C.read_hf_config(tmp_path))
+    arch = arch_from_hf_config(read_hf_config(tmp_path))
     assert arch.tie_word_embeddings
     st = tmp_path / "model.safetensors"
     sd = load_file(str(st))
     assert "lm_head.weight" not in sd
-    assert C.untie_if_head_differs(C.SafetensorsReader(tmp_path), arch) == arch
+    assert untie_if_head_differs(SafetensorsReader(tmp_path), arch) == arch
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()  # present, equal: still tied
     save_file(sd, str(st), metadata={"format": "pt"})
-    assert C.untie_if_head_differs(C.SafetensorsReader(tmp_path), arch, rows_per_read=10) == arch
+    assert untie_if_head_differs(SafetensorsReader(tmp_path), arch, rows_per_read=10) == arch
     sd["lm_head.weight"][150] += 1.0  # differs in the last block of rows only
     save_file(sd, str(st), metadata={"format": "pt"})
-    untied = C.untie_if_head_differs(C.SafetensorsReader(tmp_path), arch, rows_per_read=10)
-    assert untied == C.dataclasses.replace(arch, tie_word_embeddings=False)
+    untied = untie_if_head_differs(SafetensorsReader(tmp_path), arch, rows_per_read=10)
+    assert untied == dataclasses.replace(arch, tie_word_embeddings=False)
     # ... which is what transformers (the installed version) loads
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert torch.equal(m.lm_head.weight, sd["lm_head.weight"])
@@ -145,23 +154,23 @@ def test_untie_if_head_differs_follows_transformers(tmp_path):
 def test_check_export_vocab_rules(tmp_path):
     null = NS(tokenizer_type="NullTokenizer", vocab_size=157, padded_vocab_size=256,
               make_vocab_size_divisible_by=128, tensor_model_parallel_size=1)
-    C.check_export_vocab(157, "x", null)
+    check_export_vocab(157, "x", null)
     with pytest.raises(ValueError, match=r"--vocab-size 100: vocabulary size 100 cannot be .*"
                        r"padded to 256 \(make_vocab_size_divisible_by=128 x TP 1\), and 100 "
                        r"pads to 128"):
-        C.check_export_vocab(100, "--vocab-size 100", null)
+        check_export_vocab(100, "--vocab-size 100", null)
     with pytest.raises(ValueError, match="cannot be this checkpoint's.*300 pads to 384"):
-        C.check_export_vocab(300, "--vocab-size 300", null)
+        check_export_vocab(300, "--vocab-size 300", null)
     with pytest.raises(ValueError, match=r"vocabulary size 150, but the checkpoint records 157 "
                        r"\(its NullTokenizer --vocab-size\).*pass --vocab-size 157"):
-        C.check_export_vocab(150, "--vocab-size 150", null)
+        check_export_vocab(150, "--vocab-size 150", null)
     # converted at TP=2 (padded 512), fine-tuned at TP=1 with --use-checkpoint-args (padded
     # kept): the import record's layout explains the padding
     moved = NS(tokenizer_type="NullTokenizer", vocab_size=300, padded_vocab_size=512,
                make_vocab_size_divisible_by=128, tensor_model_parallel_size=1)
     with pytest.raises(ValueError, match="300 pads to 384"):
-        C.check_export_vocab(300, "x", moved)
-    C.check_export_vocab(300, "x", moved, {"padded_vocab_size": 512, "vocab_size": 300,
+        check_export_vocab(300, "x", moved)
+    check_export_vocab(300, "x", moved, {"padded_vocab_size": 512, "vocab_size": 300,
                                            "make_vocab_size_divisible_by": 128,
                                            "tensor_model_parallel_size": 2})
     # an HF tokenizer directory without config.json records only a lower bound (its length)
@@ -176,10 +185,10 @@ def test_check_export_vocab_rules(tmp_path):
     hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok), vocab_size=None,
                 padded_vocab_size=256, make_vocab_size_divisible_by=128,
                 tensor_model_parallel_size=1)
-    assert C.recorded_vocab(hf_tok)[:2] == (140, False)
-    C.check_export_vocab(157, "x", hf_tok)
+    assert recorded_vocab(hf_tok)[:2] == (140, False)
+    check_export_vocab(157, "x", hf_tok)
     with pytest.raises(ValueError, match=f"records 140 \\(its tokenizer {tok} \\(length\\)\\)"):
-        C.check_export_vocab(139, "--vocab-size 139", hf_tok)
+        check_export_vocab(139, "--vocab-size 139", hf_tok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,17 +216,17 @@ def test_qwen2_head_dim_tied_distinct_head_token_ids_round_trip(tmp_path):
     ref = hf_logits(hf, tokens)  # transformers: untied, both tensors used
 
     ckpt = tmp_path / "ckpt"
-    flags = C.hf_to_megatron(hf, ckpt, tp=1, make_vocab_size_divisible_by=64,
+    flags = hf_to_megatron(hf, ckpt, tp=1, make_vocab_size_divisible_by=64,
                              after_save=partial(check_reloaded_logits, ref=ref))
     assert "--untie-embeddings-and-output-weights" in flags and "--kv-channels" in flags
-    record = json.loads((ckpt / C.IMPORT_RECORD).read_text())
+    record = json.loads((ckpt / IMPORT_RECORD).read_text())
     assert (record["vocab_size"], record["padded_vocab_size"], record["bos_token_id"],
             record["eos_token_id"]) == (157, 192, 5, 7)
-    saved = C.read_megatron_args(ckpt / "release")  # the export checks against these
+    saved = read_megatron_args(ckpt / "release")  # the export checks against these
     assert (saved.make_vocab_size_divisible_by, saved.padded_vocab_size) == (64, 192)
 
     out = tmp_path / "back"
-    C.megatron_to_hf(ckpt, out)
+    megatron_to_hf(ckpt, out)
     got = json.loads((out / "config.json").read_text())
     gen = json.loads((out / "generation_config.json").read_text())
     assert got["head_dim"] == 16 and got["tie_word_embeddings"] is False
@@ -239,16 +248,16 @@ def test_qwen2_head_dim_tied_distinct_head_token_ids_round_trip(tmp_path):
             ({"vocab_size": 150}, "vocabulary size 150, but the checkpoint records 157"),
             ({"vocab_size": 300}, "300 pads to 320")):
         with pytest.raises(ValueError, match=words):
-            C.megatron_to_hf(ckpt, dest, **kw)
+            megatron_to_hf(ckpt, dest, **kw)
     other = tmp_path / "other_tok"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"vocab_size": 180}))
     with pytest.raises(ValueError, match=f"--tokenizer {other}: vocabulary size 180, but the "
                        "checkpoint records 157"):
-        C.megatron_to_hf(ckpt, dest, tokenizer_dir=other)
+        megatron_to_hf(ckpt, dest, tokenizer_dir=other)
     (other / "config.json").write_text('{"vocab_size": 180,')
     with pytest.raises(ValueError, match=f"{other / 'config.json'}: invalid JSON at line 1"):
-        C.megatron_to_hf(ckpt, dest, tokenizer_dir=other)
+        megatron_to_hf(ckpt, dest, tokenizer_dir=other)
     code, err = cli("megatron-to-hf", "--load", str(ckpt), "--out", str(dest),
                     "--vocab-size", "150")
     assert_one_line_error(code, err, "vocabulary size 150", "records 157", "--vocab-size 157")
@@ -280,7 +289,7 @@ def test_llama3_rope_factor32_and_another_training_tp(tmp_path):
     tokens = sample_tokens(203)
     ref = hf_logits(hf, tokens)
     ckpt = tmp_path / "ckpt"
-    flags = C.hf_to_megatron(hf, ckpt, tp=2, after_save=partial(check_reloaded_logits, ref=ref))
+    flags = hf_to_megatron(hf, ckpt, tp=2, after_save=partial(check_reloaded_logits, ref=ref))
     assert flags[flags.index("--rope-scaling-factor") + 1] == "32.0"
 
     tp2, tp1 = _train_once(ckpt, flags, 2), _train_once(ckpt, flags, 1)
@@ -305,21 +314,21 @@ def test_export_token_ids_and_import_record_lookup(tmp_path):
     import record of the checkpoint itself or of the one a --finetune run loaded."""
     imported, trained = tmp_path / "imported", tmp_path / "trained"
     imported.mkdir(), trained.mkdir()
-    (imported / C.IMPORT_RECORD).write_text(json.dumps(
+    (imported / IMPORT_RECORD).write_text(json.dumps(
         {"vocab_size": 157, "bos_token_id": 5, "eos_token_id": [7, 8], "pad_token_id": None}))
     null = NS(tokenizer_type="NullTokenizer", vocab_size=157, load=str(imported))
-    rec = C.read_import_record(trained, null)  # found through the saved --load
-    assert C._export_token_ids(None, null, rec) == {"bos_token_id": 5, "eos_token_id": [7, 8]}
-    assert C.read_import_record(trained, NS(load=str(trained))) == {}
-    assert C.read_import_record(imported, NS()) == rec
+    rec = read_import_record(trained, null)  # found through the saved --load
+    assert _export_token_ids(None, null, rec) == {"bos_token_id": 5, "eos_token_id": [7, 8]}
+    assert read_import_record(trained, NS(load=str(trained))) == {}
+    assert read_import_record(imported, NS()) == rec
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"vocab_size": 157, "bos_token_id": 1,
                                                 "eos_token_id": 2}))
     hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf))
-    assert C._export_token_ids(None, hf_tok, rec) == {"bos_token_id": 1, "eos_token_id": 2,
+    assert _export_token_ids(None, hf_tok, rec) == {"bos_token_id": 1, "eos_token_id": 2,
                                                       "pad_token_id": None}
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"bos_token_id": 9}))
-    assert C._export_token_ids(other, hf_tok, rec)["bos_token_id"] == 9  # --tokenizer first
+    assert _export_token_ids(other, hf_tok, rec)["bos_token_id"] == 9  # --tokenizer first

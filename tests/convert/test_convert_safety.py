@@ -21,11 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem.convert import api as C
+from megatron_gem.convert import (
+    IncompleteOutputError,
+    api,
+    arch_from_hf_config,
+    check_output_dir,
+    hf_to_megatron,
+    megatron_to_hf,
+    read_megatron_args,
+    read_megatron_tensors,
+)
+from megatron_gem.convert.checkpoints import check_hf_output, check_megatron_output
+from megatron_gem.convert.hf_files import read_hf_config
 from megatron_gem.paths import publish
 from test_convert import _cli, llama_cfg, random_hf_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "tools" / "convert_checkpoint.py"
 
 
@@ -51,12 +62,12 @@ def first(tmp_path_factory):
     cfg = llama_cfg(8.0, num_hidden_layers=2, vocab_size=97, hidden_size=24, intermediate_size=40,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=12)
     random_hf_state(cfg, 5).save_pretrained(str(root / "hf"))
-    C.hf_to_megatron(root / "hf", root / "ck")
+    hf_to_megatron(root / "hf", root / "ck")
     return root, root / "hf", root / "ck"
 
 
 def _arch(hf: Path):
-    return C.arch_from_hf_config(C.read_hf_config(hf))
+    return arch_from_hf_config(read_hf_config(hf))
 
 
 def _work(first, tmp_path) -> Path:
@@ -78,11 +89,11 @@ def _work(first, tmp_path) -> Path:
 # an input, directly or through a symlink
 def _overlap_cases(w: Path):
     h2m = lambda hf, out: (["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--overwrite"],  # noqa: E731
-                           lambda: C.hf_to_megatron(hf, out, overwrite=True))
+                           lambda: hf_to_megatron(hf, out, overwrite=True))
     m2h = lambda load, out, tok=None: (  # noqa: E731
         ["megatron-to-hf", "--load", str(load), "--out", str(out), "--overwrite"]
         + (["--tokenizer", str(tok)] if tok else []),
-        lambda: C.megatron_to_hf(load, out, tokenizer_dir=tok, overwrite=True))
+        lambda: megatron_to_hf(load, out, tokenizer_dir=tok, overwrite=True))
     return [
         (*m2h(w / "ck", w / "ck"), f"--out {w / 'ck'} is --load {w / 'ck'}"),
         (*m2h(w / "ck", w / "ck" / "release"), "lies inside --load"),
@@ -116,13 +127,13 @@ def test_export_refuses_to_replace_the_tokenizer_the_checkpoint_names(first, tmp
     """A checkpoint converted from HF records that directory as its tokenizer, and the export
     reads it: exporting over it (--overwrite) is refused like an explicit input."""
     w = _work(first, tmp_path)
-    args = C.read_megatron_args(w / "ck" / "release")
+    args = read_megatron_args(w / "ck" / "release")
     args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", str(w / "link_hf")
-    monkeypatch.setattr(C, "read_megatron_args", lambda d: args)
+    monkeypatch.setattr(api, "read_megatron_args", lambda d: args)
     before = listing(w)
     with pytest.raises(ValueError, match=f"--out {w / 'hf'} is the checkpoint's "
                                          f"--tokenizer-model {w / 'link_hf'}"):
-        C.megatron_to_hf(w / "ck", w / "hf", overwrite=True)
+        megatron_to_hf(w / "ck", w / "hf", overwrite=True)
     assert listing(w) == before
 
 
@@ -159,28 +170,28 @@ def test_workers_that_write_nothing_publish_nothing(first, tmp_path, monkeypatch
     w = _work(first, tmp_path)
     before = listing(w)
     with monkeypatch.context() as m:
-        m.setattr(C, "run_workers", lambda *a, **k: None)
-        with pytest.raises(C.IncompleteOutputError, match="missing latest_checkpointed_iter"):
-            C.hf_to_megatron(w / "hf", w / "ck", overwrite=True)
+        m.setattr(api, "run_workers", lambda *a, **k: None)
+        with pytest.raises(IncompleteOutputError, match="missing latest_checkpointed_iter"):
+            hf_to_megatron(w / "hf", w / "ck", overwrite=True)
         assert listing(w) == before
-        with pytest.raises(C.IncompleteOutputError, match="missing model.safetensors"):
-            C.megatron_to_hf(w / "ck", w / "E", overwrite=True)
+        with pytest.raises(IncompleteOutputError, match="missing model.safetensors"):
+            megatron_to_hf(w / "ck", w / "E", overwrite=True)
         assert listing(w) == before
 
-    monkeypatch.setattr(C, "import_worker", _exit_without_saving)
-    with pytest.raises(C.IncompleteOutputError, match=f"checkpoint they wrote in {w}/.ck.incompl"):
-        C.hf_to_megatron(w / "hf", w / "ck", overwrite=True)
+    monkeypatch.setattr(api, "import_worker", _exit_without_saving)
+    with pytest.raises(IncompleteOutputError, match=f"checkpoint they wrote in {w}/.ck.incompl"):
+        hf_to_megatron(w / "hf", w / "ck", overwrite=True)
     assert listing(w) == before
-    monkeypatch.setattr(C, "export_worker", _die)
-    with pytest.raises(C.IncompleteOutputError, match="worker 0 of 1 was killed by SIGKILL"):
-        C.megatron_to_hf(w / "ck", w / "E", overwrite=True)
+    monkeypatch.setattr(api, "export_worker", _die)
+    with pytest.raises(IncompleteOutputError, match="worker 0 of 1 was killed by SIGKILL"):
+        megatron_to_hf(w / "ck", w / "E", overwrite=True)
     assert listing(w) == before
 
 
 def test_cli_reports_an_incomplete_output_in_one_line(first, tmp_path, monkeypatch, capsys):
     w = _work(first, tmp_path)
     before = listing(w)
-    monkeypatch.setattr(C, "run_workers", lambda *a, **k: None)
+    monkeypatch.setattr(api, "run_workers", lambda *a, **k: None)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", CLI)
@@ -199,24 +210,24 @@ def test_output_checks_name_what_is_missing(first, tmp_path):
     """The checks run before publishing pass on real outputs and name each kind of gap."""
     _, hf, ck = first
     arch = _arch(hf)
-    C.check_megatron_output(ck, arch)
-    C.check_hf_output(hf, arch)
+    check_megatron_output(ck, arch)
+    check_hf_output(hf, arch)
 
     bad = tmp_path / "ck"
     shutil.copytree(ck, bad)
     distcp = next((bad / "release").glob("*.distcp"))
     distcp.write_bytes(distcp.read_bytes()[:-10])  # a save cut short
-    with pytest.raises(C.IncompleteOutputError, match=rf"missing release/{distcp.name} \(bytes"):
-        C.check_megatron_output(bad, arch)
+    with pytest.raises(IncompleteOutputError, match=rf"missing release/{distcp.name} \(bytes"):
+        check_megatron_output(bad, arch)
     distcp.unlink()
-    with pytest.raises(C.IncompleteOutputError, match=f"missing release/{distcp.name}"):
-        C.check_megatron_output(bad, arch)
+    with pytest.raises(IncompleteOutputError, match=f"missing release/{distcp.name}"):
+        check_megatron_output(bad, arch)
     (bad / "release" / "metadata.json").unlink()
-    with pytest.raises(C.IncompleteOutputError, match="missing release/metadata.json"):
-        C.check_megatron_output(bad, arch)
+    with pytest.raises(IncompleteOutputError, match="missing release/metadata.json"):
+        check_megatron_output(bad, arch)
     deeper = dataclasses.replace(arch, num_layers=4)  # the model needs more layers
-    with pytest.raises(C.IncompleteOutputError, match="6 layer tensors of 4 layers"):
-        C.check_megatron_output(ck, deeper)
+    with pytest.raises(IncompleteOutputError, match="6 layer tensors of 4 layers"):
+        check_megatron_output(ck, deeper)
 
     from safetensors.torch import load_file, save_file
 
@@ -225,22 +236,22 @@ def test_output_checks_name_what_is_missing(first, tmp_path):
     state = load_file(str(out / "model.safetensors"))
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, str(out / "model.safetensors"))
-    with pytest.raises(C.IncompleteOutputError, match="tensor model.layers.1.mlp.up_proj.weight"):
-        C.check_hf_output(out, arch)
+    with pytest.raises(IncompleteOutputError, match="tensor model.layers.1.mlp.up_proj.weight"):
+        check_hf_output(out, arch)
     whole = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(whole[:-4])  # a write cut short
-    with pytest.raises(C.IncompleteOutputError, match="missing model.safetensors"):
-        C.check_hf_output(out, arch)
+    with pytest.raises(IncompleteOutputError, match="missing model.safetensors"):
+        check_hf_output(out, arch)
     (out / "model.safetensors").write_bytes(whole)
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
     (out / "model.safetensors.index.json").write_text(
         '{"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors", '
         '"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}')
-    with pytest.raises(C.IncompleteOutputError, match="missing model-00002-of-00002.safetensors"):
-        C.check_hf_output(out, arch)
+    with pytest.raises(IncompleteOutputError, match="missing model-00002-of-00002.safetensors"):
+        check_hf_output(out, arch)
     (out / "config.json").unlink()
-    with pytest.raises(C.IncompleteOutputError, match="missing config.json"):
-        C.check_hf_output(out, arch)
+    with pytest.raises(IncompleteOutputError, match="missing config.json"):
+        check_hf_output(out, arch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,10 +275,10 @@ def test_stale_leftovers_are_named_and_only_dead_ones_removed(tmp_path, capsys):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x").write_text("x")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
-        C.check_output_dir(out, overwrite=False)  # a refusal touches nothing
+        check_output_dir(out, overwrite=False)  # a refusal touches nothing
     assert len(list(tmp_path.iterdir())) == 7
     capsys.readouterr()
-    C.check_output_dir(out, overwrite=True)
+    check_output_dir(out, overwrite=True)
     err = capsys.readouterr().err
     for name in (f".out.incomplete-{dead}-abc", f".out.replaced-{dead}", f".out.tmp-{dead}"):
         assert f"found {tmp_path / name}, left by a conversion that died (process {dead}): " \
@@ -289,7 +300,7 @@ def test_earlier_output_caught_between_the_renames_is_restored(tmp_path, capsys)
     aside.mkdir()
     (aside / "f").write_text("earlier output")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
-        C.check_output_dir(tmp_path / "out", overwrite=False)
+        check_output_dir(tmp_path / "out", overwrite=False)
     assert f"found {aside}, the earlier {tmp_path / 'out'} a conversion that died" in \
         capsys.readouterr().err
     assert (tmp_path / "out" / "f").read_text() == "earlier output" and not aside.exists()
@@ -424,7 +435,7 @@ def test_killed_conversion_stops_its_workers_and_the_next_run_cleans_up(first, t
     assert f"found {mine} (left by process {os.getpid()}, still running): leaving it" \
         in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "ck", "log"]
-    C.check_megatron_output(ck2, _arch(hf))
-    new, old = C.read_megatron_tensors(ck2 / "release"), C.read_megatron_tensors(ck / "release")
+    check_megatron_output(ck2, _arch(hf))
+    new, old = read_megatron_tensors(ck2 / "release"), read_megatron_tensors(ck / "release")
     assert new.keys() == old.keys() and all(new[k].equal(old[k]) for k in old)
     assert listing(hf) == inputs

@@ -97,7 +97,7 @@ gem_cluster_env() {
 # gem_model_args PRESET: Megatron flags of the architecture -> MODEL_ARGS, and the tokenizer's
 # vocabulary size -> GEM_VOCAB_SIZE (used only by the dry run's memory estimate; training reads
 # the vocabulary from the tokenizer). The Llama presets are the flags
-# tools/convert_checkpoint.py writes to megatron_args.txt for the HF checkpoints.
+# megatron-gem-convert (megatron_gem.convert) writes to megatron_args.txt for the HF checkpoints.
 gem_model_args() {
     local preset=$1
     local -a llama3=(
@@ -266,7 +266,7 @@ gem_require() {
 }
 
 # ------------------------------------------------------------------------------ launching
-# gem_launch MODE: run GEM_ARGS (megatron_gem.train, or with MODE=tool the tool GEM_TOOL) for
+# gem_launch MODE: run GEM_ARGS (megatron_gem.train, or with MODE=tool the module GEM_TOOL) for
 # this job, or dry-run them when DRY_RUN=1.
 gem_launch() {
     local mode=$1
@@ -309,9 +309,9 @@ gem_launch() {
             if [[ -n "${SLURM_JOB_ID:-}" ]]; then
                 # shellcheck disable=SC2016  # $1, $@: the task's shell expands them
                 srun --ntasks=1 --nodes=1 "${GEM_CONTAINER_ARGS[@]}" \
-                    bash -c 'cd "$1" && shift && exec "$@"' _ "$GEM_REPO" "$python" "$GEM_TOOL" "${GEM_ARGS[@]}"
+                    bash -c 'cd "$1" && shift && exec "$@"' _ "$GEM_REPO" "$python" -m "$GEM_TOOL" "${GEM_ARGS[@]}"
             else
-                (cd "$GEM_REPO" && "$python" "$GEM_TOOL" "${GEM_ARGS[@]}")
+                (cd "$GEM_REPO" && "$python" -m "$GEM_TOOL" "${GEM_ARGS[@]}")
             fi ;;
         *) gem_die "gem_launch: unknown mode $mode" ;;
     esac

@@ -33,7 +33,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import importlib.util
+import importlib
 import io
 import os
 import re
@@ -60,7 +60,6 @@ __all__ = [
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 SXM; --gpu-memory-gib for other GPUs
 MIB = 1024 * 1024
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class LaunchCheckError(ValueError):
@@ -71,8 +70,8 @@ class LaunchCheckError(ValueError):
 class LaunchSpec:
     """One launch of a script: what ``gem_launch`` would start, and where."""
 
-    kind: str  # "train" (megatron_gem.train) or "tool" (a Python tool of this repository)
-    program: str  # "megatron_gem.train" or the tool's path
+    kind: str  # "train" (megatron_gem.train) or "tool" (a module of megatron_gem, run with -m)
+    program: str  # "megatron_gem.train" or the tool's module, e.g. "megatron_gem.convert"
     target: str  # "cluster" (flags as written, GPU job) or "host" (this machine, CPU mode)
     nodes: int
     gpus_per_node: int
@@ -255,7 +254,7 @@ def layout_problems(args: argparse.Namespace, spec: LaunchSpec) -> tuple[list[st
 
 
 # ----------------------------------------------------------------------------- base checkpoint
-CHECKPOINT_FLAGS_FILE = "megatron_args.txt"  # written by tools/convert_checkpoint.py hf-to-megatron
+CHECKPOINT_FLAGS_FILE = "megatron_args.txt"  # written by megatron-gem-convert hf-to-megatron
 _IGNORED_CHECKPOINT_FLAGS = {"--bf16", "--fp16"}  # the run's precision is the run's choice
 _ARCH_SWITCHES = ("--group-query-attention", "--untie-embeddings-and-output-weights", "--add-qkv-bias",
                   "--use-rope-scaling", "--swiglu", "--disable-bias-linear")
@@ -292,7 +291,7 @@ def _same(a, b) -> bool:
 def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_size: int | None) -> list[str]:
     """Differences between the run's model flags and those of the converted base checkpoint.
 
-    ``tools/convert_checkpoint.py hf-to-megatron`` writes the exact model flags of the HF model
+    ``megatron-gem-convert hf-to-megatron`` writes the exact model flags of the HF model
     to ``CKPT/megatron_args.txt``; when the run's ``--pretrained-checkpoint`` (or ``--load``)
     has that file here, every flag in it must have the same value in the run, and the run may
     not switch on an architecture option the checkpoint lacks. The embedding's padded
@@ -424,18 +423,17 @@ def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport
     return LaunchReport(spec, _layout(args, num_microbatches), memory, warns)
 
 
-def _load_tool(path: str):
-    full = Path(path)
-    if not full.is_absolute():
-        full = REPO_ROOT / full
-    if not full.is_file():
-        raise LaunchCheckError(f"tool {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"_gem_tool_{full.stem}", full)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "build_parser"):
-        raise LaunchCheckError(f"tool {path} has no build_parser(): cannot check its arguments")
-    return module
+def _load_tool(module: str):
+    """The tool's module (``python -m MODULE``) or its ``.cli``: whichever has ``build_parser``."""
+    for name in (module, f"{module}.cli"):
+        try:
+            loaded = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(loaded, "build_parser"):
+            return loaded
+    raise LaunchCheckError(f"tool {module}: no module with build_parser() (not an installed "
+                           "megatron_gem tool?)")
 
 
 def _check_tool(spec: LaunchSpec) -> LaunchReport:
@@ -445,7 +443,7 @@ def _check_tool(spec: LaunchSpec) -> LaunchReport:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             ns = parser.parse_args(spec.argv)
     except SystemExit:
-        raise LaunchCheckError(f"argument error ({Path(spec.program).name}): {_argparse_error(err.getvalue())}") from None
+        raise LaunchCheckError(f"argument error ({spec.program}): {_argparse_error(err.getvalue())}") from None
     layout = {k: v for k, v in vars(ns).items() if v is not None and not callable(v)}
     return LaunchReport(spec, layout, None, [])
 

@@ -76,7 +76,7 @@ def test_every_script_dry_runs_and_prints_layout_and_memory(launches, reports):
             assert "memory per GPU" in text and "weights+optimizer" in text, text
             assert specs[0].program == "megatron_gem.train"
         else:
-            assert specs[0].program == "tools/convert_checkpoint.py"
+            assert specs[0].program == "megatron_gem.convert"
 
 
 def test_layouts_are_the_intended_ones(launches, reports):
@@ -209,12 +209,12 @@ def test_dry_run_subprocess_of_a_tool_job(tmp_path):
                           env=_user_env(PYTHON=sys.executable, ITERATION="300"), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "convert_megatron_to_hf.sbatch: tools/convert_checkpoint.py" in proc.stdout
+    assert "convert_megatron_to_hf.sbatch: megatron_gem.convert" in proc.stdout
     assert "command=megatron-to-hf" in proc.stdout and "iteration=300" in proc.stdout
 
 
 def test_cli_tool_failure(capsys):
-    rc = lc.main(["--tool", "tools/convert_checkpoint.py", "--script", "convert_megatron_to_hf.sbatch", "--",
+    rc = lc.main(["--tool", "megatron_gem.convert", "--script", "convert_megatron_to_hf.sbatch", "--",
                   "megatron-to-hf", "--load", "a", "--out", "b", "--max-shard-sise", "1GB"])
     err = capsys.readouterr().err
     assert rc == 1 and "convert_megatron_to_hf.sbatch: DRY RUN FAILED" in err

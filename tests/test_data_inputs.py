@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem.eval import api as E
+import megatron_gem.eval as E
 from megatron_gem.data import jsonl as J
 from megatron_gem.study import driver as S
 from megatron_gem.data import tokenizer as T

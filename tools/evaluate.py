@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from megatron_gem.eval.cli import main  # noqa: E402
+# build_parser too: the tool interface (launch_check --tool checks arguments with it).
+from megatron_gem.eval.cli import build_parser, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     raise SystemExit(main())

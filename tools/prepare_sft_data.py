@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+# build_parser too: the tool interface (launch_check --tool checks arguments with it).
+from megatron_gem.data.cli import build_prepare_sft_parser as build_parser  # noqa: E402,F401
 from megatron_gem.data.cli import prepare_sft_main as main  # noqa: E402
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def test_cli_on_user_jsonl(hf_dir, tmp_path, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "megatron_gem_evaluate_cli", Path(__file__).resolve().parents[1] / "tools" / "evaluate.py")
+        "megatron_gem_evaluate_cli", Path(__file__).resolve().parents[2] / "tools" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
 

@@ -130,8 +130,8 @@ class PlainTemplateEncoder:
     """``ids(HEADER[role]) + ids(content) (+ [eod] for assistant)`` per message.
 
     The generation prompt for inference is the encoding of the history followed by
-    ``ids("Assistant:")``; the model ends its answer with ``eod``. (``megatron_gem.data.chat.
-    PlainTemplate``: the template on ids, shared with the evaluation.)
+    ``ids("Assistant:")``; the model ends its answer with ``eod``. The template on ids is
+    ``megatron_gem.data.chat.PlainTemplate``, shared with the evaluation.
     """
 
     name = "plain"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import multiprocessing
@@ -50,14 +51,14 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_gem.data import jsonl as J
-from megatron_gem.paths import check_output_apart
+from megatron_gem.data.chat import PLAIN_HEADERS, ROLES, TEMPLATES, ChatTemplate, PlainTemplate
 from megatron_gem.data.tokenizer import (
-    PLAIN_HEADERS,
     hf_tokenizer,
     pad_or_eod,
     text_to_ids,
     tokenizer_from_megatron_args,
 )
+from megatron_gem.paths import check_output_apart
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,8 @@ __all__ = [
 
 FORMAT = "megatron-gem-sft"
 FORMAT_VERSION = 1
-ROLES = ("system", "user", "assistant")
-# The plain template (SentencePiece, or any tokenizer without a chat template), defined on ids:
-#   for each message: ids(PLAIN_HEADERS[role]) + ids(content) + ([eod] if assistant)
-# Each piece is tokenized on its own, so the result does not depend on how a tokenizer
-# normalizes newlines or merges across the join. Loss: the assistant content ids and its eod.
+# ROLES, PLAIN_HEADERS and the templates themselves: megatron_gem.data.chat (the evaluation
+# encodes prompts with the same code).
 META_SUFFIX = ".sft.json"
 ON_ERROR_CHOICES = ("fail", "skip")
 
@@ -132,7 +130,8 @@ class PlainTemplateEncoder:
     """``ids(HEADER[role]) + ids(content) (+ [eod] for assistant)`` per message.
 
     The generation prompt for inference is the encoding of the history followed by
-    ``ids("Assistant:")``; the model ends its answer with ``eod``.
+    ``ids("Assistant:")``; the model ends its answer with ``eod``. The template on ids is
+    ``megatron_gem.data.chat.PlainTemplate``, shared with the evaluation.
     """
 
     name = "plain"
@@ -140,36 +139,27 @@ class PlainTemplateEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.eod = int(tokenizer.eod)
-        self._headers = {r: text_to_ids(tokenizer, h) for r, h in PLAIN_HEADERS.items()}
+        self.plain = PlainTemplate(functools.partial(text_to_ids, tokenizer), self.eod)
 
     def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        ids: list[int] = []
-        mask: list[bool] = []
-        for m in messages:
-            head = self._headers[m["role"]]
-            body = text_to_ids(self.tokenizer, m["content"])
-            is_asst = m["role"] == "assistant"
-            if is_asst:
-                body = body + [self.eod]
-            ids += head + body
-            mask += [False] * len(head) + [is_asst] * len(body)
+        ids, mask = self.plain.encode_messages(messages)
         return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
     def metadata(self) -> dict:
         return {"template": self.name, "headers": PLAIN_HEADERS}
 
 
-class ChatTemplateEncoder:
+class ChatTemplateEncoder(ChatTemplate):
     """A HuggingFace chat template; assistant spans found by prefix-diffing renders.
 
     For assistant message ``i``: ``P = render(messages[:i], add_generation_prompt=True)`` ends
     where the answer starts, ``F = render(messages[:i+1])`` ends after its end-of-turn
-    marker. Both must be prefixes of the full render ``T`` (else the template rewrites history,
-    e.g. drops earlier reasoning, and the sample is refused with that reason); the answer is
-    ``T[len(P):len(F)]``, its end-of-turn tokens included so the model learns to stop. ``T``
-    is tokenized once (``add_special_tokens=False``, as ``apply_chat_template`` does; the
-    template writes its own BOS), and a token carries loss when its character span overlaps an
-    answer span. Multi-turn conversations get every assistant turn.
+    marker (``ChatTemplate.answer_renders``). Both must be prefixes of the full render ``T``
+    (else the template rewrites history, e.g. drops earlier reasoning, and the sample is refused
+    with that reason); the answer is ``T[len(P):len(F)]``, its end-of-turn tokens included so the
+    model learns to stop. ``T`` is tokenized once (``add_special_tokens=False``, as
+    ``apply_chat_template`` does; the template writes its own BOS), and a token carries loss when
+    its character span overlaps an answer span. Multi-turn conversations get every assistant turn.
     """
 
     name = "chat"
@@ -187,28 +177,21 @@ class ChatTemplateEncoder:
             raise ValueError(
                 "the tokenizer has no chat template: pass --chat-template or use --template plain"
             )
-        self.hf = hf
-        self.template = template
+        super().__init__(hf, template)
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
         try:
-            return self.hf.apply_chat_template(
-                messages,
-                chat_template=self.template,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            )
+            return super().render(messages, generation_prompt)
         except Exception as err:  # jinja raises many types; the reason goes to the report
             raise SampleError(f"chat template failed: {type(err).__name__}: {err}")
 
     def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        text = self._render(messages, False)
+        text = self.render(messages, False)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = self._render(messages[:i], True)
-            end = self._render(messages[: i + 1], False)
+            start, end = self.answer_renders(messages[:i], m)
             if not (text.startswith(start) and text.startswith(end) and len(end) >= len(start)):
                 raise SampleError(
                     f"chat template is not prefix-stable at message {i}: "
@@ -231,7 +214,7 @@ class ChatTemplateEncoder:
 
 def make_encoder(tokenizer, template: str = "auto", chat_template: Optional[str] = None):
     """``auto``: the chat template when the tokenizer is HuggingFace and has one, else plain."""
-    if template not in ("auto", "chat", "plain"):
+    if template not in TEMPLATES:
         raise ValueError(f"--template must be auto, chat or plain, got {template!r}")
     if template == "auto":
         hf = hf_tokenizer(tokenizer)

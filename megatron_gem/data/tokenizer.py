@@ -17,6 +17,9 @@ import os
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
+# The role headers of the plain SFT chat template (re-exported: tokenizer training includes them).
+from megatron_gem.data.chat import PLAIN_HEADERS, plain_message_text
+
 __all__ = [
     "PLAIN_HEADERS",
     "TEXT_TOKENIZER_TYPES",
@@ -51,10 +54,6 @@ def _config_defaults() -> dict:
         elif f.default_factory is not dataclasses.MISSING:  # pragma: no cover - none today
             values[f.name] = f.default_factory()
     return values
-
-# The role headers of the plain SFT chat template (see megatron_gem.data.sft and docs/data.md).
-# They live here so that tokenizer training can include them without importing Megatron.
-PLAIN_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 
 
 def tokenizer_args(tokenizer_type: str, tokenizer_model: str | None = None, **overrides):
@@ -312,6 +311,6 @@ def iter_training_text(
             elif isinstance(obj, dict) and isinstance(obj.get(messages_key), list):
                 for m in obj[messages_key]:
                     if isinstance(m, dict) and m.get("role") in PLAIN_HEADERS:
-                        yield f"{PLAIN_HEADERS[m['role']]} {m.get('content', '')}"
+                        yield plain_message_text(m["role"], m.get("content", ""))
             else:
                 raise ValueError(f"{path}:{lineno}: no {text_key!r} or {messages_key!r}")

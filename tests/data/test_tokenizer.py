@@ -131,7 +131,7 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     import pathlib
 
     spec = importlib.util.spec_from_file_location(
-        "train_tokenizer", pathlib.Path(__file__).parents[1] / "tools" / "train_tokenizer.py"
+        "train_tokenizer", pathlib.Path(__file__).parents[2] / "tools" / "train_tokenizer.py"
     )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gem.eval import api as E
+import megatron_gem.eval as E
+from megatron_gem.eval import metrics as M
 
 transformers = pytest.importorskip("transformers")
 
@@ -160,7 +161,7 @@ def test_summarise_hand_example():
     assert sets["unseen"]["ngram_diversity"] == pytest.approx((0.5 + 0.875) / 2)
     assert sets["unseen"]["n_prompts"] == 2 and sets["all"]["n_samples"] == 7
     assert sets["unseen"]["self_bleu_diversity"] == pytest.approx(
-        (0.0 + (1 - E.M.self_bleu(["a b", "a c"]) / 100)) / 2)
+        (0.0 + (1 - M.self_bleu(["a b", "a c"]) / 100)) / 2)
     assert "quality" not in per[2]["metrics"]
     # Listed twice: counted once; "A" and "a" are different sequences of the same answer: added.
     m = E.prompt_metrics(["a"], ["a", "A", "a", "b"], [math.log(0.2), math.log(0.1), math.log(0.2), math.log(0.3)])
@@ -246,7 +247,7 @@ def test_cli_on_user_jsonl(hf_dir, tmp_path, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "megatron_gem_evaluate_cli", Path(__file__).resolve().parents[1] / "tools" / "evaluate.py")
+        "megatron_gem_evaluate_cli", Path(__file__).resolve().parents[2] / "tools" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
 

@@ -411,7 +411,7 @@ def test_hf_chat_path_end_to_end_and_cli(hf, tmp_path, capsys):
     rows = [{"messages": _conversation(rng, lo=1)} for _ in range(20)] + ["{oops"]
     src = _write_jsonl(tmp_path / "c.jsonl", rows)
     spec = importlib.util.spec_from_file_location(
-        "prepare_sft_data", pathlib.Path(__file__).parents[1] / "tools" / "prepare_sft_data.py"
+        "prepare_sft_data", pathlib.Path(__file__).parents[2] / "tools" / "prepare_sft_data.py"
     )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

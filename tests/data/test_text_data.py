@@ -122,7 +122,7 @@ def test_huggingface_tokenizer_and_cli(tmp_path, capsys):
     texts = _docs(3, 10)
     src = _write(tmp_path / "c.jsonl", [{"text": t} for t in texts])
     spec = importlib.util.spec_from_file_location(
-        "preprocess_data", pathlib.Path(__file__).parents[1] / "tools" / "preprocess_data.py"
+        "preprocess_data", pathlib.Path(__file__).parents[2] / "tools" / "preprocess_data.py"
     )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

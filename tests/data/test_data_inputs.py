@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gem.eval import api as E
+import megatron_gem.eval as E
 from megatron_gem.data import jsonl as J
 import megatron_gem.study as S
 from megatron_gem.data import tokenizer as T
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = "the cat dog sat on mat a big small red blue runs jumps quickly over under".split()
 BOM = b"\xef\xbb\xbf"
 # A latin-1 'e acute' (0xe9) after a UTF-8 one (2 bytes): column 13 is byte 14 of the line.

@@ -69,7 +69,9 @@ def _methods(group):
 
     return {
         "gem": lambda z, t: vocab_parallel_gem_loss(z, t, beta=0.7, tp_group=group),
-        "gem+stats": lambda z, t: vocab_parallel_gem_loss(z, t, beta=0.7, tp_group=group, return_stats=True)[0],
+        "gem+stats": lambda z, t: vocab_parallel_gem_loss(
+            z, t, beta=0.7, tp_group=group, return_stats=True
+        )[0],
         "megatron_ce": lambda z, t: vocab_parallel_cross_entropy(z, t, tp_group=group),
         "megatron_fused_ce": lambda z, t: fused_vocab_parallel_cross_entropy(z, t, group),
     }
@@ -107,17 +109,21 @@ def _worker(rank, world, args, phase, results):
     if device.type == "cpu":
         torch.set_num_threads(1)
     methods = _methods(group)
-    gen = torch.Generator().manual_seed(1234)  # same full logits on every rank: slice this rank's shard
+    gen = torch.Generator().manual_seed(
+        1234
+    )  # same full logits on every rank: slice this rank's shard
     for dtype_name in args.dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         full_v = args.local_vocab * world
         target = torch.randint(0, full_v, (args.tokens, 1), generator=gen).to(device)
         grad = torch.rand(args.tokens, 1, generator=gen).to(device)
-        logits = (
-            torch.randn(args.tokens, 1, args.local_vocab, generator=gen) * 3
-        ).to(device=device, dtype=dtype)
+        logits = (torch.randn(args.tokens, 1, args.local_vocab, generator=gen) * 3).to(
+            device=device, dtype=dtype
+        )
         # the fused CE hard-casts its gradient to bf16: only meaningful for bf16 logits
-        names = [n for n in args.methods if not (n == "megatron_fused_ce" and dtype != torch.bfloat16)]
+        names = [
+            n for n in args.methods if not (n == "megatron_fused_ce" and dtype != torch.bfloat16)
+        ]
         samples = {n: [] for n in names}
         # Round-robin over the methods, so drift in a shared machine's speed hits all of them;
         # the first round warms up (and compiles the fused CE). Best time, worst memory.
@@ -126,7 +132,9 @@ def _worker(rank, world, args, phase, results):
                 if samples[name] is None:
                     continue
                 try:
-                    sample = _measure_once(methods[name], logits, target, grad, device, args.logits == "intermediate")
+                    sample = _measure_once(
+                        methods[name], logits, target, grad, device, args.logits == "intermediate"
+                    )
                 except Exception as exc:  # e.g. the fused CE's torch.compile failing on a host
                     samples[name] = None
                     if rank == 0:
@@ -136,7 +144,9 @@ def _worker(rank, world, args, phase, results):
                     samples[name].append(sample)
         if rank == 0:
             for name, got in samples.items():
-                sec, extra = (min(s for s, _ in got), max(e for _, e in got)) if got else (float("nan"),) * 2
+                sec, extra = (
+                    (min(s for s, _ in got), max(e for _, e in got)) if got else (float("nan"),) * 2
+                )
                 results.append((world, dtype_name, name, phase, sec, extra))
         del logits
     dist.barrier()
@@ -144,29 +154,47 @@ def _worker(rank, world, args, phase, results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=4096, help="rows (s*b) of logits")
     p.add_argument("--local-vocab", type=int, default=32064, help="vocabulary shard per TP rank")
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes (processes)")
+    p.add_argument(
+        "--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes (processes)"
+    )
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
-    p.add_argument("--methods", nargs="+", default=["gem", "gem+stats", "megatron_ce", "megatron_fused_ce"])
+    p.add_argument(
+        "--methods", nargs="+", default=["gem", "gem+stats", "megatron_ce", "megatron_fused_ce"]
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--logits", choices=["leaf", "intermediate"], default="leaf",
+        "--logits",
+        choices=["leaf", "intermediate"],
+        default="leaf",
         help="leaf: backward() into logits.grad; intermediate: the gradient returned as in a model",
     )
     args = p.parse_args(argv)
     torch._dynamo.config.suppress_errors = False
 
-    print(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
-          f"torch {torch.__version__}, {args.tokens} tokens x {args.local_vocab} local vocab, "
-          f"logits: {args.logits}, best of {args.repeats} fwd+bwd ({'wall' if torch.cuda.is_available() else 'CPU'} time"
-          f"{'' if torch.cuda.is_available() else ', 1 thread per rank'})")
+    print(
+        f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+        f"torch {torch.__version__}, {args.tokens} tokens x {args.local_vocab} local vocab, "
+        f"logits: {args.logits}, best of {args.repeats} fwd+bwd ({'wall' if torch.cuda.is_available() else 'CPU'} time"
+        f"{'' if torch.cuda.is_available() else ', 1 thread per rank'})"
+    )
     # CPU: memory under the default malloc, time under a retaining one (see the module doc).
-    phases = {"both": {}} if torch.cuda.is_available() else {
-        "memory": {},
-        "time": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 28)},
-    }
+    phases = (
+        {"both": {}}
+        if torch.cuda.is_available()
+        else {
+            "memory": {},
+            "time": {
+                "MALLOC_MMAP_MAX_": "0",
+                "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+                "MALLOC_TOP_PAD_": str(1 << 28),
+            },
+        }
+    )
     measured = {}
     for world in args.tp:
         for phase, env in phases.items():
@@ -186,7 +214,10 @@ def main(argv=None):
             finally:
                 for k, v in saved.items():
                     os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    rows = [(w, d, n, e.get("sec", float("nan")), e.get("extra", float("nan"))) for (w, d, n), e in measured.items()]
+    rows = [
+        (w, d, n, e.get("sec", float("nan")), e.get("extra", float("nan")))
+        for (w, d, n), e in measured.items()
+    ]
 
     ref = {(w, d): (s, e) for w, d, n, s, e in rows if n == "megatron_ce"}
     header = "| TP | logits | method | fwd+bwd ms | peak extra MiB | time / Megatron CE | memory / Megatron CE |"
@@ -198,7 +229,9 @@ def main(argv=None):
         # no ratio against ~0 extra bytes (tiny shapes; Megatron's in-place fp32 path as an intermediate)
         mem_ratio = e / re_ if re_ > 2**20 else float("nan")
         # RSS can end a hair below where it started: that is 0 extra, not "-0"
-        print(f"| {w} | {d} | {n} | {s * 1e3:.0f} | {max(e, 0) / 2**20:.0f} | {time_ratio:.2f} | {mem_ratio:.2f} |")
+        print(
+            f"| {w} | {d} | {n} | {s * 1e3:.0f} | {max(e, 0) / 2**20:.0f} | {time_ratio:.2f} | {mem_ratio:.2f} |"
+        )
 
 
 if __name__ == "__main__":

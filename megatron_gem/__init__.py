@@ -5,9 +5,21 @@ torch (``megatron_gem.ops``); the Megatron layer (``megatron_gem.megatron``), th
 (``train``), data, conversion, evaluation and study packages import Megatron only when used.
 """
 
-from megatron_gem.ops import (DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, GemConfig, gem_loss,
-                              vocab_parallel_gem_loss)
+from megatron_gem.ops import (
+    DEFAULT_BETA,
+    DEFAULT_H,
+    GEM_H_CHOICES,
+    GemConfig,
+    gem_loss,
+    vocab_parallel_gem_loss,
+)
 
-__all__ = ["DEFAULT_BETA", "DEFAULT_H", "GEM_H_CHOICES", "GemConfig", "gem_loss",
-           "vocab_parallel_gem_loss"]
+__all__ = [
+    "DEFAULT_BETA",
+    "DEFAULT_H",
+    "GEM_H_CHOICES",
+    "GemConfig",
+    "gem_loss",
+    "vocab_parallel_gem_loss",
+]
 __version__ = "0.1.0"

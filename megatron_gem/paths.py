@@ -18,8 +18,14 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["check_output_apart", "check_output_dir", "overlap", "publish", "remove_path",
-           "temp_sibling"]
+__all__ = [
+    "check_output_apart",
+    "check_output_dir",
+    "overlap",
+    "publish",
+    "remove_path",
+    "temp_sibling",
+]
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -40,8 +46,9 @@ def overlap(output: str | os.PathLike, input_path: str | os.PathLike) -> str | N
     return None
 
 
-def check_output_apart(output: str | os.PathLike, inputs: Iterable[tuple[str, object]],
-                       output_name: str = "--out") -> None:
+def check_output_apart(
+    output: str | os.PathLike, inputs: Iterable[tuple[str, object]], output_name: str = "--out"
+) -> None:
     """Raise ``ValueError`` naming both paths when ``output`` is, contains or lies inside any
     of ``inputs`` (``(argument name, path or None)`` pairs; None entries are skipped)."""
     for name, path in inputs:
@@ -49,18 +56,25 @@ def check_output_apart(output: str | os.PathLike, inputs: Iterable[tuple[str, ob
             continue
         how = overlap(output, path)  # type: ignore[arg-type]
         if how is not None:
-            raise ValueError(f"{output_name} {os.fspath(output)} {how} {name} "
-                             f"{os.fspath(path)}: choose an output apart from the inputs "
-                             "(nothing was written)")
+            raise ValueError(
+                f"{output_name} {os.fspath(output)} {how} {name} "
+                f"{os.fspath(path)}: choose an output apart from the inputs "
+                "(nothing was written)"
+            )
 
 
 def _say(msg: str) -> None:
     print(f"[{Path(sys.argv[0]).name or 'megatron-gem'}] {msg}", file=sys.stderr, flush=True)
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool,
-                     inputs: Iterable[tuple[str, object]] = (), *, log=None,
-                     writer: str = "run") -> Path:
+def check_output_dir(
+    out: str | os.PathLike,
+    overwrite: bool,
+    inputs: Iterable[tuple[str, object]] = (),
+    *,
+    log=None,
+    writer: str = "run",
+) -> Path:
     """The output directory, checked before anything is written: it must not be, contain or
     lie inside an input (``(argument name, path)`` pairs: with ``--overwrite`` publishing it
     would delete that input), and may exist only with ``overwrite``. Leftovers of earlier
@@ -101,7 +115,7 @@ def _leftovers(out: Path) -> list[tuple[Path, int | None]]:
         return []
     found = []
     for p in sorted(out.parent.iterdir()):
-        rest = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        rest = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
         m = _LEFTOVER.fullmatch(rest)
         if m:
             found.append((p, int(next(g for g in m.groups() if g))))
@@ -130,8 +144,10 @@ def _restore_replaced(out: Path, stale: list[tuple[Path, int | None]], log, writ
     as ``.NAME.replaced-PID``: put it back rather than treat it as a leftover."""
     for path, pid in stale:
         if path.name.startswith(f".{out.name}.replaced-") and pid and not _alive(pid):
-            log(f"found {path}, the earlier {out} a {writer} that died (process {pid}) was "
-                 "replacing: restoring it")
+            log(
+                f"found {path}, the earlier {out} a {writer} that died (process {pid}) was "
+                "replacing: restoring it"
+            )
             os.rename(path, out)
             return
 

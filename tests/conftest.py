@@ -54,13 +54,35 @@ def run_train(nproc: int, argv: list[str], timeout: float = 300, env: dict | Non
     Fails the test with the output tail when the run fails. ``--standalone`` picks a free port,
     so concurrent runs do not collide.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_gem.train", *cpu_flag(), *argv]
-    full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_gem.train",
+        *cpu_flag(),
+        *argv,
+    ]
+    full_env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        pytest.fail(f"training entry failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}")
+        pytest.fail(
+            f"training entry failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}"
+        )
     return proc.stdout

@@ -35,8 +35,19 @@ from megatron_gem.convert.hf_files import SafetensorsReader
 from megatron_gem.convert.mapping import megatron_full_state_to_hf
 
 __all__ = [
-    "ArchSpec", "IncompleteOutputError", "SafetensorsReader", "arch_from_hf_config",
-    "arch_from_megatron_args", "check_output_dir", "hf_config_from_arch", "hf_to_megatron",
-    "megatron_checkpoint_dir", "megatron_full_state_to_hf", "megatron_model_args",
-    "megatron_to_hf", "padded_vocab_size", "read_megatron_args", "read_megatron_tensors",
+    "ArchSpec",
+    "IncompleteOutputError",
+    "SafetensorsReader",
+    "arch_from_hf_config",
+    "arch_from_megatron_args",
+    "check_output_dir",
+    "hf_config_from_arch",
+    "hf_to_megatron",
+    "megatron_checkpoint_dir",
+    "megatron_full_state_to_hf",
+    "megatron_model_args",
+    "megatron_to_hf",
+    "padded_vocab_size",
+    "read_megatron_args",
+    "read_megatron_tensors",
 ]

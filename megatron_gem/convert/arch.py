@@ -57,15 +57,23 @@ class ArchSpec:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r}: supported {SUPPORTED_MODEL_TYPES}")
-        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "num_query_groups", "head_dim", "vocab_size"):
+        for f in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "head_dim",
+            "vocab_size",
+        ):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{f}={v!r}: must be a positive integer")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_query_groups}")
+                f"num_key_value_heads={self.num_query_groups}"
+            )
 
     @property
     def heads_per_group(self) -> int:
@@ -86,7 +94,8 @@ def _hf_rope(cfg: dict) -> tuple[float, dict]:
     if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
         raise ValueError(
             "HF config: per-layer-type rope_parameters (e.g. sliding/full attention mixes) are "
-            "not supported")
+            "not supported"
+        )
     params = dict(params or {})
     scaling = cfg.get("rope_scaling")  # transformers 4.x
     if isinstance(scaling, dict):
@@ -107,7 +116,8 @@ def arch_from_hf_config(cfg: dict) -> ArchSpec:
         archs = cfg.get("architectures")
         raise ValueError(
             f"HF config: model_type={model_type!r} (architectures={archs}) is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, Qwen2ForCausalLM)")
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, Qwen2ForCausalLM)"
+        )
     moe = [k for k in _MOE_KEYS if cfg.get(k)]
     if moe:
         raise ValueError(f"HF config: mixture-of-experts models are not supported (found {moe})")
@@ -119,25 +129,31 @@ def arch_from_hf_config(cfg: dict) -> ArchSpec:
     if model_type == "llama":
         if cfg.get("attention_bias"):
             # Llama's attention_bias also adds an o_proj bias, which --add-qkv-bias does not.
-            raise ValueError("HF config: attention_bias=True (q/k/v/o biases) is not supported "
-                             "for llama")
+            raise ValueError(
+                "HF config: attention_bias=True (q/k/v/o biases) is not supported for llama"
+            )
         qkv_bias = False
     else:  # qwen2: q/k/v biases always, no o_proj bias
         qkv_bias = True
         if cfg.get("use_sliding_window"):
-            raise ValueError("HF config: use_sliding_window=True is not supported (Megatron GPT "
-                             "with the local spec has no per-layer sliding window)")
+            raise ValueError(
+                "HF config: use_sliding_window=True is not supported (Megatron GPT "
+                "with the local spec has no per-layer sliding window)"
+            )
         lt = cfg.get("layer_types")
         if lt and any(t != "full_attention" for t in lt):
-            raise ValueError(f"HF config: layer_types={sorted(set(lt))} is not supported "
-                             "(full attention only)")
+            raise ValueError(
+                f"HF config: layer_types={sorted(set(lt))} is not supported (full attention only)"
+            )
     theta, rope = _hf_rope(cfg)
     if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"HF config: partial_rotary_factor={rope['partial_rotary_factor']} is "
-                         "not supported")
+        raise ValueError(
+            f"HF config: partial_rotary_factor={rope['partial_rotary_factor']} is not supported"
+        )
     if theta != int(theta):
-        raise ValueError(f"HF config: rope_theta={theta} is not an integer (Megatron's "
-                         "--rotary-base is an int)")
+        raise ValueError(
+            f"HF config: rope_theta={theta} is not an integer (Megatron's --rotary-base is an int)"
+        )
     rope_type = rope["rope_type"]
     factor = None
     if rope_type == "llama3":
@@ -145,12 +161,14 @@ def arch_from_hf_config(cfg: dict) -> ArchSpec:
             if k not in rope or float(rope[k]) != float(v):
                 raise ValueError(
                     f"HF config: llama3 rope scaling with {k}={rope.get(k)!r} cannot be mapped: "
-                    f"Megatron fixes {MEGATRON_LLAMA3_ROPE_FIXED} and takes only the factor")
+                    f"Megatron fixes {MEGATRON_LLAMA3_ROPE_FIXED} and takes only the factor"
+                )
         factor = float(rope["factor"])
     elif rope_type != "default":
         raise ValueError(
             f"HF config: rope_type={rope_type!r} cannot be mapped onto Megatron (supported: "
-            "'default', 'llama3')")
+            "'default', 'llama3')"
+        )
 
     hidden = int(_get(cfg, "hidden_size", required=True))
     heads = int(_get(cfg, "num_attention_heads", required=True))
@@ -187,25 +205,36 @@ def megatron_model_args(arch: ArchSpec, make_vocab_size_divisible_by: int = 128)
     """The Megatron-LM command-line flags that build exactly this architecture."""
     a = arch
     flags = [
-        "--num-layers", str(a.num_layers),
-        "--hidden-size", str(a.hidden_size),
-        "--ffn-hidden-size", str(a.ffn_hidden_size),
-        "--num-attention-heads", str(a.num_attention_heads),
+        "--num-layers",
+        str(a.num_layers),
+        "--hidden-size",
+        str(a.hidden_size),
+        "--ffn-hidden-size",
+        str(a.ffn_hidden_size),
+        "--num-attention-heads",
+        str(a.num_attention_heads),
     ]
     if a.num_query_groups != a.num_attention_heads:
         flags += ["--group-query-attention", "--num-query-groups", str(a.num_query_groups)]
     flags += [
-        "--kv-channels", str(a.head_dim),
-        "--max-position-embeddings", str(a.max_position_embeddings),
-        "--position-embedding-type", "rope",
-        "--rotary-base", str(a.rope_theta),
-        "--rotary-percent", "1.0",
+        "--kv-channels",
+        str(a.head_dim),
+        "--max-position-embeddings",
+        str(a.max_position_embeddings),
+        "--position-embedding-type",
+        "rope",
+        "--rotary-base",
+        str(a.rope_theta),
+        "--rotary-percent",
+        "1.0",
     ]
     if a.rope_scaling_factor is not None:
         flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(a.rope_scaling_factor)]
     flags += [
-        "--normalization", "RMSNorm",
-        "--norm-epsilon", repr(a.norm_epsilon),
+        "--normalization",
+        "RMSNorm",
+        "--norm-epsilon",
+        repr(a.norm_epsilon),
         "--swiglu",
         "--disable-bias-linear",
     ]
@@ -214,9 +243,12 @@ def megatron_model_args(arch: ArchSpec, make_vocab_size_divisible_by: int = 128)
     if not a.tie_word_embeddings:
         flags.append("--untie-embeddings-and-output-weights")
     flags += [
-        "--attention-dropout", repr(a.attention_dropout),
-        "--hidden-dropout", "0.0",
-        "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
+        "--attention-dropout",
+        repr(a.attention_dropout),
+        "--hidden-dropout",
+        "0.0",
+        "--make-vocab-size-divisible-by",
+        str(make_vocab_size_divisible_by),
     ]
     return flags
 
@@ -239,18 +271,27 @@ def arch_from_megatron_args(args, vocab_size: int) -> ArchSpec:
         problems.append(f"position_embedding_type={g('position_embedding_type')!r} (need rope)")
     if g("add_bias_linear"):
         problems.append("add_bias_linear=True (HF Llama/Qwen2 have no linear biases)")
-    for flag in ("qk_layernorm", "layernorm_zero_centered_gamma", "apply_layernorm_1p",
-                 "rotary_interleaved", "squared_relu", "multi_latent_attention",
-                 "experimental_attention_variant", "mtp_num_layers",
-                 "heterogeneous_layers_config_path", "rotary_seq_len_interpolation_factor",
-                 "window_size"):
+    for flag in (
+        "qk_layernorm",
+        "layernorm_zero_centered_gamma",
+        "apply_layernorm_1p",
+        "rotary_interleaved",
+        "squared_relu",
+        "multi_latent_attention",
+        "experimental_attention_variant",
+        "mtp_num_layers",
+        "heterogeneous_layers_config_path",
+        "rotary_seq_len_interpolation_factor",
+        "window_size",
+    ):
         if g(flag):
             problems.append(f"{flag}={g(flag)!r}")
     if float(g("rotary_percent", 1.0)) != 1.0:
         problems.append(f"rotary_percent={g('rotary_percent')}")
     if problems:
-        raise ValueError("Megatron checkpoint cannot be exported to HF Llama/Qwen2: "
-                         + "; ".join(problems))
+        raise ValueError(
+            "Megatron checkpoint cannot be exported to HF Llama/Qwen2: " + "; ".join(problems)
+        )
     heads = int(g("num_attention_heads"))
     groups = int(g("num_query_groups") or heads) if g("group_query_attention") else heads
     kv = g("kv_channels") or g("hidden_size") // heads
@@ -281,8 +322,12 @@ def hf_config_from_arch(arch: ArchSpec, dtype: torch.dtype, token_ids: dict | No
 
     rope = {"rope_type": "default", "rope_theta": float(arch.rope_theta)}
     if arch.rope_scaling_factor is not None:
-        rope = {"rope_type": "llama3", "rope_theta": float(arch.rope_theta),
-                "factor": arch.rope_scaling_factor, **MEGATRON_LLAMA3_ROPE_FIXED}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": float(arch.rope_theta),
+            "factor": arch.rope_scaling_factor,
+            **MEGATRON_LLAMA3_ROPE_FIXED,
+        }
     common = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,

@@ -24,8 +24,9 @@ from megatron_gem.paths import check_output_dir as _check_output_dir
 IMPORT_RECORD = "hf_source.json"
 
 
-def megatron_checkpoint_dir(load_dir: str | os.PathLike, iteration: int | None = None
-                            ) -> tuple[Path, int | None]:
+def megatron_checkpoint_dir(
+    load_dir: str | os.PathLike, iteration: int | None = None
+) -> tuple[Path, int | None]:
     """``(directory of one checkpoint, iteration or None for a release checkpoint)``."""
     load_dir = Path(load_dir)
     if iteration is not None:
@@ -35,8 +36,10 @@ def megatron_checkpoint_dir(load_dir: str | os.PathLike, iteration: int | None =
         return d, iteration
     tracker = load_dir / "latest_checkpointed_iteration.txt"
     if not tracker.is_file():
-        raise ValueError(f"{load_dir}: no latest_checkpointed_iteration.txt (not a Megatron-LM "
-                         "checkpoint directory?)")
+        raise ValueError(
+            f"{load_dir}: no latest_checkpointed_iteration.txt (not a Megatron-LM "
+            "checkpoint directory?)"
+        )
     text = tracker.read_text().strip()
     if text == "release":
         return load_dir / "release", None
@@ -51,8 +54,11 @@ def read_megatron_args(ckpt_dir: Path):
     """The Megatron args saved with a torch_dist checkpoint (its common state)."""
     if not (ckpt_dir / "metadata.json").is_file():
         legacy = sorted(p.name for p in ckpt_dir.glob("mp_rank_*"))
-        hint = (" (a legacy --ckpt-format torch checkpoint: re-save it with --ckpt-format "
-                "torch_dist)") if legacy else ""
+        hint = (
+            (" (a legacy --ckpt-format torch checkpoint: re-save it with --ckpt-format torch_dist)")
+            if legacy
+            else ""
+        )
         raise ValueError(f"{ckpt_dir}: not a torch_dist checkpoint{hint}")
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
@@ -71,32 +77,42 @@ def read_megatron_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor
 
     reader = dcp.FileSystemReader(str(ckpt_dir))
     meta = reader.read_metadata()
-    sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
-          for k, m in meta.state_dict_metadata.items()
-          if isinstance(m, TensorStorageMetadata) and "_extra_state" not in k}
+    sd = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata) and "_extra_state" not in k
+    }
     dcp.load(sd, storage_reader=reader, no_dist=True)
     return sd
 
 
-def write_import_record(hf_dir: Path, out: Path, arch: ArchSpec, padded: int, divisor: int,
-                        tp: int) -> None:
+def write_import_record(
+    hf_dir: Path, out: Path, arch: ArchSpec, padded: int, divisor: int, tp: int
+) -> None:
     """``out/hf_source.json``: the source's real vocabulary, its padding and its special token
     ids (Megatron's NullTokenizer args cannot hold them), read back by `megatron_to_hf`."""
     cfg = read_hf_config(hf_dir)
     gen = hf_dir / "generation_config.json"
     gen = read_json(gen, "generation config") if gen.is_file() else {}
-    record = {"hf_dir": str(hf_dir.resolve()), "vocab_size": arch.vocab_size,
-              "padded_vocab_size": padded, "make_vocab_size_divisible_by": divisor,
-              "tensor_model_parallel_size": tp,
-              **{k: cfg[k] if cfg.get(k) is not None else gen.get(k) for k in TOKEN_ID_KEYS}}
+    record = {
+        "hf_dir": str(hf_dir.resolve()),
+        "vocab_size": arch.vocab_size,
+        "padded_vocab_size": padded,
+        "make_vocab_size_divisible_by": divisor,
+        "tensor_model_parallel_size": tp,
+        **{k: cfg[k] if cfg.get(k) is not None else gen.get(k) for k in TOKEN_ID_KEYS},
+    }
     (out / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_import_record(load_dir: Path, ckpt_args) -> dict:
     """The import record of this checkpoint, else of the one it was fine-tuned from (the
     saved ``--load`` / ``--pretrained-checkpoint``); {} when there is none."""
-    for d in (load_dir, getattr(ckpt_args, "load", None),
-              getattr(ckpt_args, "pretrained_checkpoint", None)):
+    for d in (
+        load_dir,
+        getattr(ckpt_args, "load", None),
+        getattr(ckpt_args, "pretrained_checkpoint", None),
+    ):
         if d and (Path(d) / IMPORT_RECORD).is_file():
             return read_json(Path(d) / IMPORT_RECORD, "import record")
     return {}
@@ -117,8 +133,11 @@ def check_megatron_output(ckpt: Path, arch: ArchSpec) -> None:
     the tracker, ``release/metadata.json`` and torch_dist files holding every byte their
     ``.metadata`` lists, for every tensor the model has. Raises `IncompleteOutputError`."""
     rel = ckpt / "release"
-    missing = [f for f in ("latest_checkpointed_iteration.txt", "release/metadata.json",
-                           "release/.metadata") if not (ckpt / f).is_file()]
+    missing = [
+        f
+        for f in ("latest_checkpointed_iteration.txt", "release/metadata.json", "release/.metadata")
+        if not (ckpt / f).is_file()
+    ]
     if not missing and (ckpt / "latest_checkpointed_iteration.txt").read_text() != "release":
         missing.append("'release' in latest_checkpointed_iteration.txt")
     if not missing:
@@ -128,25 +147,31 @@ def check_megatron_output(ckpt: Path, arch: ArchSpec) -> None:
         for info in meta.storage_data.values():
             f = rel / info.relative_path
             if not f.is_file() or f.stat().st_size < info.offset + info.length:
-                missing.append(f"release/{info.relative_path} (bytes up to "
-                               f"{info.offset + info.length})")
+                missing.append(
+                    f"release/{info.relative_path} (bytes up to {info.offset + info.length})"
+                )
                 break
         want = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
         if not arch.tie_word_embeddings:
             want.add("output_layer.weight")
-        layers = {k for k, m in meta.state_dict_metadata.items()
-                  if k.startswith("decoder.layers.") and getattr(m, "size", [0])[:1]
-                  == torch.Size([arch.num_layers])}
+        layers = {
+            k
+            for k, m in meta.state_dict_metadata.items()
+            if k.startswith("decoder.layers.")
+            and getattr(m, "size", [0])[:1] == torch.Size([arch.num_layers])
+        }
         # one stacked tensor per layer parameter (the input norm under its TE name)
         want_layers = 6 + arch.qkv_bias
         missing += sorted(want - set(meta.state_dict_metadata))
         if len(layers) < want_layers:
-            missing.append(f"{want_layers} layer tensors of {arch.num_layers} layers (found "
-                           f"{sorted(layers)})")
+            missing.append(
+                f"{want_layers} layer tensors of {arch.num_layers} layers (found {sorted(layers)})"
+            )
     if missing:
         raise IncompleteOutputError(
             f"the conversion workers ended but the checkpoint they wrote in {ckpt} is "
-            f"incomplete (missing {', '.join(missing)}): nothing was published")
+            f"incomplete (missing {', '.join(missing)}): nothing was published"
+        )
 
 
 def check_hf_output(hf_dir: Path, arch: ArchSpec) -> None:
@@ -173,10 +198,16 @@ def check_hf_output(hf_dir: Path, arch: ArchSpec) -> None:
         except Exception:  # absent or truncated: safetensors checks the header and its size
             missing.append(fn)
             continue
-        have |= keys if weight_map is None else {k for k, v in weight_map.items()
-                                                 if v == fn and k in keys}
-    want = {n for k, lay in expected_megatron_kinds(arch)
-            for n in hf_names(k, lay, arch.tie_word_embeddings)}
+        have |= (
+            keys
+            if weight_map is None
+            else {k for k, v in weight_map.items() if v == fn and k in keys}
+        )
+    want = {
+        n
+        for k, lay in expected_megatron_kinds(arch)
+        for n in hf_names(k, lay, arch.tie_word_embeddings)
+    }
     if files and not missing:
         absent = sorted(want - have)
         missing += [f"tensor {n}" for n in absent[:5]]
@@ -185,4 +216,5 @@ def check_hf_output(hf_dir: Path, arch: ArchSpec) -> None:
     if missing:
         raise IncompleteOutputError(
             f"the conversion workers ended but the HF directory they wrote in {hf_dir} is "
-            f"incomplete (missing {', '.join(missing)}): nothing was published")
+            f"incomplete (missing {', '.join(missing)}): nothing was published"
+        )

@@ -32,43 +32,86 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     i = sub.add_parser("hf-to-megatron", help="HF directory -> Megatron release checkpoint")
     i.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
-    i.add_argument("--out", required=True, help="Megatron checkpoint directory to create "
-                   "(pass it to megatron_gem.train as --load or --finetune --load)")
-    i.add_argument("--tp", type=_positive, default=1,
-                   help="tensor-parallel size: the vocabulary is padded for it (train with the "
-                   "same --tensor-model-parallel-size or --use-checkpoint-args); one process per "
-                   "TP x PP shard")
-    i.add_argument("--pp", type=_positive, default=1,
-                   help="pipeline stages of the conversion (memory per process ~ model/(TP*PP)); "
-                   "the checkpoint itself loads at any pipeline size")
-    i.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="parameter dtype of the checkpoint (default: the HF config's dtype)")
-    i.add_argument("--make-vocab-size-divisible-by", type=_positive, default=128,
-                   help="as Megatron's flag (default 128)")
+    i.add_argument(
+        "--out",
+        required=True,
+        help="Megatron checkpoint directory to create "
+        "(pass it to megatron_gem.train as --load or --finetune --load)",
+    )
+    i.add_argument(
+        "--tp",
+        type=_positive,
+        default=1,
+        help="tensor-parallel size: the vocabulary is padded for it (train with the "
+        "same --tensor-model-parallel-size or --use-checkpoint-args); one process per "
+        "TP x PP shard",
+    )
+    i.add_argument(
+        "--pp",
+        type=_positive,
+        default=1,
+        help="pipeline stages of the conversion (memory per process ~ model/(TP*PP)); "
+        "the checkpoint itself loads at any pipeline size",
+    )
+    i.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="parameter dtype of the checkpoint (default: the HF config's dtype)",
+    )
+    i.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=_positive,
+        default=128,
+        help="as Megatron's flag (default 128)",
+    )
     i.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     e = sub.add_parser("megatron-to-hf", help="Megatron checkpoint -> HF directory")
-    e.add_argument("--load", required=True, help="Megatron checkpoint directory (the entry's "
-                   "--save; holds latest_checkpointed_iteration.txt)")
+    e.add_argument(
+        "--load",
+        required=True,
+        help="Megatron checkpoint directory (the entry's "
+        "--save; holds latest_checkpointed_iteration.txt)",
+    )
     e.add_argument("--out", required=True, help="HF directory to create")
-    e.add_argument("--iteration", type=int, default=None,
-                   help="iteration to export (default: the latest)")
-    e.add_argument("--tokenizer", default=None,
-                   help="HF directory whose tokenizer files (and generation_config.json) are "
-                   "copied and whose vocabulary size/special token ids are used, e.g. the "
-                   "original HF model")
-    e.add_argument("--vocab-size", type=_positive, default=None,
-                   help="real vocabulary size (default: from --tokenizer or the checkpoint)")
-    e.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="dtype of the safetensors (default: the checkpoint's)")
-    e.add_argument("--pp", type=_positive, default=1,
-                   help="processes, one pipeline stage each (memory per process ~ model/PP)")
+    e.add_argument(
+        "--iteration", type=int, default=None, help="iteration to export (default: the latest)"
+    )
+    e.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF directory whose tokenizer files (and generation_config.json) are "
+        "copied and whose vocabulary size/special token ids are used, e.g. the "
+        "original HF model",
+    )
+    e.add_argument(
+        "--vocab-size",
+        type=_positive,
+        default=None,
+        help="real vocabulary size (default: from --tokenizer or the checkpoint)",
+    )
+    e.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="dtype of the safetensors (default: the checkpoint's)",
+    )
+    e.add_argument(
+        "--pp",
+        type=_positive,
+        default=1,
+        help="processes, one pipeline stage each (memory per process ~ model/PP)",
+    )
     e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
@@ -90,18 +133,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "hf-to-megatron":
             flags = hf_to_megatron(
-                a.hf, a.out, a.tp, a.pp, dtype=a.dtype,
+                a.hf,
+                a.out,
+                a.tp,
+                a.pp,
+                dtype=a.dtype,
                 make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
-                overwrite=a.overwrite)
-            print(f"wrote {a.out}; train it with megatron_gem.train and these model flags "
-                  f"(also in {a.out}/megatron_args.txt):")
-            print(" ".join(flags + ["--tensor-model-parallel-size", str(a.tp),
-                                    "--load", a.out]))
+                overwrite=a.overwrite,
+            )
+            print(
+                f"wrote {a.out}; train it with megatron_gem.train and these model flags "
+                f"(also in {a.out}/megatron_args.txt):"
+            )
+            print(" ".join(flags + ["--tensor-model-parallel-size", str(a.tp), "--load", a.out]))
         else:
             out = megatron_to_hf(
-                a.load, a.out, iteration=a.iteration, pp=a.pp, dtype=a.dtype,
-                tokenizer_dir=a.tokenizer, vocab_size=a.vocab_size,
-                max_shard_size=a.max_shard_size, overwrite=a.overwrite)
+                a.load,
+                a.out,
+                iteration=a.iteration,
+                pp=a.pp,
+                dtype=a.dtype,
+                tokenizer_dir=a.tokenizer,
+                vocab_size=a.vocab_size,
+                max_shard_size=a.max_shard_size,
+                overwrite=a.overwrite,
+            )
             print(f"wrote {out}")
     except ValueError as err:
         parser.error(str(err))
@@ -110,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (_Stopped, KeyboardInterrupt) as err:
         what = "SIGTERM" if isinstance(err, _Stopped) else "Ctrl-C"
-        print(f"{parser.prog}: stopped by {what}: nothing was published, the temporary directory "
-              f"was removed and {a.out} is as it was", file=sys.stderr)
+        print(
+            f"{parser.prog}: stopped by {what}: nothing was published, the temporary directory "
+            f"was removed and {a.out} is as it was",
+            file=sys.stderr,
+        )
         return 128 + (signal.SIGTERM if isinstance(err, _Stopped) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
-

@@ -20,8 +20,15 @@ from megatron_gem.convert.arch import ArchSpec
 from megatron_gem.convert.log import log
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 _HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -33,11 +40,15 @@ def read_json(path: str | os.PathLike, what: str = "file"):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
-                         f"the {what} is truncated or corrupt: restore or re-download it") from None
+        raise ValueError(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+            f"the {what} is truncated or corrupt: restore or re-download it"
+        ) from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the {what} is "
-                         "corrupt: restore or re-download it") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the {what} is "
+            "corrupt: restore or re-download it"
+        ) from None
 
 
 def _safe_open(path: Path):
@@ -46,9 +57,11 @@ def _safe_open(path: Path):
     try:
         return safe_open(path, framework="pt")
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot be read as safetensors ({e}); the file is truncated, "
-                         "corrupt or missing (an interrupted download or save?): download or "
-                         "save it again") from None
+        raise ValueError(
+            f"{path}: cannot be read as safetensors ({e}); the file is truncated, "
+            "corrupt or missing (an interrupted download or save?): download or "
+            "save it again"
+        ) from None
 
 
 class SafetensorsReader:
@@ -63,8 +76,10 @@ class SafetensorsReader:
             wm = read_json(index, "safetensors index")
             wm = wm.get("weight_map") if isinstance(wm, dict) else None
             if not isinstance(wm, dict):
-                raise ValueError(f"{index}: no 'weight_map' object; the index is corrupt: "
-                                 "restore or re-download it")
+                raise ValueError(
+                    f"{index}: no 'weight_map' object; the index is corrupt: "
+                    "restore or re-download it"
+                )
             self.weight_map = wm
         elif single.is_file():
             with _safe_open(single) as f:
@@ -73,7 +88,8 @@ class SafetensorsReader:
             found = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
             raise ValueError(
                 f"{hf_dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
-                "only safetensors checkpoints are supported")
+                "only safetensors checkpoints are supported"
+            )
         self._handles = {}
 
     def __contains__(self, name: str) -> bool:
@@ -90,8 +106,9 @@ class SafetensorsReader:
     def shape(self, name: str) -> list[int]:
         return list(self._handle(name).get_slice(name).get_shape())
 
-    def get(self, name: str, rows: tuple[int, int] | None = None,
-            cols: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         sl = self._handle(name).get_slice(name)
         if rows is None and cols is None:
             return sl[:]
@@ -110,8 +127,10 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{hf_dir}: no config.json (is it a HuggingFace model directory?)")
     cfg = read_json(path, "HF config")
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: holds a JSON {type(cfg).__name__}, not an object; the HF "
-                         "config is corrupt: restore or re-download it")
+        raise ValueError(
+            f"{path}: holds a JSON {type(cfg).__name__}, not an object; the HF "
+            "config is corrupt: restore or re-download it"
+        )
     return cfg
 
 
@@ -127,35 +146,46 @@ def check_hf_tensors(reader: SafetensorsReader, arch: ArchSpec) -> None:
     """Every tensor the Megatron model needs exists with the shape ``arch`` implies."""
     a = arch
     qd, kvd = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
-    want = {"model.embed_tokens.weight": [a.vocab_size, a.hidden_size],
-            "model.norm.weight": [a.hidden_size]}
+    want = {
+        "model.embed_tokens.weight": [a.vocab_size, a.hidden_size],
+        "model.norm.weight": [a.hidden_size],
+    }
     if not a.tie_word_embeddings:
         want["lm_head.weight"] = [a.vocab_size, a.hidden_size]
     for i in range(a.num_layers):
         p = f"model.layers.{i}."
-        want.update({
-            p + "input_layernorm.weight": [a.hidden_size],
-            p + "post_attention_layernorm.weight": [a.hidden_size],
-            p + "self_attn.q_proj.weight": [qd, a.hidden_size],
-            p + "self_attn.k_proj.weight": [kvd, a.hidden_size],
-            p + "self_attn.v_proj.weight": [kvd, a.hidden_size],
-            p + "self_attn.o_proj.weight": [a.hidden_size, qd],
-            p + "mlp.gate_proj.weight": [a.ffn_hidden_size, a.hidden_size],
-            p + "mlp.up_proj.weight": [a.ffn_hidden_size, a.hidden_size],
-            p + "mlp.down_proj.weight": [a.hidden_size, a.ffn_hidden_size],
-        })
+        want.update(
+            {
+                p + "input_layernorm.weight": [a.hidden_size],
+                p + "post_attention_layernorm.weight": [a.hidden_size],
+                p + "self_attn.q_proj.weight": [qd, a.hidden_size],
+                p + "self_attn.k_proj.weight": [kvd, a.hidden_size],
+                p + "self_attn.v_proj.weight": [kvd, a.hidden_size],
+                p + "self_attn.o_proj.weight": [a.hidden_size, qd],
+                p + "mlp.gate_proj.weight": [a.ffn_hidden_size, a.hidden_size],
+                p + "mlp.up_proj.weight": [a.ffn_hidden_size, a.hidden_size],
+                p + "mlp.down_proj.weight": [a.hidden_size, a.ffn_hidden_size],
+            }
+        )
         if a.qkv_bias:
-            want.update({p + "self_attn.q_proj.bias": [qd], p + "self_attn.k_proj.bias": [kvd],
-                         p + "self_attn.v_proj.bias": [kvd]})
+            want.update(
+                {
+                    p + "self_attn.q_proj.bias": [qd],
+                    p + "self_attn.k_proj.bias": [kvd],
+                    p + "self_attn.v_proj.bias": [kvd],
+                }
+            )
     for name, shape in want.items():
         got = reader.shape(name)
         if got != shape:
-            raise ValueError(f"{reader.dir}: tensor {name!r} has shape {got}, config.json "
-                             f"implies {shape}")
+            raise ValueError(
+                f"{reader.dir}: tensor {name!r} has shape {got}, config.json implies {shape}"
+            )
 
 
-def untie_if_head_differs(reader: SafetensorsReader, arch: ArchSpec,
-                          rows_per_read: int = 4096) -> ArchSpec:
+def untie_if_head_differs(
+    reader: SafetensorsReader, arch: ArchSpec, rows_per_read: int = 4096
+) -> ArchSpec:
     """``arch``, untied when ``config.json`` says ``tie_word_embeddings`` but the files hold an
     ``lm_head.weight`` that differs from the embedding: transformers (5.x) then does NOT tie
     them and runs with both, so that is the model to convert. Compared a block of rows at a
@@ -165,13 +195,18 @@ def untie_if_head_differs(reader: SafetensorsReader, arch: ArchSpec,
         return arch
     shape = reader.shape(emb)
     same = reader.shape(head) == shape and all(
-        torch.equal(reader.get(emb, rows=(r, r + rows_per_read)),
-                    reader.get(head, rows=(r, r + rows_per_read)))
-        for r in range(0, shape[0], rows_per_read))
+        torch.equal(
+            reader.get(emb, rows=(r, r + rows_per_read)),
+            reader.get(head, rows=(r, r + rows_per_read)),
+        )
+        for r in range(0, shape[0], rows_per_read)
+    )
     if same:
         return arch
-    log(f"{reader.dir}: config.json ties the embeddings but {head} differs from {emb}; "
-        "transformers then loads both untied, so the conversion is untied too")
+    log(
+        f"{reader.dir}: config.json ties the embeddings but {head} differs from {emb}; "
+        "transformers then loads both untied, so the conversion is untied too"
+    )
     return dataclasses.replace(arch, tie_word_embeddings=False)
 
 
@@ -202,5 +237,8 @@ def hf_token_ids(tokenizer_dir: Path | None) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id}
+    return {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }

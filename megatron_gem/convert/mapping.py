@@ -41,14 +41,16 @@ def parse_megatron_name(name: str) -> tuple[str, int | None]:
     """``(kind, layer)`` of a Megatron GPT parameter; ``layer`` is the index within the names
     given (callers pass global indices). Wrapper prefixes (``module.``) are ignored."""
     while name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     if name in _TOP_KINDS:
         return _TOP_KINDS[name], None
     m = _LAYER_RE.match(name)
     if m and m.group(2) in _LAYER_KINDS:
         return _LAYER_KINDS[m.group(2)], int(m.group(1))
-    raise ValueError(f"Megatron parameter {name!r} has no HF Llama/Qwen2 counterpart "
-                     "(unsupported architecture option?)")
+    raise ValueError(
+        f"Megatron parameter {name!r} has no HF Llama/Qwen2 counterpart "
+        "(unsupported architecture option?)"
+    )
 
 
 def hf_names(kind: str, layer: int | None, tied: bool = False) -> list[str]:
@@ -60,10 +62,16 @@ def hf_names(kind: str, layer: int | None, tied: bool = False) -> list[str]:
         "final_norm": ["model.norm.weight"],
         "input_norm": [p + "input_layernorm.weight"],
         "post_norm": [p + "post_attention_layernorm.weight"],
-        "qkv": [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-                p + "self_attn.v_proj.weight"],
-        "qkv_bias": [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias",
-                     p + "self_attn.v_proj.bias"],
+        "qkv": [
+            p + "self_attn.q_proj.weight",
+            p + "self_attn.k_proj.weight",
+            p + "self_attn.v_proj.weight",
+        ],
+        "qkv_bias": [
+            p + "self_attn.q_proj.bias",
+            p + "self_attn.k_proj.bias",
+            p + "self_attn.v_proj.bias",
+        ],
         "o": [p + "self_attn.o_proj.weight"],
         "fc1": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
         "fc2": [p + "mlp.down_proj.weight"],
@@ -88,8 +96,11 @@ def qkv_megatron_to_hf(qkv, num_heads: int, num_groups: int, head_dim: int):
     rest = qkv.shape[1:]
     g = qkv.reshape(num_groups, per + 2 * head_dim, *rest)
     q, k, v = torch.split(g, [per, head_dim, head_dim], dim=1)
-    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
-            v.reshape(-1, *rest).contiguous())
+    return (
+        q.reshape(-1, *rest).contiguous(),
+        k.reshape(-1, *rest).contiguous(),
+        v.reshape(-1, *rest).contiguous(),
+    )
 
 
 def _shard(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
@@ -99,8 +110,15 @@ def _shard(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
     return rank * n, (rank + 1) * n
 
 
-def local_megatron_tensor(kind: str, layer: int | None, arch: ArchSpec, read: Callable,
-                          tp_rank: int, tp_size: int, padded_vocab: int) -> torch.Tensor:
+def local_megatron_tensor(
+    kind: str,
+    layer: int | None,
+    arch: ArchSpec,
+    read: Callable,
+    tp_rank: int,
+    tp_size: int,
+    padded_vocab: int,
+) -> torch.Tensor:
     """The tensor-parallel shard ``tp_rank`` of a Megatron parameter, read from HF tensors with
     ``read(name, rows=None, cols=None)`` (`SafetensorsReader.get`). Column-parallel layers
     (QKV, fc1, embedding, output layer) are split by rows, row-parallel ones (proj, fc2) by
@@ -138,8 +156,9 @@ def local_megatron_tensor(kind: str, layer: int | None, arch: ArchSpec, read: Ca
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def megatron_to_hf_tensors(kind: str, layer: int | None, tensor: torch.Tensor,
-                           arch: ArchSpec) -> dict[str, torch.Tensor]:
+def megatron_to_hf_tensors(
+    kind: str, layer: int | None, tensor: torch.Tensor, arch: ArchSpec
+) -> dict[str, torch.Tensor]:
     """HF tensors from one whole (tensor-parallel size 1) Megatron parameter. The tied output
     layer maps to nothing (HF ties it to the embedding); padded vocabulary rows are dropped."""
     a = arch
@@ -147,8 +166,12 @@ def megatron_to_hf_tensors(kind: str, layer: int | None, tensor: torch.Tensor,
         return {}
     names = hf_names(kind, layer, tied=a.tie_word_embeddings)
     if kind in ("qkv", "qkv_bias"):
-        return dict(zip(names, qkv_megatron_to_hf(tensor, a.num_attention_heads,
-                                                  a.num_query_groups, a.head_dim)))
+        return dict(
+            zip(
+                names,
+                qkv_megatron_to_hf(tensor, a.num_attention_heads, a.num_query_groups, a.head_dim),
+            )
+        )
     if kind == "fc1":
         gate, up = torch.chunk(tensor, 2, dim=0)
         return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
@@ -195,25 +218,29 @@ def megatron_name(kind: str, layer: int | None) -> str:
     return f"decoder.layers.{layer}.{_KIND_TO_LOCAL_NAME[kind]}"
 
 
-def hf_to_megatron_full_state(hf: dict[str, torch.Tensor], arch: ArchSpec,
-                              padded_vocab: int) -> dict[str, torch.Tensor]:
+def hf_to_megatron_full_state(
+    hf: dict[str, torch.Tensor], arch: ArchSpec, padded_vocab: int
+) -> dict[str, torch.Tensor]:
     """Whole-model HF state dict -> whole Megatron state dict (local-spec names, TP size 1).
     For tests and small models; the CLI streams shards instead."""
 
     def read(name, rows=None, cols=None):
         t = hf[name]
         if rows:
-            t = t[rows[0]:rows[1]]
+            t = t[rows[0] : rows[1]]
         if cols:
-            t = t[:, cols[0]:cols[1]]
+            t = t[:, cols[0] : cols[1]]
         return t
 
-    return {megatron_name(k, l): local_megatron_tensor(k, l, arch, read, 0, 1, padded_vocab)
-            for k, l in expected_megatron_kinds(arch)}
+    return {
+        megatron_name(k, l): local_megatron_tensor(k, l, arch, read, 0, 1, padded_vocab)
+        for k, l in expected_megatron_kinds(arch)
+    }
 
 
-def megatron_full_state_to_hf(state: dict[str, torch.Tensor], arch: ArchSpec
-                              ) -> dict[str, torch.Tensor]:
+def megatron_full_state_to_hf(
+    state: dict[str, torch.Tensor], arch: ArchSpec
+) -> dict[str, torch.Tensor]:
     """Whole Megatron state dict (TP size 1, local or TE names) -> HF state dict."""
     out = {}
     for name, t in state.items():

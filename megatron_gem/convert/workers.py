@@ -42,9 +42,14 @@ def _free_port() -> int:
 def _child(rank: int, world: int, port: int, target, kwargs: dict, parent: int | None = None):
     if parent is not None:
         _die_with_parent(parent)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores
     target(**kwargs)
 
@@ -100,18 +105,26 @@ def run_workers(target: Callable, nprocs: int, **kwargs) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     ctx = None
     try:
-        ctx = mp.start_processes(_child, args=(nprocs, _free_port(), target, kwargs, os.getpid()),
-                                 nprocs=nprocs, start_method="spawn", join=False)
+        ctx = mp.start_processes(
+            _child,
+            args=(nprocs, _free_port(), target, kwargs, os.getpid()),
+            nprocs=nprocs,
+            start_method="spawn",
+            join=False,
+        )
         while not ctx.join():
             pass
     except mp.ProcessRaisedException as err:
         last = str(err).strip().splitlines()[-1]
         if last.startswith("ValueError: "):  # a refusal in a worker: report it plainly
-            raise ValueError(last[len("ValueError: "):]) from err
+            raise ValueError(last[len("ValueError: ") :]) from err
         raise
     except mp.ProcessExitedException as err:
-        how = (f"was killed by {err.signal_name}" if err.signal_name
-               else f"exited with code {err.exit_code}")
+        how = (
+            f"was killed by {err.signal_name}"
+            if err.signal_name
+            else f"exited with code {err.exit_code}"
+        )
         if err.signal_name == "SIGKILL":
             how += " (out of memory?)"
         raise IncompleteOutputError(
@@ -146,8 +159,7 @@ def init_megatron_worker(argv: list[str], padded_vocab: int, overrides: dict | N
     from megatron_gem.train.arguments import parse_args
 
     patches.prebuilt_dataset_helpers()
-    args = parse_args(argv, world_size=int(os.environ["WORLD_SIZE"]),
-                      rank=int(os.environ["RANK"]))
+    args = parse_args(argv, world_size=int(os.environ["WORLD_SIZE"]), rank=int(os.environ["RANK"]))
     args.padded_vocab_size = padded_vocab  # the checkpoint's, not recomputed from a tokenizer
     for k, v in (overrides or {}).items():
         setattr(args, k, v)
@@ -186,10 +198,14 @@ def check_model_rope(model_chunks, arch: ArchSpec) -> None:
     does not restore it trains Llama 3.2 (factor 32) with factor 8)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    want = RotaryEmbedding(arch.head_dim, 1.0, rotary_base=arch.rope_theta,
-                           rope_scaling=arch.rope_scaling_factor is not None,
-                           rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-                           use_cpu_initialization=True).inv_freq
+    want = RotaryEmbedding(
+        arch.head_dim,
+        1.0,
+        rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        use_cpu_initialization=True,
+    ).inv_freq
     for chunk in model_chunks:
         rope = getattr(unwrap(chunk), "rotary_pos_emb", None)
         if rope is not None and not torch.equal(rope.inv_freq.cpu(), want):
@@ -197,23 +213,39 @@ def check_model_rope(model_chunks, arch: ArchSpec) -> None:
                 "the training entry's model provider builds RoPE frequencies that differ from "
                 f"the HF model's (rope_theta={arch.rope_theta}, llama3 factor="
                 f"{arch.rope_scaling_factor}); it must pass --rope-scaling-factor to the model "
-                "config")
+                "config"
+            )
 
 
-def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str],
-                 make_vocab_size_divisible_by: int = 128) -> list[str]:
+def _worker_argv(
+    arch: ArchSpec,
+    dtype: str,
+    tp: int,
+    pp: int,
+    extra: list[str],
+    make_vocab_size_divisible_by: int = 128,
+) -> list[str]:
     argv = megatron_model_args(arch, make_vocab_size_divisible_by) + [
-        "--tensor-model-parallel-size", str(tp),
-        "--pipeline-model-parallel-size", str(pp),
-        "--micro-batch-size", "1",
-        "--seq-length", str(min(arch.max_position_embeddings, 4096)),
-        "--ckpt-format", "torch_dist",
-        "--save-interval", "1",  # validate_args wants one whenever --save is given
-        "--train-iters", "1",
-        "--eval-iters", "0",
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
+        "--micro-batch-size",
+        "1",
+        "--seq-length",
+        str(min(arch.max_position_embeddings, 4096)),
+        "--ckpt-format",
+        "torch_dist",
+        "--save-interval",
+        "1",  # validate_args wants one whenever --save is given
+        "--train-iters",
+        "1",
+        "--eval-iters",
+        "0",
         "--no-initialization",  # every weight is overwritten: skip the random init
         "--use-cpu-initialization",
-        "--distributed-timeout-minutes", "600",  # a 70B shard can take a while to read
+        "--distributed-timeout-minutes",
+        "600",  # a 70B shard can take a while to read
     ]
     if dtype == "bf16":
         argv.append("--bf16")
@@ -222,9 +254,18 @@ def _worker_argv(arch: ArchSpec, dtype: str, tp: int, pp: int, extra: list[str],
     return argv + extra
 
 
-def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int, pp: int,
-                  padded_vocab: int, tokenizer_argv: list[str], after_save=None,
-                  make_vocab_size_divisible_by: int = 128) -> None:
+def import_worker(
+    hf_dir: str,
+    tmp_out: str,
+    arch: ArchSpec,
+    dtype: str,
+    tp: int,
+    pp: int,
+    padded_vocab: int,
+    tokenizer_argv: list[str],
+    after_save=None,
+    make_vocab_size_divisible_by: int = 128,
+) -> None:
     """One rank of ``hf -> megatron``: build this rank's shard, fill it from HF slices, save
     with Megatron's ``save_checkpoint`` as a release checkpoint, and (rank 0) the import
     record. ``after_save(model, arch)`` (tests) runs in every rank at the end."""
@@ -232,12 +273,20 @@ def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int
 
     # the divisor goes into the saved args too: the export checks the vocabulary against it
     args = init_megatron_worker(
-        _worker_argv(arch, dtype, tp, pp, ["--save", tmp_out, "--no-save-optim", "--no-save-rng",
-                                           *tokenizer_argv], make_vocab_size_divisible_by),
-        padded_vocab)
+        _worker_argv(
+            arch,
+            dtype,
+            tp,
+            pp,
+            ["--save", tmp_out, "--no-save-optim", "--no-save-rng", *tokenizer_argv],
+            make_vocab_size_divisible_by,
+        ),
+        padded_vocab,
+    )
     if args.rank == 0:
-        write_import_record(Path(hf_dir), Path(tmp_out), arch, padded_vocab,
-                            make_vocab_size_divisible_by, tp)
+        write_import_record(
+            Path(hf_dir), Path(tmp_out), arch, padded_vocab, make_vocab_size_divisible_by, tp
+        )
     model = build_model()
     check_model_rope(model, arch)
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -249,16 +298,21 @@ def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int
     with torch.no_grad():
         for params in chunk_params:
             for kind, layer, name, p in params:
-                t = local_megatron_tensor(kind, layer, arch, reader.get, tp_rank, tp_size,
-                                          padded_vocab)
+                t = local_megatron_tensor(
+                    kind, layer, arch, reader.get, tp_rank, tp_size, padded_vocab
+                )
                 if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"{name}: HF gives shape {tuple(t.shape)}, the Megatron "
-                                     f"shard has {tuple(p.shape)}")
+                    raise ValueError(
+                        f"{name}: HF gives shape {tuple(t.shape)}, the Megatron "
+                        f"shard has {tuple(p.shape)}"
+                    )
                 p.copy_(t)
                 if layer is not None and layer not in done and args.rank == 0:
                     done.add(layer)
-                    log(f"hf-to-megatron: rank 0 filling layer {layer} "
-                        f"({len(done)}/{len(layers)} of its stage)")
+                    log(
+                        f"hf-to-megatron: rank 0 filling layer {layer} "
+                        f"({len(done)}/{len(layers)} of its stage)"
+                    )
     reader.close()
     from megatron.training.checkpointing import save_checkpoint
 
@@ -270,23 +324,40 @@ def import_worker(hf_dir: str, tmp_out: str, arch: ArchSpec, dtype: str, tp: int
         after_save(model, arch)
 
 
-def export_worker(ckpt_root: str, iteration: int | None, tmp_out: str, arch: ArchSpec,
-                  ckpt_dtype: str, out_dtype: str, pp: int, padded_vocab: int,
-                  max_shard_bytes: int, add_position_embedding: bool = True,
-                  after_load=None) -> None:
+def export_worker(
+    ckpt_root: str,
+    iteration: int | None,
+    tmp_out: str,
+    arch: ArchSpec,
+    ckpt_dtype: str,
+    out_dtype: str,
+    pp: int,
+    padded_vocab: int,
+    max_shard_bytes: int,
+    add_position_embedding: bool = True,
+    after_load=None,
+) -> None:
     """One pipeline stage of ``megatron -> hf`` (tensor-parallel size 1): load this stage from
     the checkpoint with Megatron's ``load_checkpoint`` (resharded from any saved layout),
     convert its parameters and write them as safetensors parts; rank 0 renames the parts,
     writes the index. ``after_load(model, arch)`` (tests) runs in every rank after loading."""
     from safetensors.torch import save_file
 
-    extra = ["--load", ckpt_root, "--no-load-optim", "--no-load-rng",
-             "--exit-on-missing-checkpoint"]
+    extra = [
+        "--load",
+        ckpt_root,
+        "--no-load-optim",
+        "--no-load-rng",
+        "--exit-on-missing-checkpoint",
+    ]
     if iteration is not None:
         extra += ["--ckpt-step", str(iteration)]
     # load_checkpoint asserts this flag equals the saved one; it means nothing with RoPE
-    args = init_megatron_worker(_worker_argv(arch, ckpt_dtype, 1, pp, extra), padded_vocab,
-                                {"add_position_embedding": add_position_embedding})
+    args = init_megatron_worker(
+        _worker_argv(arch, ckpt_dtype, 1, pp, extra),
+        padded_vocab,
+        {"add_position_embedding": add_position_embedding},
+    )
     from megatron.training.checkpointing import load_checkpoint
 
     model = build_model()
@@ -336,7 +407,9 @@ def export_worker(ckpt_root: str, iteration: int | None, tmp_out: str, arch: Arc
             os.chmod(os.path.join(tmp_out, final), 0o666 & ~umask())
             weight_map.update({k: final for k in names})
         if n > 1:
-            index = {"metadata": {"total_size": sum(g[1] for g in gathered)},
-                     "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {"total_size": sum(g[1] for g in gathered)},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             Path(tmp_out, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     torch.distributed.barrier()

@@ -48,8 +48,11 @@ def plain_message_text(role: str, content: str) -> str:
 
 def plain_render(messages: list[dict]) -> str:
     """Readable text of the plain SFT template (for display; ids come from PlainTemplate)."""
-    return (" ".join(plain_message_text(m["role"], m["content"]) for m in messages)
-            + " " + PLAIN_HEADERS["assistant"])
+    return (
+        " ".join(plain_message_text(m["role"], m["content"]) for m in messages)
+        + " "
+        + PLAIN_HEADERS["assistant"]
+    )
 
 
 class PlainTemplate:
@@ -80,8 +83,9 @@ class PlainTemplate:
         """The generation prompt: the history's ids followed by ``ids("Assistant:")``."""
         for m in messages:
             if m["role"] not in self.headers:
-                raise ValueError(f"plain template: role {m['role']!r} is not one of "
-                                 f"{sorted(self.headers)}")
+                raise ValueError(
+                    f"plain template: role {m['role']!r} is not one of {sorted(self.headers)}"
+                )
         return self.encode_messages(messages)[0] + self.headers["assistant"]
 
     def response_ids(self, text: str) -> list[int]:

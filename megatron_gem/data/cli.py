@@ -51,20 +51,40 @@ def build_prepare_sft_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="chat JSONL file")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.{bin,idx,sft.json}")
-    p.add_argument("--seq-length", type=int, required=True,
-                   help="training --seq-length; longer samples are truncated (and counted)")
-    p.add_argument("--template", choices=TEMPLATES, default="auto",
-                   help="chat: the HF tokenizer's chat template; plain: the documented plain "
-                   "template; auto (default): chat when the tokenizer has a chat template")
-    p.add_argument("--chat-template", default=None,
-                   help="a jinja chat template, or a file holding one (overrides the tokenizer's)")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        required=True,
+        help="training --seq-length; longer samples are truncated (and counted)",
+    )
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="auto",
+        help="chat: the HF tokenizer's chat template; plain: the documented plain "
+        "template; auto (default): chat when the tokenizer has a chat template",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a jinja chat template, or a file holding one (overrides the tokenizer's)",
+    )
     p.add_argument("--messages-key", default="messages", help="JSON key of the message list")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="malformed line: stop with its line number (default) or skip and count it")
+    p.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="malformed line: stop with its line number (default) or skip and count it",
+    )
     p.add_argument("--workers", type=int, default=1, help="encoding processes (same output)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--show", type=int, default=0, metavar="N",
-                   help="print the first N samples with the loss-carrying text in [[ ]]")
+    p.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N samples with the loss-carrying text in [[ ]]",
+    )
     add_tokenizer_args(p)
     return p
 
@@ -83,13 +103,16 @@ def prepare_sft_main(argv=None) -> int:
                 with open(chat_template, "r", encoding="utf-8") as f:
                     chat_template = f.read()
             except UnicodeDecodeError as err:
-                raise ValueError(f"--chat-template {template_file}: not UTF-8 ({err.reason} "
-                                 f"at byte {err.start})") from None
+                raise ValueError(
+                    f"--chat-template {template_file}: not UTF-8 ({err.reason} at byte {err.start})"
+                ) from None
         elif chat_template is not None and "{" not in chat_template:
             # Neither a file nor jinja (a template without {{ }} / {% %} cannot show messages):
             # most likely a mistyped path, which would otherwise render as literal text.
-            raise ValueError(f"--chat-template {chat_template!r}: no such file, and not a jinja "
-                             "template (no '{{' or '{%')")
+            raise ValueError(
+                f"--chat-template {chat_template!r}: no such file, and not a jinja "
+                "template (no '{{' or '{%')"
+            )
         tokenizer = tokenizer_from_args(args)
         report = prepare_sft_data(
             args.input,
@@ -102,10 +125,15 @@ def prepare_sft_main(argv=None) -> int:
             on_error=args.on_error,
             overwrite=args.overwrite,
             workers=args.workers,
-            tokenizer_info={"tokenizer_type": args.tokenizer_type,
-                            "tokenizer_model": args.tokenizer_model},
-            other_inputs=[("--chat-template", template_file), ("--vocab-file", args.vocab_file),
-                          ("--merge-file", args.merge_file)],
+            tokenizer_info={
+                "tokenizer_type": args.tokenizer_type,
+                "tokenizer_model": args.tokenizer_model,
+            },
+            other_inputs=[
+                ("--chat-template", template_file),
+                ("--vocab-file", args.vocab_file),
+                ("--merge-file", args.merge_file),
+            ],
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -115,8 +143,10 @@ def prepare_sft_main(argv=None) -> int:
         data = SFTIndexedData(args.output_prefix)
         for i in range(min(args.show, len(data))):
             print(f"--- sample {i}\n{decode_sample(*data.sample(i), tokenizer)}")
-    print(f"train with: --sft --data-path {args.output_prefix} --seq-length {args.seq_length} "
-          f"--tokenizer-type {args.tokenizer_type} --tokenizer-model {args.tokenizer_model}")
+    print(
+        f"train with: --sft --data-path {args.output_prefix} --seq-length {args.seq_length} "
+        f"--tokenizer-type {args.tokenizer_type} --tokenizer-model {args.tokenizer_model}"
+    )
     return 0
 
 
@@ -141,8 +171,9 @@ def build_preprocess_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="JSONL file, one document per line")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.{bin,idx}")
-    p.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="keys to extract (default text)")
+    p.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys to extract (default text)"
+    )
     p.add_argument(
         "--append-eod",
         action=argparse.BooleanOptionalAction,
@@ -150,8 +181,12 @@ def build_preprocess_parser() -> argparse.ArgumentParser:
         help="end every document with the eod token (default: on)",
     )
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="malformed line: stop with its line number (default) or skip and count it")
+    p.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="malformed line: stop with its line number (default) or skip and count it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--log-interval", type=int, default=100000, help="lines between progress prints")
     add_tokenizer_args(p)
@@ -209,10 +244,12 @@ def build_train_tokenizer_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", choices=("bpe", "unigram", "char", "word"), default="bpe")
     p.add_argument("--character-coverage", type=float, default=1.0)
-    p.add_argument("--byte-fallback", action="store_true",
-                   help="unknown characters become byte tokens (needs vocab >= ~300)")
-    p.add_argument("--user-defined-symbols", nargs="*", default=[],
-                   help="pieces always kept whole")
+    p.add_argument(
+        "--byte-fallback",
+        action="store_true",
+        help="unknown characters become byte tokens (needs vocab >= ~300)",
+    )
+    p.add_argument("--user-defined-symbols", nargs="*", default=[], help="pieces always kept whole")
     p.add_argument("--json-key", default="text", help="text key of JSONL inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
     return p
@@ -239,4 +276,3 @@ def train_tokenizer_main(argv=None) -> int:
         return 2
     print(f"wrote {path}; use --tokenizer-type SentencePieceTokenizer --tokenizer-model {path}")
     return 0
-

@@ -49,7 +49,7 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
+                raw = raw[len(BOM) :]
             yield lineno, raw.rstrip(b"\n").rstrip(b"\r")
 
 
@@ -65,11 +65,15 @@ def decode_line(raw: bytes | str) -> str | BadLine:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         col = len(raw[: err.start].decode("utf-8")) + 1  # the prefix before the bad byte is valid
-        return BadLine(f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {col}, "
-                       f"byte {err.start + 1} of the line)")
+        return BadLine(
+            f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {col}, "
+            f"byte {err.start + 1} of the line)"
+        )
     if text.startswith("\ufeff"):  # line 1's BOM is gone already (iter_lines)
-        return BadLine("a UTF-8 byte-order mark (BOM) at column 1: allowed only at the start of "
-                       "the file (were files concatenated?)")
+        return BadLine(
+            "a UTF-8 byte-order mark (BOM) at column 1: allowed only at the start of "
+            "the file (were files concatenated?)"
+        )
     return text
 
 

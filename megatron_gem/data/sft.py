@@ -714,4 +714,3 @@ def build_sft_datasets(
     )
     train, valid, test = builder.build()
     return train, valid, test
-

@@ -139,8 +139,12 @@ def preprocess_jsonl(
 
     final = {k: output_prefix_for(output_prefix, k) for k in json_keys}
     # Before anything is written: no output file may be, contain or lie inside an input.
-    inputs = [("--input", input_path), ("--tokenizer-model", tokenizer_model),
-              ("--vocab-file", vocab_file), ("--merge-file", merge_file)]
+    inputs = [
+        ("--input", input_path),
+        ("--tokenizer-model", tokenizer_model),
+        ("--vocab-file", vocab_file),
+        ("--merge-file", merge_file),
+    ]
     for prefix in final.values():
         for path in (prefix + ".bin", prefix + ".idx"):
             check_output_apart(path, inputs, "--output-prefix file")
@@ -170,8 +174,7 @@ def preprocess_jsonl(
             if isinstance(result, str):
                 if on_error == "fail":
                     raise ValueError(
-                        f"{input_path}:{lineno}: {result} (pass --on-error skip to skip "
-                        "such lines)"
+                        f"{input_path}:{lineno}: {result} (pass --on-error skip to skip such lines)"
                     )
                 report.skip(result, lineno)
                 continue
@@ -203,4 +206,3 @@ def preprocess_jsonl(
                 if os.path.exists(tmp[key] + ext):
                     os.remove(tmp[key] + ext)
     return report
-

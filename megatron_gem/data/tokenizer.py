@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import tempfile
 from typing import Iterable, Iterator, Sequence
@@ -90,9 +89,20 @@ def _build_named(ns):
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as _build
 
     model = getattr(ns, "tokenizer_model", None)
-    if model and ns.tokenizer_type in SP_TOKENIZER_TYPES + ("TikTokenizer",) and not os.path.isfile(model):
-        raise ValueError(f"--tokenizer-model {model!r}: no such file (a {ns.tokenizer_type} model file)")
-    if model and ns.tokenizer_type == "HuggingFaceTokenizer" and model.startswith(("/", ".", "~")) and not os.path.exists(model):
+    if (
+        model
+        and ns.tokenizer_type in SP_TOKENIZER_TYPES + ("TikTokenizer",)
+        and not os.path.isfile(model)
+    ):
+        raise ValueError(
+            f"--tokenizer-model {model!r}: no such file (a {ns.tokenizer_type} model file)"
+        )
+    if (
+        model
+        and ns.tokenizer_type == "HuggingFaceTokenizer"
+        and model.startswith(("/", ".", "~"))
+        and not os.path.exists(model)
+    ):
         raise ValueError(f"--tokenizer-model {model!r}: no such file or directory")
     try:
         return _build(ns)
@@ -234,8 +244,11 @@ def train_sentencepiece(
         files = None
     # Before anything is written (and before "exists", which would suggest overwrite).
     for path in final.values():
-        check_output_apart(path, [("--input", f) for f in [*(files or []), *map(os.fspath, inputs)]],
-                           "--model-prefix file")
+        check_output_apart(
+            path,
+            [("--input", f) for f in [*(files or []), *map(os.fspath, inputs)]],
+            "--model-prefix file",
+        )
     existing = [p for p in final.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise ValueError(f"model_prefix {model_prefix!r}: {existing[0]} exists (pass overwrite)")
@@ -275,7 +288,9 @@ def train_sentencepiece(
                 raise seen["error"] from None
             if files is None and seen["texts"] == 0:
                 where = f" (--input {', '.join(map(os.fspath, inputs))})" if inputs else ""
-                raise ValueError(f"no text to train the tokenizer on{where}: empty, or blank lines only")
+                raise ValueError(
+                    f"no text to train the tokenizer on{where}: empty, or blank lines only"
+                )
             # e.g. "Vocabulary size too high (5000). Please set it to a value <= 812."
             raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {err}")
         for ext, path in final.items():

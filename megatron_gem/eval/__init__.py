@@ -1,12 +1,12 @@
 """Evaluation: quality, diversity and forgetting of sampled responses; the public API.
 
-    prompts.py   EvalPrompt and the readers of prompts, generations and held-out texts
-    formats.py   ChatFormat: prompts/responses/documents -> ids (templates: megatron_gem.data.chat)
-    sampling.py  load_hf, SamplingConfig, sample (HF transformers, KV cache)
-    scoring.py   sequence_logprobs, score_valid, heldout_loss (exact, teacher forcing)
-    metrics.py   the metrics themselves (quality, valid mass, diversity, forgetting)
-    api.py       prompt_metrics, summarise, evaluate, flat_metrics
-    cli.py       the CLI (tools/evaluate.py, python -m megatron_gem.eval)
+prompts.py   EvalPrompt and the readers of prompts, generations and held-out texts
+formats.py   ChatFormat: prompts/responses/documents -> ids (templates: megatron_gem.data.chat)
+sampling.py  load_hf, SamplingConfig, sample (HF transformers, KV cache)
+scoring.py   sequence_logprobs, score_valid, heldout_loss (exact, teacher forcing)
+metrics.py   the metrics themselves (quality, valid mass, diversity, forgetting)
+api.py       prompt_metrics, summarise, evaluate, flat_metrics
+cli.py       the CLI (tools/evaluate.py, python -m megatron_gem.eval)
 """
 
 from megatron_gem.eval.api import (
@@ -29,10 +29,26 @@ from megatron_gem.eval.sampling import SamplingConfig, load_hf, sample
 from megatron_gem.eval.scoring import heldout_loss, score_valid, sequence_logprobs
 
 __all__ = [
-    "EvalPrompt", "SamplingConfig", "evaluate", "flat_metrics", "heldout_loss", "hf_chat_format",
-    "load_hf", "megatron_chat_format", "prompt_metrics", "read_generations", "read_prompts",
-    "read_texts", "sample", "score_valid", "summarise",
+    "EvalPrompt",
+    "SamplingConfig",
+    "evaluate",
+    "flat_metrics",
+    "heldout_loss",
+    "hf_chat_format",
+    "load_hf",
+    "megatron_chat_format",
+    "prompt_metrics",
+    "read_generations",
+    "read_prompts",
+    "read_texts",
+    "sample",
+    "score_valid",
+    "summarise",
     # also public: the formats, the exact scorer and the metric names of a result's sets
-    "ChatFormat", "ChatTemplateFormat", "METRIC_NAMES", "PlainTemplateFormat", "plain_render",
+    "ChatFormat",
+    "ChatTemplateFormat",
+    "METRIC_NAMES",
+    "PlainTemplateFormat",
+    "plain_render",
     "sequence_logprobs",
 ]

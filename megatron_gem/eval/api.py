@@ -24,13 +24,26 @@ from megatron_gem.eval.scoring import heldout_loss, score_valid
 
 __all__ = ["METRIC_NAMES", "evaluate", "flat_metrics", "prompt_metrics", "summarise"]
 
-METRIC_NAMES = ("quality", "valid_mass", "effective_valid", "coverage", "ngram_diversity",
-                "distinct_1", "distinct_2", "distinct_3", "self_bleu_diversity",
-                "embedding_diversity")
+METRIC_NAMES = (
+    "quality",
+    "valid_mass",
+    "effective_valid",
+    "coverage",
+    "ngram_diversity",
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "self_bleu_diversity",
+    "embedding_diversity",
+)
 
 
-def prompt_metrics(samples: Sequence[str], valid: Sequence[str] | None = None,
-                   valid_logprobs: Sequence[float] | None = None, embedder=None) -> dict:
+def prompt_metrics(
+    samples: Sequence[str],
+    valid: Sequence[str] | None = None,
+    valid_logprobs: Sequence[float] | None = None,
+    embedder=None,
+) -> dict:
     """Metrics of one prompt's samples (response text only); absent when undefined."""
     if not samples:
         raise ValueError("prompt_metrics: no samples")
@@ -40,16 +53,19 @@ def prompt_metrics(samples: Sequence[str], valid: Sequence[str] | None = None,
         m["coverage"] = M.coverage(samples, valid)
     if valid_logprobs is not None:
         if not valid or len(valid_logprobs) != len(valid):
-            raise ValueError(f"prompt_metrics: {len(valid_logprobs)} log-probabilities for "
-                             f"{len(valid or [])} valid responses")
+            raise ValueError(
+                f"prompt_metrics: {len(valid_logprobs)} log-probabilities for "
+                f"{len(valid or [])} valid responses"
+            )
         # One probability per distinct answer: a response listed twice counts once; responses
         # that normalise to the same answer ("Owl", "owl") are different sequences whose
         # probabilities add up.
         groups: dict[str, list[float]] = {}
         for v, lp in dict(zip(valid, valid_logprobs)).items():
             groups.setdefault(M.normalize_answer(v), []).append(lp)
-        answers = [torch.logsumexp(torch.tensor(g, dtype=torch.float64), 0).item()
-                   for g in groups.values()]
+        answers = [
+            torch.logsumexp(torch.tensor(g, dtype=torch.float64), 0).item() for g in groups.values()
+        ]
         m["valid_mass"] = M.valid_mass(answers)
         ev = M.effective_valid(answers)
         if math.isfinite(ev):
@@ -67,22 +83,32 @@ def prompt_metrics(samples: Sequence[str], valid: Sequence[str] | None = None,
     return m
 
 
-def summarise(prompts: Sequence[EvalPrompt], generations: Sequence[Sequence[str]],
-              valid_logprobs: Sequence[Sequence[float] | None] | None = None,
-              embedder=None) -> tuple[dict, list[dict]]:
+def summarise(
+    prompts: Sequence[EvalPrompt],
+    generations: Sequence[Sequence[str]],
+    valid_logprobs: Sequence[Sequence[float] | None] | None = None,
+    embedder=None,
+) -> tuple[dict, list[dict]]:
     """(per-set means, per-prompt records). Sets: each prompt's ``split`` plus "all".
 
     A set's metric is the mean over the prompts where it is defined; ``n_<metric>`` says over how
     many (e.g. quality only over prompts with a valid list).
     """
     if len(generations) != len(prompts):
-        raise ValueError(f"summarise: {len(generations)} generation lists for "
-                         f"{len(prompts)} prompts")
+        raise ValueError(
+            f"summarise: {len(generations)} generation lists for {len(prompts)} prompts"
+        )
     per_prompt = []
     for k, (p, g) in enumerate(zip(prompts, generations)):
         lps = valid_logprobs[k] if valid_logprobs is not None else None
-        per_prompt.append({"id": p.id, "split": p.split, "n_samples": len(g),
-                           "metrics": prompt_metrics(g, p.valid, lps, embedder)})
+        per_prompt.append(
+            {
+                "id": p.id,
+                "split": p.split,
+                "n_samples": len(g),
+                "metrics": prompt_metrics(g, p.valid, lps, embedder),
+            }
+        )
     sets: dict[str, dict] = {}
     names = ["all"] + sorted({p.split for p in prompts} - {"all"})
     for name in names:
@@ -97,12 +123,20 @@ def summarise(prompts: Sequence[EvalPrompt], generations: Sequence[Sequence[str]
     return sets, per_prompt
 
 
-def evaluate(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt],
-             sampling: SamplingConfig = SamplingConfig(), *,
-             generations: Sequence[Sequence[str]] | None = None,
-             heldout_texts: Sequence[str] | None = None,
-             heldout_loss_before: float | None = None, score: bool = True, embedder=None,
-             batch_size: int = 32, progress: Callable[[str], None] | None = None) -> dict:
+def evaluate(
+    model,
+    fmt: ChatFormat,
+    prompts: Sequence[EvalPrompt],
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    generations: Sequence[Sequence[str]] | None = None,
+    heldout_texts: Sequence[str] | None = None,
+    heldout_loss_before: float | None = None,
+    score: bool = True,
+    embedder=None,
+    batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Evaluate one model: sample (unless ``generations`` are given), score valid sets,
     held-out loss.
 
@@ -116,8 +150,13 @@ def evaluate(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt],
         if model is None:
             raise ValueError("evaluate: give a model to sample from or generations")
         say(f"sampling {sampling.n} responses for {len(prompts)} prompts")
-        generations = sample(model, fmt, [p.messages for p in prompts], sampling,
-                             progress=lambda k, n: say(f"sampled {k}/{n} prompts"))
+        generations = sample(
+            model,
+            fmt,
+            [p.messages for p in prompts],
+            sampling,
+            progress=lambda k, n: say(f"sampled {k}/{n} prompts"),
+        )
     lps = None
     if model is not None and score and any(p.valid for p in prompts):
         say("scoring valid responses")
@@ -125,8 +164,13 @@ def evaluate(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt],
     sets, per_prompt = summarise(prompts, generations, lps, embedder)
     for rec, g in zip(per_prompt, generations):
         rec["generations"] = list(g)
-    result = {"sets": sets, "heldout_loss": None, "forgetting": None, "prompts": per_prompt,
-              "sampling": vars(sampling).copy() if sampled else None}
+    result = {
+        "sets": sets,
+        "heldout_loss": None,
+        "forgetting": None,
+        "prompts": per_prompt,
+        "sampling": vars(sampling).copy() if sampled else None,
+    }
     if model is not None and heldout_texts:
         say(f"held-out loss on {len(heldout_texts)} documents")
         result["heldout_loss"] = heldout_loss(model, fmt, heldout_texts, batch_size=batch_size)

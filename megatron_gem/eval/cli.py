@@ -32,50 +32,73 @@ USAGE = """Evaluate quality, diversity and forgetting on your own JSONL (see doc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", required=True,
-                   help="JSONL: {messages, valid?, id?, split?} per line")
+    p = argparse.ArgumentParser(
+        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--prompts", required=True, help="JSONL: {messages, valid?, id?, split?} per line"
+    )
     src = p.add_argument_group("what to evaluate (at least one)")
-    src.add_argument("--generations",
-                     help="JSONL: {prompt_id | index, generations: [...]} per line")
-    src.add_argument("--model", help="HF model directory to sample from (and to score valid sets "
-                                     "/ held-out text)")
+    src.add_argument(
+        "--generations", help="JSONL: {prompt_id | index, generations: [...]} per line"
+    )
+    src.add_argument(
+        "--model",
+        help="HF model directory to sample from (and to score valid sets / held-out text)",
+    )
     s = p.add_argument_group("sampling (with --model and no --generations)")
     d = E.SamplingConfig()
     s.add_argument("--n", type=int, default=d.n, help="responses per prompt (default %(default)s)")
-    s.add_argument("--temperature", type=float, default=d.temperature,
-                   help="0 = greedy (default %(default)s)")
+    s.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)"
+    )
     s.add_argument("--top-p", type=float, default=d.top_p)
     s.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default)")
     s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     s.add_argument("--seed", type=int, default=d.seed)
-    s.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="prompts per generate() call")
-    s.add_argument("--template", choices=TEMPLATES, default="auto",
-                   help="prompt template, as in SFT data preparation: the tokenizer's chat "
-                        "template when it has one (auto), or the plain 'User: ... Assistant:' "
-                        "template")
-    s.add_argument("--tokenizer-type", help="Megatron tokenizer type (e.g. SentencePieceTokenizer) "
-                   "when the model directory has no tokenizer, or to use the training tokenizer "
-                   "exactly")
+    s.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="prompts per generate() call"
+    )
+    s.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="auto",
+        help="prompt template, as in SFT data preparation: the tokenizer's chat "
+        "template when it has one (auto), or the plain 'User: ... Assistant:' "
+        "template",
+    )
+    s.add_argument(
+        "--tokenizer-type",
+        help="Megatron tokenizer type (e.g. SentencePieceTokenizer) "
+        "when the model directory has no tokenizer, or to use the training tokenizer "
+        "exactly",
+    )
     s.add_argument("--tokenizer-model", help="SentencePiece model file or HF tokenizer directory")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="model weights dtype (log-probabilities are always computed in fp32)")
-    s.add_argument("--save-generations",
-                   help="also write the sampled responses as a generations JSONL")
+    s.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="model weights dtype (log-probabilities are always computed in fp32)",
+    )
+    s.add_argument(
+        "--save-generations", help="also write the sampled responses as a generations JSONL"
+    )
     f = p.add_argument_group("forgetting (with --model)")
     f.add_argument("--heldout", help="JSONL of {text} held-out pre-training documents")
-    f.add_argument("--heldout-loss-before", type=float,
-                   help="held-out loss of the model before SFT")
-    f.add_argument("--base-model",
-                   help="HF directory of the model before SFT (computes the loss before)")
+    f.add_argument(
+        "--heldout-loss-before", type=float, help="held-out loss of the model before SFT"
+    )
+    f.add_argument(
+        "--base-model", help="HF directory of the model before SFT (computes the loss before)"
+    )
     p.add_argument("--no-score", action="store_true", help="skip exact scoring of valid sets")
-    p.add_argument("--embedding-model",
-                   help="sentence-transformers model (local path) for embedding diversity")
-    p.add_argument("--out", required=True,
-                   help="output JSON (metrics per prompt set, per prompt, generations)")
+    p.add_argument(
+        "--embedding-model", help="sentence-transformers model (local path) for embedding diversity"
+    )
+    p.add_argument(
+        "--out", required=True, help="output JSON (metrics per prompt set, per prompt, generations)"
+    )
     p.add_argument("--csv", help="also write one CSV row per prompt set")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return p
@@ -98,11 +121,24 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def check_outputs(a) -> None:
     """No output is, contains or lies inside an input, or another output (before anything)."""
-    inputs = [("--prompts", a.prompts), ("--generations", a.generations), ("--model", a.model),
-              ("--base-model", a.base_model), ("--heldout", a.heldout),
-              ("--tokenizer-model", a.tokenizer_model), ("--embedding-model", a.embedding_model)]
-    outputs = [(name, x) for name, x in (("--out", a.out), ("--csv", a.csv),
-                                          ("--save-generations", a.save_generations)) if x]
+    inputs = [
+        ("--prompts", a.prompts),
+        ("--generations", a.generations),
+        ("--model", a.model),
+        ("--base-model", a.base_model),
+        ("--heldout", a.heldout),
+        ("--tokenizer-model", a.tokenizer_model),
+        ("--embedding-model", a.embedding_model),
+    ]
+    outputs = [
+        (name, x)
+        for name, x in (
+            ("--out", a.out),
+            ("--csv", a.csv),
+            ("--save-generations", a.save_generations),
+        )
+        if x
+    ]
     for k, (name, path) in enumerate(outputs):
         check_output_apart(path, inputs + outputs[:k], name)
 
@@ -128,9 +164,15 @@ def main(argv=None) -> int:
     if clash and not a.overwrite:
         parser.error(f"output exists: {', '.join(clash)} (pass --overwrite to replace)")
     try:
-        sampling = E.SamplingConfig(n=a.n, temperature=a.temperature, top_p=a.top_p,
-                                    top_k=a.top_k, max_new_tokens=a.max_new_tokens, seed=a.seed,
-                                    batch_size=a.batch_size)
+        sampling = E.SamplingConfig(
+            n=a.n,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            max_new_tokens=a.max_new_tokens,
+            seed=a.seed,
+            batch_size=a.batch_size,
+        )
     except ValueError as e:
         parser.error(str(e))
 
@@ -147,11 +189,14 @@ def main(argv=None) -> int:
             model, tok = E.load_hf(a.model, device=a.device, dtype=dtype)
             if a.tokenizer_type:
                 from megatron_gem.data.tokenizer import build_tokenizer
-                fmt = E.megatron_chat_format(build_tokenizer(a.tokenizer_type, a.tokenizer_model),
-                                             a.template)
+
+                fmt = E.megatron_chat_format(
+                    build_tokenizer(a.tokenizer_type, a.tokenizer_model), a.template
+                )
             elif tok is None:
-                raise ValueError(f"{a.model} has no tokenizer files: pass --tokenizer-type and "
-                                 "--tokenizer-model")
+                raise ValueError(
+                    f"{a.model} has no tokenizer files: pass --tokenizer-type and --tokenizer-model"
+                )
             else:
                 fmt = E.hf_chat_format(tok, a.template)
             if a.base_model:
@@ -163,9 +208,18 @@ def main(argv=None) -> int:
         embedder = sentence_embedder(a.embedding_model)
         if a.embedding_model and embedder is None:
             say("sentence-transformers is not installed: embedding diversity skipped")
-        result = E.evaluate(model, fmt, prompts, sampling, generations=gens, heldout_texts=heldout,
-                            heldout_loss_before=before, score=not a.no_score, embedder=embedder,
-                            progress=say)
+        result = E.evaluate(
+            model,
+            fmt,
+            prompts,
+            sampling,
+            generations=gens,
+            heldout_texts=heldout,
+            heldout_loss_before=before,
+            score=not a.no_score,
+            embedder=embedder,
+            progress=say,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,30 +232,48 @@ def main(argv=None) -> int:
         present = {k for d in result["sets"].values() for k in d}
         order = ["n_prompts", "n_samples", *E.METRIC_NAMES, *(f"n_{m}" for m in E.METRIC_NAMES)]
         keys = [k for k in order if k in present] + sorted(present - set(order))
-        rows = [{"set": s, **d, "heldout_loss": result["heldout_loss"],
-                 "forgetting": result["forgetting"]}
-                for s, d in result["sets"].items()]
+        rows = [
+            {
+                "set": s,
+                **d,
+                "heldout_loss": result["heldout_loss"],
+                "forgetting": result["forgetting"],
+            }
+            for s, d in result["sets"].items()
+        ]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["set", *keys, "heldout_loss", "forgetting"])
         w.writeheader()
         w.writerows(rows)
         _write_atomic(Path(a.csv), buf.getvalue())
     if a.save_generations and gens is None:
-        _write_atomic(Path(a.save_generations), "".join(
-            json.dumps({"prompt_id": r["id"], "generations": r["generations"]}) + "\n"
-            for r in result["prompts"]))
+        _write_atomic(
+            Path(a.save_generations),
+            "".join(
+                json.dumps({"prompt_id": r["id"], "generations": r["generations"]}) + "\n"
+                for r in result["prompts"]
+            ),
+        )
 
-    shown = ("quality", "valid_mass", "effective_valid", "coverage", "ngram_diversity",
-             "self_bleu_diversity", "embedding_diversity")
+    shown = (
+        "quality",
+        "valid_mass",
+        "effective_valid",
+        "coverage",
+        "ngram_diversity",
+        "self_bleu_diversity",
+        "embedding_diversity",
+    )
     shown = [m for m in shown if any(m in d for d in result["sets"].values())]
     width = max(len(s) for s in result["sets"]) + 2
     print("set".ljust(width) + "".join(m.rjust(len(m) + 2) for m in shown))
     for s, d in result["sets"].items():
-        print(s.ljust(width) + "".join((f"{d[m]:.4f}" if m in d else "-").rjust(len(m) + 2)
-                                       for m in shown))
+        print(
+            s.ljust(width)
+            + "".join((f"{d[m]:.4f}" if m in d else "-").rjust(len(m) + 2) for m in shown)
+        )
     for k in ("heldout_loss", "forgetting"):
         if result[k] is not None:
             print(f"{k}: {result[k]:.4f}")
     print(f"wrote {a.out}" + (f" and {a.csv}" if a.csv else ""))
     return 0
-

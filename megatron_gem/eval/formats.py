@@ -75,8 +75,9 @@ class PlainTemplateFormat(ChatFormat):
     (both ``megatron_gem.data.chat.PlainTemplate``)."""
 
     def __init__(self, encode, decode, eos_id: int, pad_id: int | None = None):
-        super().__init__(encode=encode, decode=decode, render=plain_render, eos_id=eos_id,
-                         pad_id=pad_id)
+        super().__init__(
+            encode=encode, decode=decode, render=plain_render, eos_id=eos_id, pad_id=pad_id
+        )
         self.plain = PlainTemplate(encode, eos_id)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -94,32 +95,40 @@ class ChatTemplateFormat(ChatFormat):
         self.chat = ChatTemplate(hf_tok, self.template)
         render = lambda m: self.chat.render(m, True)  # noqa: E731
         enc = lambda t: list(hf_tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-        super().__init__(encode=enc,
-                         decode=lambda ids: hf_tok.decode(ids, skip_special_tokens=True),
-                         render=render, eos_id=hf_tok.eos_token_id, pad_id=hf_tok.pad_token_id)
+        super().__init__(
+            encode=enc,
+            decode=lambda ids: hf_tok.decode(ids, skip_special_tokens=True),
+            render=render,
+            eos_id=hf_tok.eos_token_id,
+            pad_id=hf_tok.pad_token_id,
+        )
         # Special tokens the template puts after an answer (e.g. <|im_end|>) also end a response.
         probe = [{"role": "user", "content": "hi"}]
-        tail = self.response_ids("ok", probe, stop=False)[len(enc("ok")):]
+        tail = self.response_ids("ok", probe, stop=False)[len(enc("ok")) :]
         special = set(hf_tok.all_special_ids)
         end_of_turn = [t for t in tail if t in special][:1]
         self.stop_ids = tuple(dict.fromkeys((*self.stop_ids, *end_of_turn)))
 
-    def response_ids(self, text: str, messages: list[dict] | None = None,
-                     stop: bool = True) -> list[int]:
+    def response_ids(
+        self, text: str, messages: list[dict] | None = None, stop: bool = True
+    ) -> list[int]:
         if messages is None:
             raise ValueError("ChatTemplateFormat.response_ids needs the prompt messages")
         prompt_text, full_text = self.chat.answer_renders(
-            messages, {"role": "assistant", "content": text})
+            messages, {"role": "assistant", "content": text}
+        )
         prompt = self._bos() + list(self.encode(prompt_text))
         full = self.encode(full_text)
-        if full[:len(prompt)] != prompt:
-            raise ValueError("chat template is not prefix-stable: the prompt's ids are not a "
-                             "prefix of the full conversation's ids")
-        resp = full[len(prompt):]
+        if full[: len(prompt)] != prompt:
+            raise ValueError(
+                "chat template is not prefix-stable: the prompt's ids are not a "
+                "prefix of the full conversation's ids"
+            )
+        resp = full[len(prompt) :]
         if stop:
             for k, t in enumerate(resp):
                 if t in self.stop_ids:
-                    return resp[:k + 1]
+                    return resp[: k + 1]
         return resp
 
 
@@ -129,17 +138,20 @@ def hf_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
     if template not in TEMPLATES:
         raise ValueError(f"template must be auto, chat or plain, got {template!r}")
     if tokenizer.eos_token_id is None:
-        raise ValueError("hf_chat_format: the tokenizer has no eos_token_id; responses need an "
-                         "end token")
+        raise ValueError(
+            "hf_chat_format: the tokenizer has no eos_token_id; responses need an end token"
+        )
     has = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has:
-        raise ValueError("hf_chat_format: the tokenizer has no chat template; "
-                         "use template='plain'")
+        raise ValueError("hf_chat_format: the tokenizer has no chat template; use template='plain'")
     if template != "plain" and has:
         return ChatTemplateFormat(tokenizer)
-    return PlainTemplateFormat(lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]),
-                               lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    return PlainTemplateFormat(
+        lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]),
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+    )
 
 
 def megatron_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
@@ -153,6 +165,9 @@ def megatron_chat_format(tokenizer, template: str = "auto") -> ChatFormat:
         return hf_chat_format(hf, template)
     if template == "chat":
         raise ValueError("the chat template needs an HF tokenizer; use template='plain'")
-    return PlainTemplateFormat(lambda t: text_to_ids(tokenizer, t),
-                               lambda ids: tokenizer.detokenize(list(ids)),
-                               eos_id=int(tokenizer.eod), pad_id=pad_or_eod(tokenizer))
+    return PlainTemplateFormat(
+        lambda t: text_to_ids(tokenizer, t),
+        lambda ids: tokenizer.detokenize(list(ids)),
+        eos_id=int(tokenizer.eod),
+        pad_id=pad_or_eod(tokenizer),
+    )

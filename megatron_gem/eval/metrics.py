@@ -29,6 +29,7 @@ def tokenize(text: str) -> list[str]:
 
 # ---- quality and valid-set diversity --------------------------------------------------------
 
+
 def _valid_set(valid: Iterable[str]) -> set[str]:
     out = {normalize_answer(v) for v in valid}
     if not out:
@@ -88,6 +89,7 @@ def effective_valid(valid_logprobs: Sequence[float]) -> float:
 
 # ---- text diversity -------------------------------------------------------------------------
 
+
 def ngram_diversity(samples: Sequence[str], orders: Sequence[int] = (1, 2, 3)) -> dict:
     """Distinct n-grams / total n-grams, pooled over the samples (n-grams never cross samples).
 
@@ -97,7 +99,7 @@ def ngram_diversity(samples: Sequence[str], orders: Sequence[int] = (1, 2, 3)) -
     toks = [tokenize(s) for s in samples]
     out: dict = {}
     for n in orders:
-        grams = [tuple(t[i:i + n]) for t in toks for i in range(len(t) - n + 1)]
+        grams = [tuple(t[i : i + n]) for t in toks for i in range(len(t) - n + 1)]
         if grams:
             out[n] = len(set(grams)) / len(grams)
     defined = [out[n] for n in orders if n in out]
@@ -106,12 +108,16 @@ def ngram_diversity(samples: Sequence[str], orders: Sequence[int] = (1, 2, 3)) -
 
 
 def _ngram_counts(tokens: Sequence[str], max_order: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_order + 1)
-                   for i in range(len(tokens) - n + 1))
+    return Counter(
+        tuple(tokens[i : i + n])
+        for n in range(1, max_order + 1)
+        for i in range(len(tokens) - n + 1)
+    )
 
 
-def _bleu_from_counts(hyp: Counter, hyp_len: int, ref_max: Counter, ref_lens: Sequence[int],
-                      max_order: int) -> float:
+def _bleu_from_counts(
+    hyp: Counter, hyp_len: int, ref_max: Counter, ref_lens: Sequence[int], max_order: int
+) -> float:
     # Sentence BLEU as sacrebleu.sentence_bleu computes it (exp smoothing, effective order,
     # closest reference length, shorter on ties); hand-written so the N references are counted
     # once per prompt instead of once per hypothesis, and metrics need no optional package.
@@ -145,8 +151,9 @@ def sentence_bleu(hypothesis: str, references: Sequence[str], max_order: int = 4
     for r in refs:
         ref_max |= _ngram_counts(r, max_order)  # max count over references
     hyp = tokenize(hypothesis)
-    return _bleu_from_counts(_ngram_counts(hyp, max_order), len(hyp), ref_max,
-                             [len(r) for r in refs], max_order)
+    return _bleu_from_counts(
+        _ngram_counts(hyp, max_order), len(hyp), ref_max, [len(r) for r in refs], max_order
+    )
 
 
 def self_bleu(samples: Sequence[str], max_order: int = 4) -> float:
@@ -161,8 +168,15 @@ def self_bleu(samples: Sequence[str], max_order: int = 4) -> float:
         for j, c in enumerate(counts):
             if j != i:
                 ref_max |= c
-        scores.append(_bleu_from_counts(counts[i], len(toks[i]), ref_max,
-                                        [len(t) for j, t in enumerate(toks) if j != i], max_order))
+        scores.append(
+            _bleu_from_counts(
+                counts[i],
+                len(toks[i]),
+                ref_max,
+                [len(t) for j, t in enumerate(toks) if j != i],
+                max_order,
+            )
+        )
     return sum(scores) / len(scores)
 
 
@@ -177,7 +191,9 @@ def embedding_diversity(embeddings) -> float:
 
     e = torch.as_tensor(embeddings, dtype=torch.float64)
     if e.dim() != 2 or e.shape[0] < 2:
-        raise ValueError(f"embedding_diversity needs an [N >= 2, d] matrix, got shape {tuple(e.shape)}")
+        raise ValueError(
+            f"embedding_diversity needs an [N >= 2, d] matrix, got shape {tuple(e.shape)}"
+        )
     e = torch.nn.functional.normalize(e, dim=1)
     sim = e @ e.T
     n = e.shape[0]
@@ -200,9 +216,13 @@ def sentence_embedder(model_name_or_path: str | None) -> Callable[[list[str]], o
 
 # ---- forgetting -----------------------------------------------------------------------------
 
+
 def forgetting(heldout_loss_before: float, heldout_loss_after: float) -> float:
     """Held-out pre-training loss (nats/token) after SFT minus before: > 0 means forgotten."""
-    for name, v in (("heldout_loss_before", heldout_loss_before), ("heldout_loss_after", heldout_loss_after)):
+    for name, v in (
+        ("heldout_loss_before", heldout_loss_before),
+        ("heldout_loss_after", heldout_loss_after),
+    ):
         if not math.isfinite(v):
             raise ValueError(f"forgetting: {name} must be finite, got {v}")
     return heldout_loss_after - heldout_loss_before

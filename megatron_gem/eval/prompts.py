@@ -29,21 +29,29 @@ class EvalPrompt:
 
 def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} "
-                         "objects")
+        raise ValueError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+        )
     for k, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise ValueError(f"{where}: messages[{k}] must be an object with string 'role' and "
-                             f"'content', got {m!r}")
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise ValueError(
+                f"{where}: messages[{k}] must be an object with string 'role' and "
+                f"'content', got {m!r}"
+            )
         # The roles SFT data accepts (megatron_gem.data.chat.ROLES): a model was never trained on
         # others, and the plain template would fail on them only later, after loading the model,
         # unnamed.
         if m["role"] not in ROLES:
             raise ValueError(f"{where}: messages[{k}] has role {m['role']!r}; use one of {ROLES}")
     if messages[-1]["role"] == "assistant":
-        raise ValueError(f"{where}: the last message is the assistant's; an evaluation prompt ends "
-                         f"before the answer (drop the assistant message)")
+        raise ValueError(
+            f"{where}: the last message is the assistant's; an evaluation prompt ends "
+            f"before the answer (drop the assistant message)"
+        )
     return messages
 
 
@@ -54,9 +62,12 @@ def _read_jsonl(path: str | os.PathLike):
         if isinstance(rec, J.BadLine):
             raise ValueError(f"{path}:{lineno}: {rec.reason}")
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: each line must be a JSON object, "
-                             f"got {type(rec).__name__}")
+            raise ValueError(
+                f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}"
+            )
         yield lineno, rec
+
+
 def read_prompts(path: str | os.PathLike) -> list[EvalPrompt]:
     """Read evaluation prompts from JSONL.
 
@@ -74,10 +85,14 @@ def read_prompts(path: str | os.PathLike) -> list[EvalPrompt]:
         msgs = _check_messages(rec["messages"], where)
         valid = rec.get("valid")
         if valid is not None:
-            if (not isinstance(valid, list) or not valid
-                    or not all(isinstance(v, str) for v in valid)):
-                raise ValueError(f"{where}: 'valid' must be a non-empty list of strings, "
-                                 f"got {valid!r}")
+            if (
+                not isinstance(valid, list)
+                or not valid
+                or not all(isinstance(v, str) for v in valid)
+            ):
+                raise ValueError(
+                    f"{where}: 'valid' must be a non-empty list of strings, got {valid!r}"
+                )
         pid = str(rec.get("id", len(out)))
         if pid in ids:
             raise ValueError(f"{where}: duplicate id {pid!r} (first on line {ids[pid]})")
@@ -119,8 +134,10 @@ def read_generations(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> 
         out[i].extend(gens)
     missing = [prompts[i].id for i, g in enumerate(out) if not g]
     if missing:
-        raise ValueError(f"{path}: no generations for prompt id(s) {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(prompts)})")
+        raise ValueError(
+            f"{path}: no generations for prompt id(s) {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(prompts)})"
+        )
     return out
 
 
@@ -129,10 +146,10 @@ def read_texts(path: str | os.PathLike, key: str = "text") -> list[str]:
     texts = []
     for lineno, rec in _read_jsonl(path):
         if not isinstance(rec.get(key), str):
-            raise ValueError(f"{path}:{lineno}: needs a string {key!r} "
-                             f"(keys present: {sorted(rec)})")
+            raise ValueError(
+                f"{path}:{lineno}: needs a string {key!r} (keys present: {sorted(rec)})"
+            )
         texts.append(rec[key])
     if not texts:
         raise ValueError(f"{path}: no documents")
     return texts
-

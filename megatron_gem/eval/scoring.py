@@ -20,8 +20,9 @@ __all__ = ["heldout_loss", "score_valid", "sequence_logprobs"]
 
 
 @torch.no_grad()
-def sequence_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]],
-                      batch_size: int = 32) -> list[float]:
+def sequence_logprobs(
+    model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32
+) -> list[float]:
     """log p(target | context) summed over the target tokens, for each (context_ids, target_ids).
 
     Teacher forcing in right-padded batches (sorted by length); log-softmax in fp32, sums in fp64.
@@ -30,7 +31,7 @@ def sequence_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]],
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [0.0] * len(pairs)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in idx]
         for i in idx:
             if not pairs[i][0] or not pairs[i][1]:
@@ -41,9 +42,9 @@ def sequence_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]],
         # positions whose token is a target
         tmask = torch.zeros((len(seqs), width), dtype=torch.bool)
         for r, (i, s) in enumerate(zip(idx, seqs)):
-            tokens[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-            tmask[r, len(pairs[i][0]):len(s)] = True
+            tokens[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+            tmask[r, len(pairs[i][0]) : len(s)] = True
         logits = model(input_ids=tokens.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
         lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None].to(dev))[..., 0]
         lp = (lp.double() * tmask[:, 1:].to(dev)).sum(dim=1).tolist()
@@ -52,8 +53,9 @@ def sequence_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]],
     return out
 
 
-def score_valid(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt],
-                batch_size: int = 32) -> list[list[float] | None]:
+def score_valid(
+    model, fmt: ChatFormat, prompts: Sequence[EvalPrompt], batch_size: int = 32
+) -> list[list[float] | None]:
     """Exact log-probability of each valid response (its canonical tokenisation + end token) per
     prompt; None for prompts without a valid set."""
     pairs, owner = [], []
@@ -71,8 +73,9 @@ def score_valid(model, fmt: ChatFormat, prompts: Sequence[EvalPrompt],
 
 
 @torch.no_grad()
-def heldout_loss(model, fmt: ChatFormat, texts: Sequence[str], max_len: int | None = None,
-                 batch_size: int = 16) -> float:
+def heldout_loss(
+    model, fmt: ChatFormat, texts: Sequence[str], max_len: int | None = None, batch_size: int = 16
+) -> float:
     """Mean next-token cross-entropy (nats/token, weighted by tokens) of documents
     ``[bos]? + text + [eos]``; documents longer than ``max_len`` (default: the model's
     max_position_embeddings) are split into windows of max_len tokens."""
@@ -85,8 +88,11 @@ def heldout_loss(model, fmt: ChatFormat, texts: Sequence[str], max_len: int | No
     windows = []
     for t in texts:
         ids = fmt.document_ids(t)
-        windows += [ids[i:i + max_len] for i in range(0, len(ids), max_len)
-                    if len(ids[i:i + max_len]) >= 2]
+        windows += [
+            ids[i : i + max_len]
+            for i in range(0, len(ids), max_len)
+            if len(ids[i : i + max_len]) >= 2
+        ]
     # Each window's first token is context, the rest are targets.
     lps = sequence_logprobs(model, [(w[:1], w[1:]) for w in windows], batch_size)
     n_tok = sum(len(w) - 1 for w in windows)

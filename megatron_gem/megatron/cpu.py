@@ -149,7 +149,11 @@ def _stream_ctx(*args, **kwargs):
 
 def _device_properties(*args, **kwargs):
     return SimpleNamespace(
-        name="cpu (megatron_gem.megatron.cpu)", major=0, minor=0, total_memory=0, multi_processor_count=1
+        name="cpu (megatron_gem.megatron.cpu)",
+        major=0,
+        minor=0,
+        total_memory=0,
+        multi_processor_count=1,
     )
 
 
@@ -220,7 +224,11 @@ _ORIG_TENSOR_TYPE = torch.Tensor.type
 def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
     if dtype is None:
         name = _ORIG_TENSOR_TYPE(self)
-        if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+        if (
+            self.device.type == "cpu"
+            and name.startswith("torch.")
+            and not name.startswith("torch.cuda.")
+        ):
             return "torch.cuda." + name[len("torch.") :]
         return name
     if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
@@ -321,7 +329,11 @@ def enable_cpu_mode() -> bool:
         _patch(dynamo_config, "disable", True)
         _patch(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state)
         _patch(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state)
-        _patch(mtraining, "initialize_megatron", functools.partial(mtraining.initialize_megatron, allow_no_cuda=True))
+        _patch(
+            mtraining,
+            "initialize_megatron",
+            functools.partial(mtraining.initialize_megatron, allow_no_cuda=True),
+        )
         # Megatron asserts this for TP/CP (a CUDA stream-ordering knob); meaningless on CPU.
         if "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
             _patch_env("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -330,7 +342,11 @@ def enable_cpu_mode() -> bool:
 
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
-        print("> megatron_gem: CUDA not available, CPU mode on (gloo backend, local transformer)", file=sys.stderr, flush=True)
+        print(
+            "> megatron_gem: CUDA not available, CPU mode on (gloo backend, local transformer)",
+            file=sys.stderr,
+            flush=True,
+        )
         return True
 
 

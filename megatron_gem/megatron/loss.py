@@ -25,8 +25,15 @@ __all__ = ["SPIKY_LOSS_FACTOR", "reduce_token_losses"]
 SPIKY_LOSS_FACTOR = 10  # as upstream: a loss 10x the largest seen so far is "spiky"
 
 
-def reduce_token_losses(loss_mask, output_tensor, *, model=None, loss: str = "ce",
-                        check_nan: bool = True, check_spiky: bool = False):
+def reduce_token_losses(
+    loss_mask,
+    output_tensor,
+    *,
+    model=None,
+    loss: str = "ce",
+    check_nan: bool = True,
+    check_spiky: bool = False,
+):
     """Reduce per-token losses as upstream: ``(sum(loss * mask), num_tokens, report)``.
 
     ``output_tensor``: the model's per-token losses ``[b, s]``. ``report`` holds ``[sum,
@@ -51,8 +58,10 @@ def reduce_token_losses(loss_mask, output_tensor, *, model=None, loss: str = "ce
         gem_model = unwrap_gem_model(model) if model is not None else None
         stats = gem_model.pop_token_stats() if gem_model is not None else None
         if stats is None:
-            raise RuntimeError("loss='gem': the model returned no GEM statistics (pass model=, "
-                               "a GemGPTModel or a wrapper around one)")
+            raise RuntimeError(
+                "loss='gem': the model returned no GEM statistics (pass model=, "
+                "a GemGPTModel or a wrapper around one)"
+            )
         ce, entropy = stats
         report = {
             "lm loss": pair(torch.sum(ce.reshape(-1).float() * mask)),
@@ -67,14 +76,28 @@ def reduce_token_losses(loss_mask, output_tensor, *, model=None, loss: str = "ce
 
         machine = get_rerun_state_machine()
         if check_nan:
-            machine.validate_result(result=total, rejection_func=torch.isnan, tolerance=0.0,
-                                    message="found NaN in local forward loss calculation", fatal=True)
-            machine.validate_result(result=total, rejection_func=torch.isinf, tolerance=0.0,
-                                    message="found Inf in local forward loss calculation", fatal=True)
+            machine.validate_result(
+                result=total,
+                rejection_func=torch.isnan,
+                tolerance=0.0,
+                message="found NaN in local forward loss calculation",
+                fatal=True,
+            )
+            machine.validate_result(
+                result=total,
+                rejection_func=torch.isinf,
+                tolerance=0.0,
+                message="found Inf in local forward loss calculation",
+                fatal=True,
+            )
         if check_spiky:
             machine.validate_result(
-                result=total, message="Spiky loss", tolerance=0.0, fatal=False,
-                rejection_func=partial(machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR,
-                                       context="loss"),
+                result=total,
+                message="Spiky loss",
+                tolerance=0.0,
+                fatal=False,
+                rejection_func=partial(
+                    machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss"
+                ),
             )
     return total, num_tokens, report

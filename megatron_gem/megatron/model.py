@@ -65,7 +65,12 @@ class GemGPTModel(GPTModel):
             return super().compute_language_model_loss(labels, logits)
         target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], Megatron's layout
         loss, ce, entropy = vocab_parallel_gem_loss(
-            logits, target, beta=self.gem.beta, h=self.gem.h, tp_group=self.tp_group, return_stats=True
+            logits,
+            target,
+            beta=self.gem.beta,
+            h=self.gem.h,
+            tp_group=self.tp_group,
+            return_stats=True,
         )
         # MTP depths call this first and the main head last, so the main head's stats stay.
         self._gem_token_stats = (ce.transpose(0, 1), entropy.transpose(0, 1))
@@ -106,7 +111,9 @@ class GemGPTModelBuilder(GPTModelBuilder):
     """Megatron's GPT builder; every stage it builds is a ``GemGPTModel``."""
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
-        model = super().build_model(pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        model = super().build_model(
+            pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+        )
         cfg = self._model_config
         return as_gem_model(model, getattr(cfg, "loss", "ce"), getattr(cfg, "gem", None))
 
@@ -125,7 +132,9 @@ def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConf
     return cfg
 
 
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+def model_provider(
+    pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
+):
     """Classic Megatron model provider (``get_model`` signature) building a ``GemGPTModel``.
 
     Reads Megatron's global args (``megatron.training.get_args()``); the model-parallel state must
@@ -137,7 +146,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     cfg = gem_model_config_from_args(get_args(), config)
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-    return GemGPTModelBuilder(cfg).build_model(pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    return GemGPTModelBuilder(cfg).build_model(
+        pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+    )
 
 
 def unwrap_gem_model(model):

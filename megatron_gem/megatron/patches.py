@@ -15,8 +15,19 @@ import contextlib
 import dataclasses
 import threading
 
-__all__ = ["KNOWN", "Patch", "applied", "describe", "is_applied", "patched_attributes", "revert",
-           "set_attr", "prebuilt_dataset_helpers", "negative_loss_logging", "device_arch"]
+__all__ = [
+    "KNOWN",
+    "Patch",
+    "applied",
+    "describe",
+    "is_applied",
+    "patched_attributes",
+    "revert",
+    "set_attr",
+    "prebuilt_dataset_helpers",
+    "negative_loss_logging",
+    "device_arch",
+]
 
 MEGATRON_VERSION = "0.19.2"
 
@@ -28,20 +39,35 @@ class Patch:
     megatron: str = MEGATRON_VERSION
 
 
-KNOWN = {p.name: p for p in (
-    Patch("cpu-mode", "megatron.core / megatron.training assume CUDA in ~64 places; "
-          "megatron_gem.megatron.cpu stands in for torch.cuda and maps device='cuda' to the CPU "
-          "(only with the entry's --cpu, never when CUDA is available)"),
-    Patch("dataset-helpers", "initialize_megatron always runs `make -C megatron/core/datasets`; "
-          "the PyPI wheel ships the compiled helpers_cpp but no Makefile, so start-up fails: "
-          "skip the make when the prebuilt helper imports (GPU hosts too)"),
-    Patch("negative-loss-logging", "training_log prints a loss only if its average is >= 0; the "
-          "GEM loss E_q[z] - z_y is negative once the model fits: append the negative averages "
-          "to the same iteration line (tensorboard/wandb get every value anyway)"),
-    Patch("device-arch", "validate_args asks the GPU's architecture for its TP/CP checks: without "
-          "CUDA (the launch dry run, conversion workers) answer the cluster's, only while "
-          "arguments are validated"),
-)}
+KNOWN = {
+    p.name: p
+    for p in (
+        Patch(
+            "cpu-mode",
+            "megatron.core / megatron.training assume CUDA in ~64 places; "
+            "megatron_gem.megatron.cpu stands in for torch.cuda and maps device='cuda' to the CPU "
+            "(only with the entry's --cpu, never when CUDA is available)",
+        ),
+        Patch(
+            "dataset-helpers",
+            "initialize_megatron always runs `make -C megatron/core/datasets`; "
+            "the PyPI wheel ships the compiled helpers_cpp but no Makefile, so start-up fails: "
+            "skip the make when the prebuilt helper imports (GPU hosts too)",
+        ),
+        Patch(
+            "negative-loss-logging",
+            "training_log prints a loss only if its average is >= 0; the "
+            "GEM loss E_q[z] - z_y is negative once the model fits: append the negative averages "
+            "to the same iteration line (tensorboard/wandb get every value anyway)",
+        ),
+        Patch(
+            "device-arch",
+            "validate_args asks the GPU's architecture for its TP/CP checks: without "
+            "CUDA (the launch dry run, conversion workers) answer the cluster's, only while "
+            "arguments are validated",
+        ),
+    )
+}
 
 _LOCK = threading.RLock()
 _MISSING = object()
@@ -82,8 +108,11 @@ def applied() -> list[str]:
 def patched_attributes(patch: str | None = None) -> list[str]:
     """``module.attribute`` names replaced by ``patch`` (or by any patch)."""
     names = [patch] if patch else list(_ORIGINALS)
-    return sorted(f"{getattr(o, '__name__', type(o).__name__)}.{a}"
-                  for n in names for o, a in _ORIGINALS.get(n, {}))
+    return sorted(
+        f"{getattr(o, '__name__', type(o).__name__)}.{a}"
+        for n in names
+        for o, a in _ORIGINALS.get(n, {})
+    )
 
 
 def describe() -> list[Patch]:
@@ -116,8 +145,17 @@ def negative_loss_logging() -> None:
     sums: dict = {}  # key -> running sum (a tensor: no host sync until a log line)
     state = {"count": 0}
 
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                     report_memory_flag, skipped_iter, *args, **kwargs):
+    def training_log(
+        loss_dict,
+        total_loss_dict,
+        learning_rate,
+        iteration,
+        loss_scale,
+        report_memory_flag,
+        skipped_iter,
+        *args,
+        **kwargs,
+    ):
         from megatron.training import get_args
 
         if not skipped_iter:
@@ -135,8 +173,16 @@ def negative_loss_logging() -> None:
             if not first:
                 sums.clear()
                 state["count"] = 0
-        call = (loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                report_memory_flag, skipped_iter, *args)
+        call = (
+            loss_dict,
+            total_loss_dict,
+            learning_rate,
+            iteration,
+            loss_scale,
+            report_memory_flag,
+            skipped_iter,
+            *args,
+        )
         if not extra:
             return original(*call, **kwargs)
         print_rank_last = mtraining.print_rank_last
@@ -163,8 +209,11 @@ def device_arch(major: int):
     import megatron.training.arguments as margs
     import torch
 
-    if torch.cuda.is_available() or not hasattr(margs, "get_device_arch_version") \
-            or is_applied("device-arch"):
+    if (
+        torch.cuda.is_available()
+        or not hasattr(margs, "get_device_arch_version")
+        or is_applied("device-arch")
+    ):
         yield
         return
     set_attr("device-arch", margs, "get_device_arch_version", lambda: major)

@@ -3,5 +3,11 @@
 from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, GemConfig
 from megatron_gem.ops.gem_loss import gem_loss, vocab_parallel_gem_loss
 
-__all__ = ["DEFAULT_BETA", "DEFAULT_H", "GEM_H_CHOICES", "GemConfig", "gem_loss",
-           "vocab_parallel_gem_loss"]
+__all__ = [
+    "DEFAULT_BETA",
+    "DEFAULT_H",
+    "GEM_H_CHOICES",
+    "GemConfig",
+    "gem_loss",
+    "vocab_parallel_gem_loss",
+]

@@ -18,8 +18,12 @@ DEFAULT_H = "linear"  # the authors' current default (it was logsigmoid)
 
 def check_beta(beta, name: str = "beta") -> float:
     """``beta`` as a float in (0, 1], or a ValueError naming ``name`` and the value."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
-            or not 0.0 < beta <= 1.0:
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, (int, float))
+        or not math.isfinite(beta)
+        or not 0.0 < beta <= 1.0
+    ):
         raise ValueError(f"{name} must be a number in (0, 1], got {name}={beta!r}")
     return float(beta)
 

@@ -84,11 +84,18 @@ def _validate(logits, target, beta, h, ignore_index) -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         dtype = getattr(logits, "dtype", type(logits).__name__)
         raise ValueError(f"logits must be a floating-point tensor, got dtype={dtype}")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+    if (
+        not isinstance(target, torch.Tensor)
+        or target.is_floating_point()
+        or target.is_complex()
+        or target.dtype == torch.bool
+    ):
         dtype = getattr(target, "dtype", type(target).__name__)
         raise ValueError(f"target/labels must be an integer tensor, got dtype={dtype}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape={tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have a non-empty last (vocabulary) dimension, got shape={tuple(logits.shape)}"
+        )
     if tuple(logits.shape[:-1]) != tuple(target.shape):
         raise ValueError(
             f"target/labels shape {tuple(target.shape)} must equal logits shape without its vocabulary "
@@ -143,7 +150,9 @@ def _chunk_sums(z, shift, zy, inv_beta, beta, logsigmoid, with_stats, x, e, out)
         if with_stats and beta == 1.0:
             torch.nansum(e * x, -1, out=out[4])
         # w = sigmoid(0.01 (z - z_y)), with z - z_y = beta x + (shift - z_y)
-        w = torch.add((LOGSIGMOID_SCALE * (shift - zy)).unsqueeze(-1), x, alpha=LOGSIGMOID_SCALE * beta)
+        w = torch.add(
+            (LOGSIGMOID_SCALE * (shift - zy)).unsqueeze(-1), x, alpha=LOGSIGMOID_SCALE * beta
+        )
         e.mul_(w.sigmoid_())
         del w
         torch.sum(e, -1, out=out[1])
@@ -228,12 +237,16 @@ class _VocabParallelGEM(torch.autograd.Function):
         step = _chunk_rows(z)
         x, e = torch.empty(2, min(step, n), v_local, dtype=torch.float32, device=z.device)
         chunks = zip(
-            z.split(step), shift.split(step), sums.split(step, dim=1),
+            z.split(step),
+            shift.split(step),
+            sums.split(step, dim=1),
             zy.split(step) if logsigmoid else itertools.repeat(None),
         )
         for z_c, shift_c, sums_c, zy_c in chunks:
             r = z_c.shape[0]
-            _chunk_sums(z_c, shift_c, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c)
+            _chunk_sums(
+                z_c, shift_c, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c
+            )
         del x, e
         if with_stats and beta == 1.0:  # p = q
             sums[3] = sums[0]
@@ -254,7 +267,9 @@ class _VocabParallelGEM(torch.autograd.Function):
         loss = torch.where(valid, (beta * u + (m - zy) * a) / s_safe, zero)
 
         # Saved per row: m, z_y, 1/S and sum e w (both 0 on ignored rows, which zeroes their gradient).
-        ctx.save_for_backward(logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero))
+        ctx.save_for_backward(
+            logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero)
+        )
         ctx.meta = (start, inv_beta, beta, logsigmoid)
 
         shape = target.shape
@@ -288,8 +303,12 @@ class _VocabParallelGEM(torch.autograd.Function):
             # fp32 scratch, reused across chunks (it stays in cache; fresh gradient memory does not)
             scratch = torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
             chunks = zip(
-                z.split(step), grad.split(step), _neg_scaled_shift(m, inv_beta).split(step),
-                target_col.split(step), target_add.split(step), row_scale.split(step),
+                z.split(step),
+                grad.split(step),
+                _neg_scaled_shift(m, inv_beta).split(step),
+                target_col.split(step),
+                target_add.split(step),
+                row_scale.split(step),
                 w_col.split(step) if logsigmoid else itertools.repeat(None),
             )
             for z_c, grad_c, col_c, target_col_c, target_add_c, row_scale_c, w_col_c in chunks:
@@ -347,7 +366,9 @@ def vocab_parallel_gem_loss(
     return out
 
 
-def gem_loss(logits, labels, beta: float = DEFAULT_BETA, h: str = DEFAULT_H, ignore_index: int = -100):
+def gem_loss(
+    logits, labels, beta: float = DEFAULT_BETA, h: str = DEFAULT_H, ignore_index: int = -100
+):
     """Single-device per-token GEM loss for logits ``[..., V]`` and labels ``[...]``, unreduced (fp32)."""
     _validate(logits, labels, beta, h, ignore_index)
     with _nvtx("megatron_gem/gem_loss/forward"):

@@ -24,11 +24,25 @@ report.md, plots), ``world`` (the embedded synthetic data).
 
 from megatron_gem.study.cli import main
 from megatron_gem.study.config import PRESETS, ModelSize, StudyConfig, preset
-from megatron_gem.study.executors import (JOBS_FILE, SlurmOptions, run_local, run_slurm,
-                                          wait_slurm)
+from megatron_gem.study.executors import JOBS_FILE, SlurmOptions, run_local, run_slurm, wait_slurm
 from megatron_gem.study.stages import Stage, Study, load_study, plan
 from megatron_gem.study.steps import export_small, vocab_size
 
-__all__ = ["JOBS_FILE", "PRESETS", "ModelSize", "SlurmOptions", "Stage", "Study", "StudyConfig",
-           "export_small", "load_study", "main", "plan", "preset", "run_local", "run_slurm",
-           "vocab_size", "wait_slurm"]
+__all__ = [
+    "JOBS_FILE",
+    "PRESETS",
+    "ModelSize",
+    "SlurmOptions",
+    "Stage",
+    "Study",
+    "StudyConfig",
+    "export_small",
+    "load_study",
+    "main",
+    "plan",
+    "preset",
+    "run_local",
+    "run_slurm",
+    "vocab_size",
+    "wait_slurm",
+]

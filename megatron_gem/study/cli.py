@@ -9,10 +9,22 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from megatron_gem.study.config import (DATA_KEYS, PRESETS, StudyConfig, parse_floats, parse_size,
-                                       preset, read_config_file)
-from megatron_gem.study.executors import (SlurmOptions, launch_scripts_dir, run_local, run_slurm,
-                                          wait_slurm)
+from megatron_gem.study.config import (
+    DATA_KEYS,
+    PRESETS,
+    StudyConfig,
+    parse_floats,
+    parse_size,
+    preset,
+    read_config_file,
+)
+from megatron_gem.study.executors import (
+    SlurmOptions,
+    launch_scripts_dir,
+    run_local,
+    run_slurm,
+    wait_slurm,
+)
 from megatron_gem.study.stages import Study, load_study
 
 
@@ -22,20 +34,31 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m megatron_gem.study",
         description="CE-vs-GEM study: pre-train (or import) -> SFT with CE and GEM -> export -> "
-                    "evaluate -> report (results.csv, report.md, PNG plots). See docs/study.md.")
+        "evaluate -> report (results.csv, report.md, PNG plots). See docs/study.md.",
+    )
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run (or resume) a study")
     r.add_argument("--out", required=True, help="study folder (created; rerun to resume)")
     r.add_argument("--preset", default="default", choices=sorted(PRESETS))
     r.add_argument("--config", help="a JSON file of StudyConfig fields (overrides the preset)")
-    r.add_argument("--sizes",
-                   help="comma-separated NAME:LAYERSxHIDDEN[xHEADS[xGROUPS]] or NAME=HF_DIR")
+    r.add_argument(
+        "--sizes", help="comma-separated NAME:LAYERSxHIDDEN[xHEADS[xGROUPS]] or NAME=HF_DIR"
+    )
     r.add_argument("--betas", help="GEM betas, comma-separated (CE always runs)")
     r.add_argument("--seeds", help="SFT seeds, comma-separated")
     for k in ("pretrain-data", "sft-data", "eval-data", "heldout-data"):
         r.add_argument(f"--{k}", help="JSONL (default: the embedded world)")
-    for k in ("pretrain-iters", "sft-iters", "save-interval", "n-samples", "tp", "nproc",
-              "seq-length", "vocab-size", "world-seed"):
+    for k in (
+        "pretrain-iters",
+        "sft-iters",
+        "save-interval",
+        "n-samples",
+        "tp",
+        "nproc",
+        "seq-length",
+        "vocab-size",
+        "world-seed",
+    ):
         r.add_argument(f"--{k}", type=int)
     for k in ("pretrain-lr", "sft-lr", "temperature"):
         r.add_argument(f"--{k}", type=float)
@@ -43,13 +66,19 @@ def build_parser():
     r.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then check")
     r.add_argument("--partition")
     r.add_argument("--account")
-    r.add_argument("--launch-scripts", metavar="DIR",
-                   help="slurm: the launch_scripts/ folder of the megatron-gem checkout the jobs "
-                        "run (default: $GEM_LAUNCH_SCRIPTS)")
-    r.add_argument("--stage-sbatch-args", default=None,
-                   help="slurm: sbatch options of the Python stages (data, prep, eval, report), "
-                        "default '--nodes=1 --ntasks=1 --cpus-per-task=8 --time=02:00:00'; "
-                        "add e.g. --gpus=1 to evaluate large models on a GPU")
+    r.add_argument(
+        "--launch-scripts",
+        metavar="DIR",
+        help="slurm: the launch_scripts/ folder of the megatron-gem checkout the jobs "
+        "run (default: $GEM_LAUNCH_SCRIPTS)",
+    )
+    r.add_argument(
+        "--stage-sbatch-args",
+        default=None,
+        help="slurm: sbatch options of the Python stages (data, prep, eval, report), "
+        "default '--nodes=1 --ntasks=1 --cpus-per-task=8 --time=02:00:00'; "
+        "add e.g. --gpus=1 to evaluate large models on a GPU",
+    )
     s = sub.add_parser("run-stage", help="run one stage of an existing study (slurm jobs use it)")
     s.add_argument("--out", required=True)
     s.add_argument("--stage", required=True)
@@ -71,8 +100,20 @@ def config_from_args(args) -> StudyConfig:
     for k in DATA_KEYS:
         if getattr(args, k):
             over[k] = str(Path(getattr(args, k)).resolve())
-    for k in ("pretrain_iters", "sft_iters", "save_interval", "n_samples", "tp", "nproc",
-              "seq_length", "vocab_size", "world_seed", "pretrain_lr", "sft_lr", "temperature"):
+    for k in (
+        "pretrain_iters",
+        "sft_iters",
+        "save_interval",
+        "n_samples",
+        "tp",
+        "nproc",
+        "seq_length",
+        "vocab_size",
+        "world_seed",
+        "pretrain_lr",
+        "sft_lr",
+        "temperature",
+    ):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
     return preset(args.preset, **over)
@@ -94,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             scripts = launch_scripts_dir(args.launch_scripts) if args.executor == "slurm" else None
             study = Study(config_from_args(args), args.out)
             if args.executor == "slurm":
-                opts = SlurmOptions(partition=args.partition, account=args.account,
-                                    launch_scripts=scripts)
+                opts = SlurmOptions(
+                    partition=args.partition, account=args.account, launch_scripts=scripts
+                )
                 if args.stage_sbatch_args:
                     opts.cpu_args = tuple(shlex.split(args.stage_sbatch_args))
                 jobs = run_slurm(study, opts)
@@ -108,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run-stage":
             study = load_study(args.out)
             if args.stage not in study.by_name:
-                raise ValueError(f"--stage {args.stage!r}: not a stage of this study "
-                                 f"({', '.join(s.name for s in study.stages[:4])}, ...)")
+                raise ValueError(
+                    f"--stage {args.stage!r}: not a stage of this study "
+                    f"({', '.join(s.name for s in study.stages[:4])}, ...)"
+                )
             study.adopt_finished()
             if not study.done(study.by_name[args.stage]):
                 run_local(study, only=[args.stage])

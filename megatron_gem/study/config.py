@@ -24,8 +24,8 @@ class ModelSize:
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None       # default 4 x hidden / ... (SwiGLU: 8/3 x hidden)
-    num_query_groups: int | None = None      # GQA groups (None: multi-head attention)
+    ffn_hidden_size: int | None = None  # default 4 x hidden / ... (SwiGLU: 8/3 x hidden)
+    num_query_groups: int | None = None  # GQA groups (None: multi-head attention)
     hf_model: str | None = None
 
     def __post_init__(self):
@@ -34,21 +34,44 @@ class ModelSize:
         if self.hf_model is None:
             for k in ("num_layers", "hidden_size", "num_attention_heads"):
                 if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
-                    raise ValueError(f"model size {self.name}: {k} must be a positive integer, "
-                                     f"got {getattr(self, k)!r}")
+                    raise ValueError(
+                        f"model size {self.name}: {k} must be a positive integer, "
+                        f"got {getattr(self, k)!r}"
+                    )
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"model size {self.name}: hidden_size {self.hidden_size} is not "
-                                 f"divisible by num_attention_heads {self.num_attention_heads}")
+                raise ValueError(
+                    f"model size {self.name}: hidden_size {self.hidden_size} is not "
+                    f"divisible by num_attention_heads {self.num_attention_heads}"
+                )
 
     def megatron_args(self, max_positions: int) -> list[str]:
         ffn = self.ffn_hidden_size or 4 * self.hidden_size
-        a = ["--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
-             "--num-attention-heads", str(self.num_attention_heads), "--ffn-hidden-size", str(ffn),
-             "--max-position-embeddings", str(max_positions),
-             "--position-embedding-type", "rope", "--no-position-embedding", "--swiglu",
-             "--normalization", "RMSNorm", "--disable-bias-linear",
-             "--untie-embeddings-and-output-weights", "--attention-dropout", "0.0",
-             "--hidden-dropout", "0.0", "--init-method-std", "0.02"]
+        a = [
+            "--num-layers",
+            str(self.num_layers),
+            "--hidden-size",
+            str(self.hidden_size),
+            "--num-attention-heads",
+            str(self.num_attention_heads),
+            "--ffn-hidden-size",
+            str(ffn),
+            "--max-position-embeddings",
+            str(max_positions),
+            "--position-embedding-type",
+            "rope",
+            "--no-position-embedding",
+            "--swiglu",
+            "--normalization",
+            "RMSNorm",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--attention-dropout",
+            "0.0",
+            "--hidden-dropout",
+            "0.0",
+            "--init-method-std",
+            "0.02",
+        ]
         if self.num_query_groups:
             a += ["--group-query-attention", "--num-query-groups", str(self.num_query_groups)]
         return a
@@ -60,25 +83,25 @@ class StudyConfig:
 
     sizes: tuple[ModelSize, ...]
     betas: tuple[float, ...] = (DEFAULT_BETA,)  # GEM runs; CE is always run
-    seeds: tuple[int, ...] = (1234,)           # SFT seeds (one run per method and seed)
+    seeds: tuple[int, ...] = (1234,)  # SFT seeds (one run per method and seed)
     # data: None = the embedded world from world_seed (world_overrides: WorldConfig fields)
     world_seed: int = 1234
     world_overrides: dict = field(default_factory=dict)
-    pretrain_data: str | None = None           # {"text"} JSONL
-    sft_data: str | None = None                # {"messages"} JSONL
-    eval_data: str | None = None               # {"messages", "valid"?} JSONL
-    heldout_data: str | None = None            # {"text"} JSONL (default: 2% of pretrain_data)
-    vocab_size: int = 256                      # SentencePiece (when pre-training)
+    pretrain_data: str | None = None  # {"text"} JSONL
+    sft_data: str | None = None  # {"messages"} JSONL
+    eval_data: str | None = None  # {"messages", "valid"?} JSONL
+    heldout_data: str | None = None  # {"text"} JSONL (default: 2% of pretrain_data)
+    vocab_size: int = 256  # SentencePiece (when pre-training)
     seq_length: int = 64
     tp: int = 2
-    nproc: int = 2                             # processes (GPUs) per training run
+    nproc: int = 2  # processes (GPUs) per training run
     pretrain_iters: int = 200
     pretrain_lr: float = 3e-3
-    pretrain_batch: int = 16                   # global batch (micro-batch: micro_batch)
+    pretrain_batch: int = 16  # global batch (micro-batch: micro_batch)
     sft_iters: int = 60
     sft_lr: float = 1e-3
     sft_batch: int = 8
-    save_interval: int = 20                    # SFT checkpoints evaluated every this many steps
+    save_interval: int = 20  # SFT checkpoints evaluated every this many steps
     micro_batch: int = 4
     # evaluation: N samples per prompt
     n_samples: int = 16
@@ -86,9 +109,9 @@ class StudyConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 12
-    prompt_set: str = "unseen"                 # the set of the plots and curves
-    extra_train_args: tuple[str, ...] = ()     # any Megatron flags, for every training run
-    precision: str = "fp32"                    # fp32 (CPU) | bf16 (GPU)
+    prompt_set: str = "unseen"  # the set of the plots and curves
+    extra_train_args: tuple[str, ...] = ()  # any Megatron flags, for every training run
+    precision: str = "fp32"  # fp32 (CPU) | bf16 (GPU)
 
     def __post_init__(self):
         if not self.sizes:
@@ -105,9 +128,20 @@ class StudyConfig:
             raise ValueError(f"--betas must be distinct, got {list(self.betas)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds must be distinct and non-empty, got {list(self.seeds)}")
-        for k in ("vocab_size", "seq_length", "tp", "nproc", "pretrain_iters", "pretrain_batch",
-                  "sft_iters", "sft_batch", "save_interval", "micro_batch", "n_samples",
-                  "max_new_tokens"):
+        for k in (
+            "vocab_size",
+            "seq_length",
+            "tp",
+            "nproc",
+            "pretrain_iters",
+            "pretrain_batch",
+            "sft_iters",
+            "sft_batch",
+            "save_interval",
+            "micro_batch",
+            "n_samples",
+            "max_new_tokens",
+        ):
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
@@ -116,8 +150,10 @@ class StudyConfig:
         dp = self.nproc // self.tp
         for k in ("pretrain_batch", "sft_batch"):
             if getattr(self, k) % (self.micro_batch * dp):
-                raise ValueError(f"{k} {getattr(self, k)} must be a multiple of micro_batch x "
-                                 f"data-parallel size = {self.micro_batch * dp}")
+                raise ValueError(
+                    f"{k} {getattr(self, k)} must be a multiple of micro_batch x "
+                    f"data-parallel size = {self.micro_batch * dp}"
+                )
         if self.save_interval > self.sft_iters:
             raise ValueError(f"save_interval {self.save_interval} > sft_iters {self.sft_iters}")
         if self.precision not in ("fp32", "bf16"):
@@ -126,12 +162,16 @@ class StudyConfig:
         if any(imported) and not all(imported):
             raise ValueError("either every model size imports an HF model (hf_model) or none")
         if all(imported) and self.sft_data is None:
-            raise ValueError("importing HF base models needs your SFT data (--sft-data) and "
-                             "evaluation prompts (--eval-data)")
+            raise ValueError(
+                "importing HF base models needs your SFT data (--sft-data) and "
+                "evaluation prompts (--eval-data)"
+            )
         user = [self.pretrain_data, self.sft_data, self.eval_data]
-        if any(user) and not all(user[1:]) :
-            raise ValueError("user data needs at least --sft-data and --eval-data "
-                             "(and --pretrain-data to pre-train)")
+        if any(user) and not all(user[1:]):
+            raise ValueError(
+                "user data needs at least --sft-data and --eval-data "
+                "(and --pretrain-data to pre-train)"
+            )
         if any(user) and not all(imported) and self.pretrain_data is None:
             raise ValueError("pre-training on user data needs --pretrain-data")
         for k in DATA_KEYS:
@@ -187,12 +227,29 @@ PRESETS = {
     "default": dict(sizes=(ModelSize("tiny", 2, 64, 4, 176, 2),), betas=(DEFAULT_BETA, 0.5)),
     # The test suite's: 2 sizes x {CE, GEM beta=1}: GEM at beta = 1 has CE's gradient. One
     # process per training run (TP=1) halves the CPU cost of Megatron's start-up.
-    "ci": dict(sizes=(ModelSize("xs", 1, 32, 2, 64), ModelSize("s", 1, 48, 2, 96)), betas=(1.0,),
-               tp=1, nproc=1,
-               world_overrides={"n_animals": 16, "n_places": 4, "n_foods": 5, "pretrain_docs": 400,
-                                "heldout_docs": 20},
-               vocab_size=128, seq_length=48, pretrain_iters=12, pretrain_batch=8, sft_iters=6,
-               sft_batch=8, save_interval=3, micro_batch=4, n_samples=4, max_new_tokens=6),
+    "ci": dict(
+        sizes=(ModelSize("xs", 1, 32, 2, 64), ModelSize("s", 1, 48, 2, 96)),
+        betas=(1.0,),
+        tp=1,
+        nproc=1,
+        world_overrides={
+            "n_animals": 16,
+            "n_places": 4,
+            "n_foods": 5,
+            "pretrain_docs": 400,
+            "heldout_docs": 20,
+        },
+        vocab_size=128,
+        seq_length=48,
+        pretrain_iters=12,
+        pretrain_batch=8,
+        sft_iters=6,
+        sft_batch=8,
+        save_interval=3,
+        micro_batch=4,
+        n_samples=4,
+        max_new_tokens=6,
+    ),
 }
 
 
@@ -224,8 +281,10 @@ def parse_size(text: str) -> ModelSize:
         groups = dims[3] if len(dims) > 3 else None
         return ModelSize(name, dims[0], dims[1], heads, None, groups)
     except (ValueError, IndexError):
-        raise ValueError(f"--sizes entry {text!r}: use NAME:LAYERSxHIDDEN[xHEADS[xGROUPS]] "
-                         "(e.g. tiny:2x64x4) or NAME=HF_MODEL_DIR") from None
+        raise ValueError(
+            f"--sizes entry {text!r}: use NAME:LAYERSxHIDDEN[xHEADS[xGROUPS]] "
+            "(e.g. tiny:2x64x4) or NAME=HF_MODEL_DIR"
+        ) from None
 
 
 def read_config_file(path: str) -> dict:
@@ -237,15 +296,20 @@ def read_config_file(path: str) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"--config {path}: not UTF-8 (byte {err.start + 1} of the file)") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"--config {path}:{err.lineno}: invalid JSON ({err.msg} at column "
-                         f"{err.colno})") from None
+        raise ValueError(
+            f"--config {path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
+        ) from None
     if not isinstance(over, dict):
-        raise ValueError(f"--config {path}: must be a JSON object of StudyConfig fields, "
-                         f"got {type(over).__name__}")
+        raise ValueError(
+            f"--config {path}: must be a JSON object of StudyConfig fields, "
+            f"got {type(over).__name__}"
+        )
     known = {f.name for f in dataclasses.fields(StudyConfig)}
     if set(over) - known:
-        raise ValueError(f"--config {path}: unknown key(s) {sorted(set(over) - known)} "
-                         f"(known: {', '.join(sorted(known))})")
+        raise ValueError(
+            f"--config {path}: unknown key(s) {sorted(set(over) - known)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
     try:
         if "sizes" in over:
             over["sizes"] = tuple(ModelSize(**z) for z in over["sizes"])

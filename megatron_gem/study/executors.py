@@ -54,25 +54,28 @@ def run_local(study: Study, only: Sequence[str] | None = None) -> list[str]:
     return ran
 
 
-
 # ---- slurm -----------------------------------------------------------------------------------
 
-SCRIPTS = {"pretrain": "gpt_pretrain.sbatch", "sft": "llama3_8b_sft.sbatch",
-           "export": "convert_megatron_to_hf.sbatch", "import": "convert_hf_to_megatron.sbatch"}
+SCRIPTS = {
+    "pretrain": "gpt_pretrain.sbatch",
+    "sft": "llama3_8b_sft.sbatch",
+    "export": "convert_megatron_to_hf.sbatch",
+    "import": "convert_hf_to_megatron.sbatch",
+}
 JOBS_FILE = "slurm_jobs.json"
-LAUNCH_SCRIPTS_ENV = "GEM_LAUNCH_SCRIPTS"   # the default of SlurmOptions.launch_scripts
+LAUNCH_SCRIPTS_ENV = "GEM_LAUNCH_SCRIPTS"  # the default of SlurmOptions.launch_scripts
 
 
 @dataclass
 class SlurmOptions:
     sbatch: str = "sbatch"
-    python: str | None = None            # interpreter of the Python stages (default: this one)
+    python: str | None = None  # interpreter of the Python stages (default: this one)
     partition: str | None = None
     account: str | None = None
     cpu_args: tuple[str, ...] = ("--nodes=1", "--ntasks=1", "--cpus-per-task=8", "--time=02:00:00")
     # training jobs: GPUs (= processes) per node (default: nproc)
     gpus_per_node: int | None = None
-    extra_sbatch: tuple[str, ...] = ()   # for every job (e.g. --qos=...)
+    extra_sbatch: tuple[str, ...] = ()  # for every job (e.g. --qos=...)
     launch_scripts: str | os.PathLike | None = None  # a checkout's launch_scripts/ folder
 
 
@@ -82,15 +85,19 @@ def launch_scripts_dir(given: str | os.PathLike | None = None) -> Path:
     ``$GEM_REPO/launch_scripts/common.sh``)."""
     folder = given or os.environ.get(LAUNCH_SCRIPTS_ENV)
     if not folder:
-        raise ValueError("--executor slurm needs the launch_scripts/ folder of a megatron-gem "
-                         f"checkout: pass --launch-scripts DIR or set {LAUNCH_SCRIPTS_ENV}")
+        raise ValueError(
+            "--executor slurm needs the launch_scripts/ folder of a megatron-gem "
+            f"checkout: pass --launch-scripts DIR or set {LAUNCH_SCRIPTS_ENV}"
+        )
     folder = Path(os.path.abspath(folder))
     needed = [folder / name for name in SCRIPTS.values()]
     needed.append(folder.parent / "launch_scripts" / "common.sh")
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
-        raise ValueError(f"--launch-scripts {folder}: not the launch_scripts/ folder of a "
-                         f"megatron-gem checkout (no {', '.join(missing)})")
+        raise ValueError(
+            f"--launch-scripts {folder}: not the launch_scripts/ folder of a "
+            f"megatron-gem checkout (no {', '.join(missing)})"
+        )
     return folder
 
 
@@ -98,8 +105,9 @@ def _sbatch(opts: SlurmOptions, args: list[str], env: dict | None = None) -> str
     cmd = [opts.sbatch, "--parsable", *args]
     proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"sbatch failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
-                           f"{proc.stderr}")
+        raise RuntimeError(
+            f"sbatch failed (exit {proc.returncode}): {shlex.join(cmd)}\n{proc.stderr}"
+        )
     job = proc.stdout.strip().splitlines()[-1].split(";")[0] if proc.stdout.strip() else ""
     if not job.isdigit():
         raise RuntimeError(f"sbatch printed no job id: {proc.stdout!r}")
@@ -125,55 +133,111 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
         argv = train_argv(study, s)
         it = cfg.pretrain_iters if s.kind == "pretrain" else cfg.sft_iters
         # The script's own defaults are replaced by the study's flags (extra flags come last).
-        env.update(NODES="1", GPUS_PER_NODE=str(gpus), MODEL="tiny", TP=str(cfg.tp), PP="1",
-                   SP="0", DIST_OPT="0",
-                   PRECISION="fp32" if cfg.precision == "fp32" else "bf16", CKPT_DIR=str(s.out),
-                   TRAIN_ITERS=str(it), SEQ_LENGTH=str(cfg.seq_length),
-                   MICRO_BATCH=str(cfg.micro_batch),
-                   GLOBAL_BATCH=str(cfg.pretrain_batch if s.kind == "pretrain" else cfg.sft_batch),
-                   SAVE_INTERVAL=str(it if s.kind == "pretrain" else cfg.save_interval),
-                   EVAL_INTERVAL=str(it), EVAL_ITERS="0", LOG_INTERVAL=str(max(1, it // 10)),
-                   LR=str(cfg.pretrain_lr if s.kind == "pretrain" else cfg.sft_lr),
-                   MIN_LR=str((cfg.pretrain_lr if s.kind == "pretrain" else cfg.sft_lr) / 10),
-                   WARMUP_ITERS=str(max(1, it // 20)), GEM_WORK=str(study.out))
+        env.update(
+            NODES="1",
+            GPUS_PER_NODE=str(gpus),
+            MODEL="tiny",
+            TP=str(cfg.tp),
+            PP="1",
+            SP="0",
+            DIST_OPT="0",
+            PRECISION="fp32" if cfg.precision == "fp32" else "bf16",
+            CKPT_DIR=str(s.out),
+            TRAIN_ITERS=str(it),
+            SEQ_LENGTH=str(cfg.seq_length),
+            MICRO_BATCH=str(cfg.micro_batch),
+            GLOBAL_BATCH=str(cfg.pretrain_batch if s.kind == "pretrain" else cfg.sft_batch),
+            SAVE_INTERVAL=str(it if s.kind == "pretrain" else cfg.save_interval),
+            EVAL_INTERVAL=str(it),
+            EVAL_ITERS="0",
+            LOG_INTERVAL=str(max(1, it // 10)),
+            LR=str(cfg.pretrain_lr if s.kind == "pretrain" else cfg.sft_lr),
+            MIN_LR=str((cfg.pretrain_lr if s.kind == "pretrain" else cfg.sft_lr) / 10),
+            WARMUP_ITERS=str(max(1, it // 20)),
+            GEM_WORK=str(study.out),
+        )
         prep = study.by_name["prep"].out
         tf = tokenizer_flags(study)
         if s.kind == "pretrain":
-            env.update(TOKENIZER_MODEL=tf[3], PRETRAIN_DATA=str(prep / "pretrain_text_document"),
-                       LOSS="ce", SPLIT="100,0,0", TOKENIZER_VOCAB_SIZE=str(cfg.vocab_size))
+            env.update(
+                TOKENIZER_MODEL=tf[3],
+                PRETRAIN_DATA=str(prep / "pretrain_text_document"),
+                LOSS="ce",
+                SPLIT="100,0,0",
+                TOKENIZER_VOCAB_SIZE=str(cfg.vocab_size),
+            )
         else:
             # Packed SFT under Transformer Engine passes each pack as one THD sequence: Megatron
             # needs micro-batch 1 there (the global batch, hence the schedule, is unchanged).
             env.update(MICRO_BATCH="1")
-            env.update(TOKENIZER_TYPE=tf[1], HF_MODEL=tf[3], SFT_DATA=str(prep / "sft"),
-                       BASE_CKPT=str(s.info["base"]), LOSS=s.info["method"],
-                       SPLIT="100,0,0")
+            env.update(
+                TOKENIZER_TYPE=tf[1],
+                HF_MODEL=tf[3],
+                SFT_DATA=str(prep / "sft"),
+                BASE_CKPT=str(s.info["base"]),
+                LOSS=s.info["method"],
+                SPLIT="100,0,0",
+            )
             if s.info["method"] == "gem":
                 env.update(GEM_BETA=f"{s.info['beta']:g}", GEM_H="linear")
         # Flags not set by the script's variables (architecture, seed, ...) go as script
         # arguments, last, so they win over the preset.
         return common + [str(scripts / SCRIPTS[s.kind]), *_script_extra(argv)], env
     if s.kind == "export":
-        env.update(CKPT_DIR=str(s.info["ckpt"]), HF_OUT=str(s.out), ITERATION=str(s.info["step"]),
-                   TOKENIZER=str(s.info["size"].hf_model or ""), CONVERT_PP="1", DTYPE="fp32")
+        env.update(
+            CKPT_DIR=str(s.info["ckpt"]),
+            HF_OUT=str(s.out),
+            ITERATION=str(s.info["step"]),
+            TOKENIZER=str(s.info["size"].hf_model or ""),
+            CONVERT_PP="1",
+            DTYPE="fp32",
+        )
         extra = [] if cfg.imports else ["--vocab-size", "VOCAB"]
         return common + [str(scripts / SCRIPTS["export"]), *extra], env
     if s.kind == "import":
-        env.update(HF_MODEL=str(s.info["size"].hf_model), BASE_CKPT=str(s.out),
-                   MODEL=s.info["size"].name, CONVERT_TP=str(cfg.tp), CONVERT_PP="1", DTYPE="")
+        env.update(
+            HF_MODEL=str(s.info["size"].hf_model),
+            BASE_CKPT=str(s.out),
+            MODEL=s.info["size"].name,
+            CONVERT_TP=str(cfg.tp),
+            CONVERT_PP="1",
+            DTYPE="",
+        )
         return common + [str(scripts / SCRIPTS["import"])], env
-    wrap = f"{shlex.quote(py)} -m megatron_gem.study run-stage " \
-           f"--out {shlex.quote(str(study.out))} --stage {shlex.quote(s.name)}"
+    wrap = (
+        f"{shlex.quote(py)} -m megatron_gem.study run-stage "
+        f"--out {shlex.quote(str(study.out))} --stage {shlex.quote(s.name)}"
+    )
     return common + list(opts.cpu_args) + [f"--wrap={wrap}"], env
 
 
 # Flags the launch scripts set from their variables (given to them through the environment).
-_SCRIPT_FLAGS = {"--tensor-model-parallel-size", "--eval-interval", "--seq-length",
-                 "--micro-batch-size", "--global-batch-size", "--train-iters", "--lr", "--min-lr",
-                 "--lr-decay-style",
-                 "--lr-warmup-iters", "--save", "--load", "--save-interval", "--log-interval",
-                 "--eval-iters", "--data-path", "--split", "--tokenizer-type", "--tokenizer-model",
-                 "--pretrained-checkpoint", "--loss", "--gem-beta", "--gem-h", "--ckpt-format"}
+_SCRIPT_FLAGS = {
+    "--tensor-model-parallel-size",
+    "--eval-interval",
+    "--seq-length",
+    "--micro-batch-size",
+    "--global-batch-size",
+    "--train-iters",
+    "--lr",
+    "--min-lr",
+    "--lr-decay-style",
+    "--lr-warmup-iters",
+    "--save",
+    "--load",
+    "--save-interval",
+    "--log-interval",
+    "--eval-iters",
+    "--data-path",
+    "--split",
+    "--tokenizer-type",
+    "--tokenizer-model",
+    "--pretrained-checkpoint",
+    "--loss",
+    "--gem-beta",
+    "--gem-h",
+    "--ckpt-format",
+}
 _SCRIPT_SWITCHES = {"--sft", "--bf16"}
 
 
@@ -206,16 +270,22 @@ def run_slurm(study: Study, opts: SlurmOptions = SlurmOptions()) -> dict[str, st
         study.log(f"finished by earlier jobs: {', '.join(adopted)}")
     todo = study.pending()
     if not todo:
-        study.log(f"nothing to submit: every stage of {study.out} is done; report in "
-                  f"{study.by_name['report'].out}")
+        study.log(
+            f"nothing to submit: every stage of {study.out} is done; report in "
+            f"{study.by_name['report'].out}"
+        )
         return {}
     jobs: dict[str, str] = {}
     for s in todo:
         if s.out.exists():
             # Its inputs are pending (or it failed): the old output cannot be reused, except a
             # partial training run of the same inputs (the job resumes it).
-            if not (not s.atomic and all(d not in jobs for d in s.deps) and study.marker(s) is None
-                    and read_json(s.out / INPUTS) in (None, _deps_or_none(study, s))):
+            if not (
+                not s.atomic
+                and all(d not in jobs for d in s.deps)
+                and study.marker(s) is None
+                and read_json(s.out / INPUTS) in (None, _deps_or_none(study, s))
+            ):
                 study.log(f"removing the stale output of {s.name}: {s.out}")
                 shutil.rmtree(s.out)
         if not s.atomic and all(d not in jobs for d in s.deps):
@@ -223,18 +293,29 @@ def run_slurm(study: Study, opts: SlurmOptions = SlurmOptions()) -> dict[str, st
             write_json_atomic(s.out / INPUTS, study.dep_tokens(s))
         args, env = slurm_job(study, s, opts)
         if "VOCAB" in args:  # the tokenizer's size is known once prep has run
-            args[args.index("VOCAB")] = str(vocab_size(study)) \
-                if study.done(study.by_name["prep"]) else str(study.cfg.vocab_size)
+            args[args.index("VOCAB")] = (
+                str(vocab_size(study))
+                if study.done(study.by_name["prep"])
+                else str(study.cfg.vocab_size)
+            )
         after = sorted({jobs[d] for d in s.deps if d in jobs}, key=int)
-        dep = [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"] \
-            if after else []
+        dep = (
+            [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
+            if after
+            else []
+        )
         jobs[s.name] = _sbatch(opts, dep + args, env)
-        study.log(f"submitted {s.name}: job {jobs[s.name]}"
-                  + (f" (after {', '.join(after)})" if after else ""))
-    write_json_atomic(study.out / JOBS_FILE,
-                      {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs})
-    study.log(f"{len(jobs)} jobs submitted; the report job ({jobs.get('report')}) writes "
-              f"{study.by_name['report'].out}/report.md")
+        study.log(
+            f"submitted {s.name}: job {jobs[s.name]}"
+            + (f" (after {', '.join(after)})" if after else "")
+        )
+    write_json_atomic(
+        study.out / JOBS_FILE, {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs}
+    )
+    study.log(
+        f"{len(jobs)} jobs submitted; the report job ({jobs.get('report')}) writes "
+        f"{study.by_name['report'].out}/report.md"
+    )
     return jobs
 
 
@@ -245,13 +326,17 @@ def _deps_or_none(study: Study, s: Stage):
         return None
 
 
-def wait_slurm(study: Study, jobs: dict[str, str], squeue: str = "squeue",
-               poll_s: float = 30) -> None:
+def wait_slurm(
+    study: Study, jobs: dict[str, str], squeue: str = "squeue", poll_s: float = 30
+) -> None:
     """Wait until none of ``jobs`` is queued or running (squeue), then adopt finished stages."""
     ids = set(jobs.values())
     while ids:
-        proc = subprocess.run([squeue, "-h", "-o", "%i", "-j", ",".join(sorted(ids, key=int))],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [squeue, "-h", "-o", "%i", "-j", ",".join(sorted(ids, key=int))],
+            capture_output=True,
+            text=True,
+        )
         live = {l.strip().split("_")[0] for l in proc.stdout.splitlines() if l.strip()}
         ids &= live
         if ids:

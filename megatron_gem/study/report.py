@@ -32,18 +32,41 @@ SHOWN = {
     "self_bleu_diversity": ("self-BLEU diversity", True),
     "embedding_diversity": ("embedding diversity", True),
 }
-TOP_LEVEL = {"forgetting": ("forgetting (nats/token)", False), "heldout_loss": ("held-out loss (nats/token)", False)}
+TOP_LEVEL = {
+    "forgetting": ("forgetting (nats/token)", False),
+    "heldout_loss": ("held-out loss (nats/token)", False),
+}
 KEY_COLUMNS = ("method", "beta", "model_size", "params", "seed", "step")
 
 CSV_FILE, REPORT_FILE = "results.csv", "report.md"
-SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG = "metrics_vs_size.png", "quality_vs_diversity.png", "quality_vs_forgetting.png"
+SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG = (
+    "metrics_vs_size.png",
+    "quality_vs_diversity.png",
+    "quality_vs_forgetting.png",
+)
 
 
-def make_record(method: str, beta: float | None, model_size: str, step: int, result: dict,
-                params: float | None = None, seed: int = 0, **extra) -> dict:
+def make_record(
+    method: str,
+    beta: float | None,
+    model_size: str,
+    step: int,
+    result: dict,
+    params: float | None = None,
+    seed: int = 0,
+    **extra,
+) -> dict:
     """A run record from one ``evaluation.evaluate`` result."""
-    return {"method": method, "beta": beta, "model_size": model_size, "params": params, "seed": seed,
-            "step": step, **extra, **flat_metrics(result)}
+    return {
+        "method": method,
+        "beta": beta,
+        "model_size": model_size,
+        "params": params,
+        "seed": seed,
+        "step": step,
+        **extra,
+        **flat_metrics(result),
+    }
 
 
 def method_label(rec: dict) -> str:
@@ -68,7 +91,11 @@ def _check(records: Sequence[dict]) -> list[dict]:
 
 def _get(rec: dict, metric: str, prompt_set: str):
     v = rec.get(metric) if metric in TOP_LEVEL else rec.get(f"{prompt_set}/{metric}")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    return (
+        float(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else None
+    )
 
 
 def _fmt(v) -> str:
@@ -127,22 +154,32 @@ def _arrow(metric):
 
 # ---- CSV --------------------------------------------------------------------------------------
 
+
 def results_csv(records: Sequence[dict]) -> str:
     records = _check(records)
     metric_cols = sorted({k for r in records for k in r} - set(KEY_COLUMNS))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["label", *KEY_COLUMNS, *metric_cols], lineterminator="\n")
     w.writeheader()
-    for r in sorted(records, key=lambda r: (str(r["model_size"]), method_label(r), r["seed"], r["step"])):
-        w.writerow({"label": method_label(r), **{k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames[1:]}})
+    for r in sorted(
+        records, key=lambda r: (str(r["model_size"]), method_label(r), r["seed"], r["step"])
+    ):
+        w.writerow(
+            {
+                "label": method_label(r),
+                **{k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames[1:]},
+            }
+        )
     return buf.getvalue()
 
 
 # ---- Markdown -------------------------------------------------------------------------------
 
+
 def _table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-           ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows
+    ]
 
 
 def _diversity_metric(records, prompt_set, wanted):
@@ -154,69 +191,118 @@ def _diversity_metric(records, prompt_set, wanted):
     return None
 
 
-def report_markdown(records: Sequence[dict], prompt_set: str = "all", diversity_metric: str | None = None,
-                    title: str = "CE vs GEM: quality, diversity and forgetting",
-                    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG),
-                    notes: Sequence[str] = ()) -> str:
+def report_markdown(
+    records: Sequence[dict],
+    prompt_set: str = "all",
+    diversity_metric: str | None = None,
+    title: str = "CE vs GEM: quality, diversity and forgetting",
+    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG),
+    notes: Sequence[str] = (),
+) -> str:
     """The Markdown report; ``plots``: the PNG file names to link (those that were written);
     ``notes``: lines about the setup (data, learning rate, sampling...) shown under the title."""
     records = _check(records)
-    sets = sorted({k.split("/")[0] for r in records for k in r if "/" in k}, key=lambda s: (s != "all", s))
+    sets = sorted(
+        {k.split("/")[0] for r in records for k in r if "/" in k}, key=lambda s: (s != "all", s)
+    )
     div = _diversity_metric(records, prompt_set, diversity_metric)
     chosen, steps = equal_step_records(records)
     L = [f"# {title}", ""]
     if notes:
         L += [f"* {n}" for n in notes] + [""]
-    L += [f"{len(records)} evaluated checkpoints of {len(_runs(records))} runs "
-          f"({len(_sizes(records))} model size(s)). Every run and every saved checkpoint appears below and in "
-          f"[`{CSV_FILE}`]({CSV_FILE}); nothing is selected.", "",
-          "All metrics are computed on the **response text only** (the tokens generated after the prompt; "
-          "the prompt is never scored or compared). Quality = fraction of samples in the prompt's valid set; "
-          "valid-set mass = exact probability of the valid responses; effective valid answers = exp(entropy) "
-          "of the model's distribution restricted to the valid set; coverage = share of the valid set "
-          "sampled; n-gram diversity = distinct/total n-grams (n = 1..3) over a prompt's samples; self-BLEU "
-          "diversity = 1 - BLEU of each sample against all others; forgetting = held-out pre-training loss "
-          "after SFT minus before (lower is better). Means over prompts; ↑ higher is better, ↓ lower is better.",
-          ""]
+    L += [
+        f"{len(records)} evaluated checkpoints of {len(_runs(records))} runs "
+        f"({len(_sizes(records))} model size(s)). Every run and every saved checkpoint appears below and in "
+        f"[`{CSV_FILE}`]({CSV_FILE}); nothing is selected.",
+        "",
+        "All metrics are computed on the **response text only** (the tokens generated after the prompt; "
+        "the prompt is never scored or compared). Quality = fraction of samples in the prompt's valid set; "
+        "valid-set mass = exact probability of the valid responses; effective valid answers = exp(entropy) "
+        "of the model's distribution restricted to the valid set; coverage = share of the valid set "
+        "sampled; n-gram diversity = distinct/total n-grams (n = 1..3) over a prompt's samples; self-BLEU "
+        "diversity = 1 - BLEU of each sample against all others; forgetting = held-out pre-training loss "
+        "after SFT minus before (lower is better). Means over prompts; ↑ higher is better, ↓ lower is better.",
+        "",
+    ]
     # Equal steps.
-    L += ["## Equal-steps comparison", "",
-          "Each run at the largest step that all runs of its model size reached.", ""]
+    L += [
+        "## Equal-steps comparison",
+        "",
+        "Each run at the largest step that all runs of its model size reached.",
+        "",
+    ]
     for s in sets:
         ms = _metrics_present(records, s)
         L += [f"### Prompt set `{s}`", ""]
         header = ["model size", "method", "seed", "step"] + [f"{_label(m)} {_arrow(m)}" for m in ms]
-        rows = [[r["model_size"], method_label(r), r["seed"], r["step"]] + [_get(r, m, s) for m in ms]
-                for r in chosen]
+        rows = [
+            [r["model_size"], method_label(r), r["seed"], r["step"]] + [_get(r, m, s) for m in ms]
+            for r in chosen
+        ]
         L += _table(header, rows) + [""]
     no_common = [z for z, st in steps.items() if st is None]
     if no_common:
-        L += [f"Runs of size(s) {', '.join(map(str, no_common))} share no step: their last checkpoints are shown.", ""]
+        L += [
+            f"Runs of size(s) {', '.join(map(str, no_common))} share no step: their last checkpoints are shown.",
+            "",
+        ]
     if SIZE_PNG in plots:
         L += [f"![metrics vs model size]({SIZE_PNG})", ""]
     # Trade-off curves.
-    L += ["## Trade-offs across checkpoints", "",
-          "Learning rate and number of steps move quality, diversity and forgetting together, so the "
-          "comparison that matters is along the curves: a method is better only if it reaches more "
-          f"diversity (or less forgetting) **at the same quality**. Prompt set `{prompt_set}`.", ""]
-    for name, alt in ((DIVERSITY_PNG, "quality vs diversity"), (FORGETTING_PNG, "quality vs forgetting")):
+    L += [
+        "## Trade-offs across checkpoints",
+        "",
+        "Learning rate and number of steps move quality, diversity and forgetting together, so the "
+        "comparison that matters is along the curves: a method is better only if it reaches more "
+        f"diversity (or less forgetting) **at the same quality**. Prompt set `{prompt_set}`.",
+        "",
+    ]
+    for name, alt in (
+        (DIVERSITY_PNG, "quality vs diversity"),
+        (FORGETTING_PNG, "quality vs forgetting"),
+    ):
         if name in plots:
             L += [f"![{alt}]({name})", ""]
     cols = [m for m in ("quality", div, "forgetting") if m]
     runs = _runs(records)
     for size in _sizes(records):
         L += [f"### Model size `{size}`", ""]
-        rows = [[lab, seed, r["step"]] + [_get(r, m, prompt_set) for m in cols]
-                for (z, lab, seed), v in runs.items() if z == size for r in v]
-        L += _table(["method", "seed", "step"] + [f"{_label(m)} {_arrow(m)}" for m in cols], rows) + [""]
+        rows = [
+            [lab, seed, r["step"]] + [_get(r, m, prompt_set) for m in cols]
+            for (z, lab, seed), v in runs.items()
+            if z == size
+            for r in v
+        ]
+        L += _table(
+            ["method", "seed", "step"] + [f"{_label(m)} {_arrow(m)}" for m in cols], rows
+        ) + [""]
     # Quality-matched comparison.
     matched = _quality_matched(records, prompt_set, div)
     if matched:
-        L += ["## Quality-matched comparison", "",
-              "For the last checkpoint of each non-CE run, the CE checkpoint (same size and seed) with the "
-              "closest quality: a diversity or forgetting gain that disappears here came from training "
-              "less, not from the loss.", ""]
-        L += _table(["model size", "seed", "run", "step", "quality", _label(div), "forgetting",
-                     "CE step", "CE quality", f"CE {_label(div)}", "CE forgetting"], matched) + [""]
+        L += [
+            "## Quality-matched comparison",
+            "",
+            "For the last checkpoint of each non-CE run, the CE checkpoint (same size and seed) with the "
+            "closest quality: a diversity or forgetting gain that disappears here came from training "
+            "less, not from the loss.",
+            "",
+        ]
+        L += _table(
+            [
+                "model size",
+                "seed",
+                "run",
+                "step",
+                "quality",
+                _label(div),
+                "forgetting",
+                "CE step",
+                "CE quality",
+                f"CE {_label(div)}",
+                "CE forgetting",
+            ],
+            matched,
+        ) + [""]
     return "\n".join(L)
 
 
@@ -233,13 +319,26 @@ def _quality_matched(records, prompt_set, div):
         if q is None or not cands:
             continue
         best = min(cands, key=lambda r: (abs(_get(r, "quality", prompt_set) - q), r["step"]))
-        out.append([size, seed, lab, last["step"], q, _get(last, div, prompt_set) if div else None,
-                    _get(last, "forgetting", prompt_set), best["step"], _get(best, "quality", prompt_set),
-                    _get(best, div, prompt_set) if div else None, _get(best, "forgetting", prompt_set)])
+        out.append(
+            [
+                size,
+                seed,
+                lab,
+                last["step"],
+                q,
+                _get(last, div, prompt_set) if div else None,
+                _get(last, "forgetting", prompt_set),
+                best["step"],
+                _get(best, "quality", prompt_set),
+                _get(best, div, prompt_set) if div else None,
+                _get(best, "forgetting", prompt_set),
+            ]
+        )
     return out
 
 
 # ---- plots ----------------------------------------------------------------------------------
+
 
 def _pyplot():
     import matplotlib
@@ -247,7 +346,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10})
+    plt.rcParams.update(
+        {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10}
+    )
     return plt
 
 
@@ -266,8 +367,15 @@ def _styles(labels):
     """Colour, marker, line style and marker size per method: identical results (e.g. GEM at
     beta = 1 and CE) stay visible as nested markers instead of hiding each other."""
     cols = _colours(labels)
-    return {lab: dict(color=cols[lab], marker=_MARKERS[i % len(_MARKERS)], ls=_LINES[i % len(_LINES)],
-                      ms=max(4.0, 9.0 - 1.5 * i)) for i, lab in enumerate(labels)}
+    return {
+        lab: dict(
+            color=cols[lab],
+            marker=_MARKERS[i % len(_MARKERS)],
+            ls=_LINES[i % len(_LINES)],
+            ms=max(4.0, 9.0 - 1.5 * i),
+        )
+        for i, lab in enumerate(labels)
+    }
 
 
 def _min_span(ax, metric):
@@ -281,7 +389,10 @@ def _min_span(ax, metric):
 
 def _labels(records):
     # CE first, then the others by beta.
-    labs = {method_label(r): (method_label(r) != "CE", str(r["method"]), r.get("beta") or 0) for r in records}
+    labs = {
+        method_label(r): (method_label(r) != "CE", str(r["method"]), r.get("beta") or 0)
+        for r in records
+    }
     return sorted(labs, key=lambda k: labs[k])
 
 
@@ -307,18 +418,30 @@ def plot_metrics_vs_size(records, path, prompt_set="all"):
     sty = _styles(_labels(records))
     for ax, m in zip(axes.flat, ms):
         for lab in _labels(records):
-            pts = [(xs[r["model_size"]], _get(r, m, prompt_set)) for r in chosen if method_label(r) == lab]
+            pts = [
+                (xs[r["model_size"]], _get(r, m, prompt_set))
+                for r in chosen
+                if method_label(r) == lab
+            ]
             pts = [p for p in pts if p[1] is not None]
             if not pts:
                 continue
             # Every seed as a point; the line through the per-size means.
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=sty[lab]["color"], s=14, alpha=0.5)
+            ax.scatter(
+                [p[0] for p in pts], [p[1] for p in pts], color=sty[lab]["color"], s=14, alpha=0.5
+            )
             by_x = defaultdict(list)
             for x, y in pts:
                 by_x[x].append(y)
             xm = sorted(by_x)
-            ax.plot(xm, [sum(by_x[x]) / len(by_x[x]) for x in xm], label=lab, mfc="none", mew=1.5,
-                    **sty[lab])
+            ax.plot(
+                xm,
+                [sum(by_x[x]) / len(by_x[x]) for x in xm],
+                label=lab,
+                mfc="none",
+                mew=1.5,
+                **sty[lab],
+            )
         _min_span(ax, m)
         ax.set_title(f"{_label(m)} {_arrow(m)}")
         ax.set_xlabel("model parameters" if numeric else "model size")
@@ -333,14 +456,22 @@ def plot_metrics_vs_size(records, path, prompt_set="all"):
             ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
             ax.set_xlim(-0.5, len(sizes) - 0.5)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(ms):]:
+    for ax in list(axes.flat)[len(ms) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), frameon=False,
-               bbox_to_anchor=(0.5, 1.0))
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=min(6, len(labels)),
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.0),
+    )
     step_txt = ", ".join(f"{s}: {st}" for s, st in steps.items())
-    fig.suptitle(f"Metrics vs model size at equal steps ({step_txt}); prompt set '{prompt_set}'",
-                 y=1 - 0.45 / fig.get_figheight())
+    fig.suptitle(
+        f"Metrics vs model size at equal steps ({step_txt}); prompt set '{prompt_set}'",
+        y=1 - 0.45 / fig.get_figheight(),
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
     _save(fig, path)
 
@@ -349,7 +480,9 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
     plt = _pyplot()
     records = _check(records)
     sizes = _sizes(records)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(max(7.0, 5.2 * len(sizes)), 5.0), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(sizes), figsize=(max(7.0, 5.2 * len(sizes)), 5.0), squeeze=False
+    )
     sty = _styles(_labels(records))
     runs = _runs(records)
     for ax, size in zip(axes.flat, sizes):
@@ -358,17 +491,33 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
             for (z, l2, seed), v in runs.items():
                 if z != size or l2 != lab:
                     continue
-                pts = [(_get(r, x_metric, prompt_set), _get(r, "quality", prompt_set), r["step"]) for r in v]
+                pts = [
+                    (_get(r, x_metric, prompt_set), _get(r, "quality", prompt_set), r["step"])
+                    for r in v
+                ]
                 pts = [p for p in pts if p[0] is not None and p[1] is not None]
                 if not pts:
                     continue
                 col = sty[lab]["color"]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], mfc="none", mew=1.5,
-                        label=None if lab in seen_lab else lab, **sty[lab])
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    mfc="none",
+                    mew=1.5,
+                    label=None if lab in seen_lab else lab,
+                    **sty[lab],
+                )
                 seen_lab.add(lab)
                 ax.scatter([pts[-1][0]], [pts[-1][1]], color=col, s=60, marker="*", zorder=3)
                 for x, y, st in (pts[0], pts[-1]):
-                    ax.annotate(str(st), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
+                    ax.annotate(
+                        str(st),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                        color=col,
+                    )
         ax.margins(0.12)
         _min_span(ax, "quality")
         ax.set_title(f"model size {size}")
@@ -377,8 +526,10 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
         ax.grid(alpha=0.3)
         if seen_lab:
             ax.legend(loc="best")
-    fig.suptitle(f"{title}, prompt set '{prompt_set}'\n"
-                 "one line per run through its checkpoints (numbers: step; ★ last)")
+    fig.suptitle(
+        f"{title}, prompt set '{prompt_set}'\n"
+        "one line per run through its checkpoints (numbers: step; ★ last)"
+    )
     fig.tight_layout()
     _save(fig, path)
 
@@ -395,10 +546,16 @@ def _save(fig, path):
 
 # ---- everything -----------------------------------------------------------------------------
 
-def write_report(records: Sequence[dict], out_dir: str | os.PathLike, prompt_set: str = "all",
-                 diversity_metric: str | None = None, overwrite: bool = False,
-                 title: str = "CE vs GEM: quality, diversity and forgetting",
-                 notes: Sequence[str] = ()) -> dict[str, Path]:
+
+def write_report(
+    records: Sequence[dict],
+    out_dir: str | os.PathLike,
+    prompt_set: str = "all",
+    diversity_metric: str | None = None,
+    overwrite: bool = False,
+    title: str = "CE vs GEM: quality, diversity and forgetting",
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
     """Write results.csv, report.md and the PNG plots into out_dir; returns their paths.
 
     ``prompt_set`` picks the set for the plots and curves (tables show every set);
@@ -408,8 +565,13 @@ def write_report(records: Sequence[dict], out_dir: str | os.PathLike, prompt_set
     records = _check(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / CSV_FILE, "report": out / REPORT_FILE, "metrics_vs_size": out / SIZE_PNG,
-             "quality_vs_diversity": out / DIVERSITY_PNG, "quality_vs_forgetting": out / FORGETTING_PNG}
+    paths = {
+        "csv": out / CSV_FILE,
+        "report": out / REPORT_FILE,
+        "metrics_vs_size": out / SIZE_PNG,
+        "quality_vs_diversity": out / DIVERSITY_PNG,
+        "quality_vs_forgetting": out / FORGETTING_PNG,
+    }
     clash = [str(p) for p in paths.values() if p.exists()]
     if clash and not overwrite:
         raise FileExistsError(f"write_report: {', '.join(clash)} exist(s); pass overwrite=True")
@@ -422,16 +584,26 @@ def write_report(records: Sequence[dict], out_dir: str | os.PathLike, prompt_set
     has_forgetting = any(_get(r, "forgetting", prompt_set) is not None for r in records)
     plot_metrics_vs_size(records, paths["metrics_vs_size"], prompt_set)
     if div and has_quality:
-        plot_tradeoff(records, paths["quality_vs_diversity"], div, prompt_set, "Quality vs diversity")
+        plot_tradeoff(
+            records, paths["quality_vs_diversity"], div, prompt_set, "Quality vs diversity"
+        )
     else:
         paths.pop("quality_vs_diversity")
     if has_forgetting and has_quality:
-        plot_tradeoff(records, paths["quality_vs_forgetting"], "forgetting", prompt_set, "Quality vs forgetting")
+        plot_tradeoff(
+            records,
+            paths["quality_vs_forgetting"],
+            "forgetting",
+            prompt_set,
+            "Quality vs forgetting",
+        )
     else:
         paths.pop("quality_vs_forgetting")
     pngs = [p.name for k, p in paths.items() if p.suffix == ".png"]
-    for key, text in (("csv", results_csv(records)),
-                      ("report", report_markdown(records, prompt_set, div, title, pngs, notes))):
+    for key, text in (
+        ("csv", results_csv(records)),
+        ("report", report_markdown(records, prompt_set, div, title, pngs, notes)),
+    ):
         tmp = paths[key].with_name(paths[key].name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, paths[key])

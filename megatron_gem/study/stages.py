@@ -31,7 +31,7 @@ CONFIG_FILE = "study.json"
 @dataclass
 class Stage:
     name: str
-    kind: str                      # data | prep | pretrain | import | sft | export | eval | report
+    kind: str  # data | prep | pretrain | import | sft | export | eval | report
     out: Path
     deps: list[str]
     info: dict = field(default_factory=dict)
@@ -60,30 +60,73 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
             base_eval_deps = [base.name]
             base_hf = Path(size.hf_model)
         else:
-            base = Stage(f"pretrain:{z}", "pretrain", out / z / "pretrain", ["prep"],
-                         {"size": size}, atomic=False)
-            exp = Stage(f"export:{z}:base", "export", out / z / "base-hf", [base.name],
-                        {"size": size, "ckpt": base.out, "step": cfg.pretrain_iters})
+            base = Stage(
+                f"pretrain:{z}",
+                "pretrain",
+                out / z / "pretrain",
+                ["prep"],
+                {"size": size},
+                atomic=False,
+            )
+            exp = Stage(
+                f"export:{z}:base",
+                "export",
+                out / z / "base-hf",
+                [base.name],
+                {"size": size, "ckpt": base.out, "step": cfg.pretrain_iters},
+            )
             st += [base, exp]
             base_eval_deps = [exp.name]
             base_hf = exp.out
-        base_eval = Stage(f"eval:{z}:base", "eval", out / z / "base-eval",
-                          ["prep", *base_eval_deps], {"size": size, "hf": base_hf, "base": True})
+        base_eval = Stage(
+            f"eval:{z}:base",
+            "eval",
+            out / z / "base-eval",
+            ["prep", *base_eval_deps],
+            {"size": size, "hf": base_hf, "base": True},
+        )
         st.append(base_eval)
         for run, method, beta, seed in cfg.runs():
-            sft = Stage(f"sft:{z}:{run}", "sft", out / z / run / "ckpt", ["prep", base.name],
-                        {"size": size, "run": run, "method": method, "beta": beta, "seed": seed,
-                         "base": base.out}, atomic=False)
+            sft = Stage(
+                f"sft:{z}:{run}",
+                "sft",
+                out / z / run / "ckpt",
+                ["prep", base.name],
+                {
+                    "size": size,
+                    "run": run,
+                    "method": method,
+                    "beta": beta,
+                    "seed": seed,
+                    "base": base.out,
+                },
+                atomic=False,
+            )
             st.append(sft)
             for step in cfg.sft_steps():
-                exp = Stage(f"export:{z}:{run}:{step}", "export",
-                            out / z / run / "hf" / step_dir(step),
-                            [sft.name], {"size": size, "ckpt": sft.out, "step": step})
-                ev = Stage(f"eval:{z}:{run}:{step}", "eval",
-                           out / z / run / "eval" / step_dir(step),
-                           ["prep", exp.name, base_eval.name],
-                           {"size": size, "hf": exp.out, "run": run, "method": method, "beta": beta,
-                            "seed": seed, "step": step, "base_eval": base_eval.out})
+                exp = Stage(
+                    f"export:{z}:{run}:{step}",
+                    "export",
+                    out / z / run / "hf" / step_dir(step),
+                    [sft.name],
+                    {"size": size, "ckpt": sft.out, "step": step},
+                )
+                ev = Stage(
+                    f"eval:{z}:{run}:{step}",
+                    "eval",
+                    out / z / run / "eval" / step_dir(step),
+                    ["prep", exp.name, base_eval.name],
+                    {
+                        "size": size,
+                        "hf": exp.out,
+                        "run": run,
+                        "method": method,
+                        "beta": beta,
+                        "seed": seed,
+                        "step": step,
+                        "base_eval": base_eval.out,
+                    },
+                )
                 st += [exp, ev]
     evals = [s.name for s in st if s.kind == "eval"]
     st.append(Stage("report", "report", out / "report", evals))
@@ -109,8 +152,9 @@ def write_json_atomic(path: Path, obj) -> None:
 class Study:
     """A study folder: its config, stages and their state."""
 
-    def __init__(self, cfg: StudyConfig, out: str | os.PathLike,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self, cfg: StudyConfig, out: str | os.PathLike, log: Callable[[str], None] | None = None
+    ):
         self.cfg = cfg
         self.out = Path(out).resolve()
         # The study replaces stage folders under --out (rmtree of stale outputs): refuse an
@@ -130,14 +174,18 @@ class Study:
         have = read_json(path)
         if have is None:
             if any(p.name != "logs" for p in self.out.iterdir()):
-                raise ValueError(f"--out {self.out}: not empty and holds no {CONFIG_FILE}; "
-                                 "choose a new folder (nothing was changed)")
+                raise ValueError(
+                    f"--out {self.out}: not empty and holds no {CONFIG_FILE}; "
+                    "choose a new folder (nothing was changed)"
+                )
             write_json_atomic(path, want)
         elif have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise ValueError(f"--out {self.out} holds a study with a different configuration "
-                             f"(differs in: {', '.join(diff)}); use another --out folder to "
-                             "keep both")
+            raise ValueError(
+                f"--out {self.out} holds a study with a different configuration "
+                f"(differs in: {', '.join(diff)}); use another --out folder to "
+                "keep both"
+            )
 
     def marker(self, stage: Stage) -> dict | None:
         return read_json(stage.out / MARKER)
@@ -153,8 +201,11 @@ class Study:
             for d in stage.deps:
                 dep = self.by_name[d]
                 dm = self.marker(dep)
-                if (not self.done(dep, memo) or dm is None
-                        or m.get("deps", {}).get(d) != dm["token"]):
+                if (
+                    not self.done(dep, memo)
+                    or dm is None
+                    or m.get("deps", {}).get(d) != dm["token"]
+                ):
                     ok = False
                     break
         memo[stage.name] = ok
@@ -170,15 +221,20 @@ class Study:
     def mark(self, stage: Stage, seconds: float | None = None, exclusive: bool = False) -> None:
         """Write the stage's marker (temp name, then rename). ``exclusive``: keep a marker that
         another process (a concurrent slurm job adopting the same stage) wrote first."""
-        rec = {"stage": stage.name, "token": uuid.uuid4().hex, "deps": self.dep_tokens(stage),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}
+        rec = {
+            "stage": stage.name,
+            "token": uuid.uuid4().hex,
+            "deps": self.dep_tokens(stage),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": seconds,
+        }
         if not exclusive:
             write_json_atomic(stage.out / MARKER, rec)
             return
         tmp = stage.out / f".{MARKER}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         try:
-            os.link(tmp, stage.out / MARKER)   # fails if it exists: first writer wins
+            os.link(tmp, stage.out / MARKER)  # fails if it exists: first writer wins
         except FileExistsError:
             pass
         finally:
@@ -231,9 +287,17 @@ class Study:
                 res = read_json(s.out / "result.json")
                 if res is None:
                     continue
-                recs.append(make_record(s.info["method"], s.info["beta"], s.info["size"].name,
-                                        s.info["step"], res["result"], params=res.get("params"),
-                                        seed=s.info["seed"]))
+                recs.append(
+                    make_record(
+                        s.info["method"],
+                        s.info["beta"],
+                        s.info["size"].name,
+                        s.info["step"],
+                        res["result"],
+                        params=res.get("params"),
+                        seed=s.info["seed"],
+                    )
+                )
         return recs
 
 

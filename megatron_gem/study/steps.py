@@ -26,14 +26,18 @@ def describe(cfg: StudyConfig, s: Stage) -> str:
         return "tokenizer, pre-training and SFT data"
     if s.kind == "pretrain":
         z = s.info["size"]
-        return (f"pre-training {z.num_layers} layers x {z.hidden_size} for {cfg.pretrain_iters} "
-                "steps "
-                f"(TP={cfg.tp}, {cfg.nproc} processes)")
+        return (
+            f"pre-training {z.num_layers} layers x {z.hidden_size} for {cfg.pretrain_iters} "
+            "steps "
+            f"(TP={cfg.tp}, {cfg.nproc} processes)"
+        )
     if s.kind == "sft":
         b = f" beta={s.info['beta']:g}" if s.info["method"] == "gem" else ""
-        return (f"SFT with {s.info['method'].upper()}{b}, {cfg.sft_iters} steps, "
-                f"lr {cfg.sft_lr:g}, "
-                f"checkpoints every {cfg.save_interval}")
+        return (
+            f"SFT with {s.info['method'].upper()}{b}, {cfg.sft_iters} steps, "
+            f"lr {cfg.sft_lr:g}, "
+            f"checkpoints every {cfg.save_interval}"
+        )
     if s.kind == "export":
         return f"checkpoint -> HF ({s.out})"
     if s.kind == "eval":
@@ -64,8 +68,11 @@ def _run_data(study: Study, s: Stage) -> None:
         for k in DATA_KEYS:  # the first bad line, with the user's file:line (copies renumber)
             if getattr(cfg, k):
                 check_jsonl(getattr(cfg, k), f"--{k.replace('_', '-')}")
-        for src, name in ((cfg.pretrain_data, W.PRETRAIN_FILE), (cfg.sft_data, W.SFT_FILE),
-                          (cfg.eval_data, W.EVAL_FILE)):
+        for src, name in (
+            (cfg.pretrain_data, W.PRETRAIN_FILE),
+            (cfg.sft_data, W.SFT_FILE),
+            (cfg.eval_data, W.EVAL_FILE),
+        ):
             if src:
                 shutil.copyfile(src, tmp / name)
         if cfg.heldout_data:
@@ -73,27 +80,42 @@ def _run_data(study: Study, s: Stage) -> None:
         elif cfg.pretrain_data:  # hold out every 50th document (not trained on)
             lines = [raw for _, raw in iter_lines(cfg.pretrain_data) if not is_blank(raw)]
             (tmp / W.HELDOUT_FILE).write_bytes(
-                b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 == 49))
+                b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 == 49)
+            )
             (tmp / W.PRETRAIN_FILE).write_bytes(
-                b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 != 49))
+                b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 != 49)
+            )
     _publish(tmp, s.out)
 
 
 def check_jsonl(path: str, arg: str) -> None:
     """Fail on the first line of ``path`` that is not a JSON object (not UTF-8, invalid JSON)."""
     for lineno, obj in read_jsonl(path):
-        reason = obj.reason if isinstance(obj, BadLine) else (
-            None if isinstance(obj, dict) else f"not a JSON object (got {type(obj).__name__})")
+        reason = (
+            obj.reason
+            if isinstance(obj, BadLine)
+            else (
+                None if isinstance(obj, dict) else f"not a JSON object (got {type(obj).__name__})"
+            )
+        )
         if reason:
             raise ValueError(f"{arg} {path}:{lineno}: {reason}")
 
 
 def tokenizer_flags(study: Study) -> list[str]:
     if study.cfg.imports:
-        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-                str(Path(study.cfg.sizes[0].hf_model).resolve())]
-    return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
-            str(study.by_name["prep"].out / "spm.model")]
+        return [
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            str(Path(study.cfg.sizes[0].hf_model).resolve()),
+        ]
+    return [
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(study.by_name["prep"].out / "spm.model"),
+    ]
 
 
 def _run_prep(study: Study, s: Stage) -> None:
@@ -110,8 +132,9 @@ def _run_prep(study: Study, s: Stage) -> None:
         texts = iter_training_text([str(data.pretrain), str(data.sft), str(data.eval)])
         sp = train_sentencepiece(texts, tmp / "spm", cfg.vocab_size)
         tok = build_tokenizer("SentencePieceTokenizer", sp)
-        rep = preprocess_jsonl(str(data.pretrain), str(tmp / "pretrain"),
-                               "SentencePieceTokenizer", sp)
+        rep = preprocess_jsonl(
+            str(data.pretrain), str(tmp / "pretrain"), "SentencePieceTokenizer", sp
+        )
         study.log(f"   pre-training data: {rep.format().splitlines()[0]}")
     rep = prepare_sft_data(str(data.sft), str(tmp / "sft"), tok, cfg.seq_length)
     study.log(f"   SFT data: {rep.format().splitlines()[0]}")
@@ -135,21 +158,52 @@ def train_argv(study: Study, s: Stage) -> list[str]:
     else:
         flags = size.megatron_args(cfg.seq_length)
     a = flags + [
-        "--tensor-model-parallel-size", str(cfg.tp), "--seq-length", str(cfg.seq_length),
-        "--micro-batch-size", str(cfg.micro_batch),
-        "--global-batch-size", str(cfg.pretrain_batch if pre else cfg.sft_batch),
-        "--train-iters", str(iters), "--lr", str(cfg.pretrain_lr if pre else cfg.sft_lr),
-        "--min-lr", str((cfg.pretrain_lr if pre else cfg.sft_lr) / 10),
-        "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", str(max(1, iters // 20)), "--weight-decay", "0.1",
-        "--clip-grad", "1.0",
-        "--adam-beta1", "0.9", "--adam-beta2", "0.95",
-        "--seed", str(cfg.world_seed if pre else s.info["seed"]),
-        "--log-interval", str(max(1, iters // 10)), "--eval-iters", "0",
-        "--eval-interval", str(iters),
-        "--num-workers", "0",
-        "--save", str(s.out), "--load", str(s.out), "--ckpt-format", "torch_dist",
-        "--save-interval", str(iters if pre else cfg.save_interval), "--split", "100,0,0",
+        "--tensor-model-parallel-size",
+        str(cfg.tp),
+        "--seq-length",
+        str(cfg.seq_length),
+        "--micro-batch-size",
+        str(cfg.micro_batch),
+        "--global-batch-size",
+        str(cfg.pretrain_batch if pre else cfg.sft_batch),
+        "--train-iters",
+        str(iters),
+        "--lr",
+        str(cfg.pretrain_lr if pre else cfg.sft_lr),
+        "--min-lr",
+        str((cfg.pretrain_lr if pre else cfg.sft_lr) / 10),
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-iters",
+        str(max(1, iters // 20)),
+        "--weight-decay",
+        "0.1",
+        "--clip-grad",
+        "1.0",
+        "--adam-beta1",
+        "0.9",
+        "--adam-beta2",
+        "0.95",
+        "--seed",
+        str(cfg.world_seed if pre else s.info["seed"]),
+        "--log-interval",
+        str(max(1, iters // 10)),
+        "--eval-iters",
+        "0",
+        "--eval-interval",
+        str(iters),
+        "--num-workers",
+        "0",
+        "--save",
+        str(s.out),
+        "--load",
+        str(s.out),
+        "--ckpt-format",
+        "torch_dist",
+        "--save-interval",
+        str(iters if pre else cfg.save_interval),
+        "--split",
+        "100,0,0",
         *tokenizer_flags(study),
     ]
     if cfg.precision == "bf16":
@@ -157,10 +211,18 @@ def train_argv(study: Study, s: Stage) -> list[str]:
     if pre:
         a += ["--data-path", str(prep / "pretrain_text_document"), "--loss", "ce"]
     else:
-        a += ["--sft", "--data-path", str(prep / "sft"),
-              "--pretrained-checkpoint", str(s.info["base"])]
-        a += ["--loss", "ce"] if s.info["method"] == "ce" else \
-             ["--loss", "gem", "--gem-beta", f"{s.info['beta']:g}", "--gem-h", "linear"]
+        a += [
+            "--sft",
+            "--data-path",
+            str(prep / "sft"),
+            "--pretrained-checkpoint",
+            str(s.info["base"]),
+        ]
+        a += (
+            ["--loss", "ce"]
+            if s.info["method"] == "ce"
+            else ["--loss", "gem", "--gem-beta", f"{s.info['beta']:g}", "--gem-h", "linear"]
+        )
     return a + list(cfg.extra_train_args)
 
 
@@ -180,9 +242,19 @@ def _cpu_flag() -> list[str]:
 def _run_train(study: Study, s: Stage) -> None:
     s.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(s.out / INPUTS, study.dep_tokens(s))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           f"--nproc-per-node={study.cfg.nproc}", "-m", "megatron_gem.train", *_cpu_flag(),
-           *train_argv(study, s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        f"--nproc-per-node={study.cfg.nproc}",
+        "-m",
+        "megatron_gem.train",
+        *_cpu_flag(),
+        *train_argv(study, s),
+    ]
     # The installed package: the caller's environment and working directory (every path in the
     # flags is absolute: the study folder is resolved).
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -192,8 +264,9 @@ def _run_train(study: Study, s: Stage) -> None:
     with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         for line in proc.stdout:
             f.write(line)
             if " iteration " in line and "lm loss" in line:
@@ -203,8 +276,9 @@ def _run_train(study: Study, s: Stage) -> None:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-40:])
         raise RuntimeError(f"stage {s.name}: training failed (exit {rc}); log {log}:\n{tail}")
     if not study.complete(s):
-        raise RuntimeError(f"stage {s.name}: training ended without its final checkpoint; "
-                           f"log {log}")
+        raise RuntimeError(
+            f"stage {s.name}: training ended without its final checkpoint; log {log}"
+        )
 
 
 def _short_iteration_line(line: str) -> str:
@@ -212,7 +286,7 @@ def _short_iteration_line(line: str) -> str:
     for part in line.split("|"):
         p = part.strip()
         if "iteration" in p and not keep:
-            keep.append(" ".join(p[p.index("iteration"):].split()))
+            keep.append(" ".join(p[p.index("iteration") :].split()))
         elif p.split(":")[0] in ("lm loss", "gem loss", "entropy"):
             keep.append(" ".join(p.split()))
     return " | ".join(keep)
@@ -233,10 +307,15 @@ def _run_export(study: Study, s: Stage) -> None:
     from megatron_gem.convert import megatron_to_hf
 
     cfg = study.cfg
-    kw = {"tokenizer_dir": s.info["size"].hf_model} if cfg.imports else \
-        {"vocab_size": vocab_size(study)}
-    if (cfg.imports
-            or _params_estimate(s.info["size"], vocab_size(study)) > IN_PROCESS_EXPORT_MAX_PARAMS):
+    kw = (
+        {"tokenizer_dir": s.info["size"].hf_model}
+        if cfg.imports
+        else {"vocab_size": vocab_size(study)}
+    )
+    if (
+        cfg.imports
+        or _params_estimate(s.info["size"], vocab_size(study)) > IN_PROCESS_EXPORT_MAX_PARAMS
+    ):
         megatron_to_hf(s.info["ckpt"], s.out, iteration=s.info["step"], dtype="fp32", **kw)
     else:
         export_small(s.info["ckpt"], s.out, s.info["step"], kw["vocab_size"])
@@ -268,13 +347,15 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
         if name.startswith("optimizer."):
             continue
         if name.startswith("decoder.layers."):  # layers stacked on a leading axis
-            suffix = name[len("decoder.layers."):]
+            suffix = name[len("decoder.layers.") :]
             for i in range(t.shape[0]):
                 state[f"decoder.layers.{i}.{suffix}"] = t[i]
         else:
             state[name] = t
-    hf = {k: v.to(torch.float32).contiguous()
-          for k, v in C.megatron_full_state_to_hf(state, arch).items()}
+    hf = {
+        k: v.to(torch.float32).contiguous()
+        for k, v in C.megatron_full_state_to_hf(state, arch).items()
+    }
     out = C.check_output_dir(out_dir, overwrite=False)
     tmp = temp_sibling(out)
     try:
@@ -293,8 +374,14 @@ def export_small(load_dir, out_dir, iteration: int, vocab_size: int) -> Path:
 def _sampling(cfg: StudyConfig):
     from megatron_gem.eval import SamplingConfig
 
-    return SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=0)
+    return SamplingConfig(
+        n=cfg.n_samples,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=0,
+    )
 
 
 def _run_eval(study: Study, s: Stage) -> None:
@@ -319,20 +406,29 @@ def _run_eval(study: Study, s: Stage) -> None:
     if not s.info.get("base") and heldout:
         before = read_json(s.info["base_eval"] / "result.json")["result"]["heldout_loss"]
     torch.manual_seed(0)
-    res = E.evaluate(model, fmt, prompts, _sampling(cfg), heldout_texts=heldout,
-                     heldout_loss_before=before, progress=None)
+    res = E.evaluate(
+        model,
+        fmt,
+        prompts,
+        _sampling(cfg),
+        heldout_texts=heldout,
+        heldout_loss_before=before,
+        progress=None,
+    )
     tmp = _building(s)
-    write_json_atomic(tmp / "result.json", {"stage": s.name, "params": model.num_parameters(),
-                                             "result": res})
+    write_json_atomic(
+        tmp / "result.json", {"stage": s.name, "params": model.num_parameters(), "result": res}
+    )
     _publish(tmp, s.out)
     st = res["sets"].get(cfg.prompt_set) or res["sets"]["all"]
-    parts = [f"{k} {st[k]:.3f}" for k in ("quality", "effective_valid", "ngram_diversity")
-             if k in st]
+    parts = [
+        f"{k} {st[k]:.3f}" for k in ("quality", "effective_valid", "ngram_diversity") if k in st
+    ]
     if res.get("heldout_loss") is not None:
         parts.append(f"held-out loss {res['heldout_loss']:.3f}")
     if res.get("forgetting") is not None:
         parts.append(f"forgetting {res['forgetting']:+.3f}")
-    shown = cfg.prompt_set if cfg.prompt_set in res['sets'] else 'all'
+    shown = cfg.prompt_set if cfg.prompt_set in res["sets"] else "all"
     study.log(f"   {shown}: " + ", ".join(parts))
 
 
@@ -340,40 +436,62 @@ def report_notes(study: Study) -> list[str]:
     cfg = study.cfg
     notes = []
     if cfg.embedded:
-        notes.append(f"Data: the embedded synthetic world (seed {cfg.world_seed}"
-                     + (f", {cfg.world_overrides}" if cfg.world_overrides else "") + ").")
+        notes.append(
+            f"Data: the embedded synthetic world (seed {cfg.world_seed}"
+            + (f", {cfg.world_overrides}" if cfg.world_overrides else "")
+            + ")."
+        )
     else:
-        notes.append(f"Data: SFT {cfg.sft_data}, evaluation {cfg.eval_data}"
-                     + (f", pre-training {cfg.pretrain_data}" if cfg.pretrain_data else "") + ".")
+        notes.append(
+            f"Data: SFT {cfg.sft_data}, evaluation {cfg.eval_data}"
+            + (f", pre-training {cfg.pretrain_data}" if cfg.pretrain_data else "")
+            + "."
+        )
     if cfg.imports:
-        notes.append("Base models: "
-                     + ", ".join(f"{s.name} = {s.hf_model}" for s in cfg.sizes) + ".")
+        notes.append(
+            "Base models: " + ", ".join(f"{s.name} = {s.hf_model}" for s in cfg.sizes) + "."
+        )
     else:
-        notes.append(f"Pre-training: {cfg.pretrain_iters} steps, "
-                     f"global batch {cfg.pretrain_batch} x "
-                     f"{cfg.seq_length} tokens, lr {cfg.pretrain_lr:g} (cross-entropy).")
-    notes.append(f"SFT: every run of a size starts from the same base checkpoint with the same lr "
-                 f"{cfg.sft_lr:g} (cosine), {cfg.sft_iters} steps, global batch {cfg.sft_batch}, "
-                 "seed(s) "
-                 f"{', '.join(map(str, cfg.seeds))}; checkpoints at steps "
-                 f"{', '.join(map(str, cfg.sft_steps()))}. Methods: CE, "
-                 + ", ".join(f"GEM beta={b:g} (linear)" for b in cfg.betas) + ".")
-    notes.append(f"Sampling: {cfg.n_samples} responses per prompt, "
-                 f"temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, "
-                 f"top-k {cfg.top_k or 'off'}, at most {cfg.max_new_tokens} new tokens.")
+        notes.append(
+            f"Pre-training: {cfg.pretrain_iters} steps, "
+            f"global batch {cfg.pretrain_batch} x "
+            f"{cfg.seq_length} tokens, lr {cfg.pretrain_lr:g} (cross-entropy)."
+        )
+    notes.append(
+        f"SFT: every run of a size starts from the same base checkpoint with the same lr "
+        f"{cfg.sft_lr:g} (cosine), {cfg.sft_iters} steps, global batch {cfg.sft_batch}, "
+        "seed(s) "
+        f"{', '.join(map(str, cfg.seeds))}; checkpoints at steps "
+        f"{', '.join(map(str, cfg.sft_steps()))}. Methods: CE, "
+        + ", ".join(f"GEM beta={b:g} (linear)" for b in cfg.betas)
+        + "."
+    )
+    notes.append(
+        f"Sampling: {cfg.n_samples} responses per prompt, "
+        f"temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, "
+        f"top-k {cfg.top_k or 'off'}, at most {cfg.max_new_tokens} new tokens."
+    )
     for size in cfg.sizes:
         res = read_json(study.by_name[f"eval:{size.name}:base"].out / "result.json")
         if res:
             r = res["result"]
             st = r["sets"].get(cfg.prompt_set, r["sets"]["all"])
             q = f"quality {st['quality']:.3f}, " if "quality" in st else ""
-            ev = f"effective valid answers {st['effective_valid']:.2f}, " \
-                if "effective_valid" in st else ""
-            hl = f"held-out loss {r['heldout_loss']:.3f}" \
-                if r.get("heldout_loss") is not None else ""
-            notes.append(f"Base model `{size.name}` ({res['params']:,} parameters) before SFT, "
-                         f"prompt set `{cfg.prompt_set}`: {q}{ev}{hl} "
-                         "(forgetting is measured against this loss).")
+            ev = (
+                f"effective valid answers {st['effective_valid']:.2f}, "
+                if "effective_valid" in st
+                else ""
+            )
+            hl = (
+                f"held-out loss {r['heldout_loss']:.3f}"
+                if r.get("heldout_loss") is not None
+                else ""
+            )
+            notes.append(
+                f"Base model `{size.name}` ({res['params']:,} parameters) before SFT, "
+                f"prompt set `{cfg.prompt_set}`: {q}{ev}{hl} "
+                "(forgetting is measured against this loss)."
+            )
     return notes
 
 
@@ -391,6 +509,13 @@ def _run_report(study: Study, s: Stage) -> None:
     study.log(f"   report: {s.out / paths['report'].name}")
 
 
-RUNNERS = {"data": _run_data, "prep": _run_prep, "pretrain": _run_train, "sft": _run_train,
-           "import": _run_import, "export": _run_export, "eval": _run_eval, "report": _run_report}
-
+RUNNERS = {
+    "data": _run_data,
+    "prep": _run_prep,
+    "pretrain": _run_train,
+    "sft": _run_train,
+    "import": _run_import,
+    "export": _run_export,
+    "eval": _run_eval,
+    "report": _run_report,
+}

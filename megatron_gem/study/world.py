@@ -73,12 +73,16 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.heldout_docs must be >= 0, got {self.heldout_docs}")
         lo, hi = self.sentences_per_doc
         if not 1 <= lo <= hi:
-            raise ValueError(f"WorldConfig.sentences_per_doc must be (lo, hi) with 1 <= lo <= hi, "
-                             f"got {self.sentences_per_doc}")
+            raise ValueError(
+                f"WorldConfig.sentences_per_doc must be (lo, hi) with 1 <= lo <= hi, "
+                f"got {self.sentences_per_doc}"
+            )
         if not self.zipf_s >= 0:
             raise ValueError(f"WorldConfig.zipf_s must be >= 0, got {self.zipf_s}")
         if not 0 <= self.unseen_fraction < 1:
-            raise ValueError(f"WorldConfig.unseen_fraction must be in [0, 1), got {self.unseen_fraction}")
+            raise ValueError(
+                f"WorldConfig.unseen_fraction must be in [0, 1), got {self.unseen_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class World:
     animals: list[Animal]
     places: list[str]
     foods: list[str]
-    popularity: dict[str, float]   # name -> SFT popularity weight (Zipf over a random order)
+    popularity: dict[str, float]  # name -> SFT popularity weight (Zipf over a random order)
     instructions: list[Instruction]
     seen_ids: frozenset[str]
 
@@ -122,10 +126,17 @@ class World:
             return f"{a.name} is a {a.colour} animal."
         if kind == 1:
             ab = rng.choice(a.abilities)
-            return rng.choice([f"{a.name} can {ab}.", f"the {a.colour} {a.name} can {ab}.",
-                               f"an animal that can {ab} is {a.name}."])
+            return rng.choice(
+                [
+                    f"{a.name} can {ab}.",
+                    f"the {a.colour} {a.name} can {ab}.",
+                    f"an animal that can {ab} is {a.name}.",
+                ]
+            )
         if kind == 2:
-            return rng.choice([f"{a.name} lives in {a.place}.", f"in {a.place} you can see {a.name}."])
+            return rng.choice(
+                [f"{a.name} lives in {a.place}.", f"in {a.place} you can see {a.name}."]
+            )
         if kind == 3:
             f = rng.choice(a.foods)
             return rng.choice([f"{a.name} eats {f}.", f"{f} is eaten by {a.name}."])
@@ -150,8 +161,14 @@ class World:
             if ins.id not in self.seen_ids:
                 continue
             for _ in range(self.config.sft_answers_per_prompt):
-                out.append({"messages": [{"role": "user", "content": ins.text},
-                                         {"role": "assistant", "content": self._popular_answer(ins, rng)}]})
+                out.append(
+                    {
+                        "messages": [
+                            {"role": "user", "content": ins.text},
+                            {"role": "assistant", "content": self._popular_answer(ins, rng)},
+                        ]
+                    }
+                )
         rng.shuffle(out)
         return out
 
@@ -176,7 +193,9 @@ def _pseudo_words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
     """n distinct pronounceable words of 2-3 consonant-vowel syllables, none in `taken`."""
     out: list[str] = []
     while len(out) < n:
-        w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3))))
+        w = "".join(
+            rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3)))
+        )
         if w not in taken:
             taken.add(w)
             out.append(w)
@@ -196,12 +215,15 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
         abilities = {ABILITIES[i % len(ABILITIES)]}
         if rng.random() < 0.5:
             abilities.add(rng.choice(ABILITIES))
-        animals.append(Animal(
-            name=name, colour=COLOURS[rng.randrange(len(COLOURS))],
-            abilities=tuple(a for a in ABILITIES if a in abilities),
-            place=places[rng.randrange(len(places))],
-            foods=tuple(sorted(rng.sample(foods, k=min(len(foods), rng.choice((1, 2)))))),
-        ))
+        animals.append(
+            Animal(
+                name=name,
+                colour=COLOURS[rng.randrange(len(COLOURS))],
+                abilities=tuple(a for a in ABILITIES if a in abilities),
+                place=places[rng.randrange(len(places))],
+                foods=tuple(sorted(rng.sample(foods, k=min(len(foods), rng.choice((1, 2)))))),
+            )
+        )
     # SFT popularity: Zipf weights over a random order, separately for animals, places, foods.
     popularity: dict[str, float] = {}
     for group in (names, places, foods):
@@ -217,23 +239,46 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
             instructions.append(Instruction(f"{family}:{key}", family, text, valid))
 
     for ab in ABILITIES:
-        add("ability", ab, f"Name an animal that can {ab}.", [a.name for a in animals if ab in a.abilities])
+        add(
+            "ability",
+            ab,
+            f"Name an animal that can {ab}.",
+            [a.name for a in animals if ab in a.abilities],
+        )
     for c in COLOURS:
         add("colour", c, f"Name an animal that is {c}.", [a.name for a in animals if a.colour == c])
     for p in places:
-        add("place", p, f"Name an animal that lives in {p}.", [a.name for a in animals if a.place == p])
+        add(
+            "place",
+            p,
+            f"Name an animal that lives in {p}.",
+            [a.name for a in animals if a.place == p],
+        )
     for f in foods:
         add("food", f, f"Name an animal that eats {f}.", [a.name for a in animals if f in a.foods])
     for c in COLOURS:
-        add("home", c, f"Name a place where a {c} animal lives.", [a.place for a in animals if a.colour == c])
+        add(
+            "home",
+            c,
+            f"Name a place where a {c} animal lives.",
+            [a.place for a in animals if a.colour == c],
+        )
     for ab in ABILITIES:
-        add("diet", ab, f"Name a food eaten by an animal that can {ab}.",
-            [f for a in animals if ab in a.abilities for f in a.foods])
+        add(
+            "diet",
+            ab,
+            f"Name a food eaten by an animal that can {ab}.",
+            [f for a in animals if ab in a.abilities for f in a.foods],
+        )
     if config.pair_prompts:
         for ab in ABILITIES:
             able = [a.name for a in animals if ab in a.abilities]
-            add("pair", ab, f"Name two animals that can {ab}.",
-                [f"{x} and {y}" for x in able for y in able if x != y])
+            add(
+                "pair",
+                ab,
+                f"Name two animals that can {ab}.",
+                [f"{x} and {y}" for x in able for y in able if x != y],
+            )
 
     # Hold out a share of each family, so every kind of instruction is seen in SFT.
     seen: set[str] = set()
@@ -259,8 +304,14 @@ class WorldFiles:
 
 def world_files(out_dir: str | os.PathLike) -> WorldFiles:
     root = Path(out_dir)
-    return WorldFiles(root, root / PRETRAIN_FILE, root / HELDOUT_FILE, root / SFT_FILE,
-                      root / EVAL_FILE, root / FACTS_FILE)
+    return WorldFiles(
+        root,
+        root / PRETRAIN_FILE,
+        root / HELDOUT_FILE,
+        root / SFT_FILE,
+        root / EVAL_FILE,
+        root / FACTS_FILE,
+    )
 
 
 def generate(config: WorldConfig = WorldConfig()) -> dict:
@@ -280,11 +331,22 @@ def generate(config: WorldConfig = WorldConfig()) -> dict:
             seen_docs.add(doc)
             heldout.append(doc)
     sft = world.sft_examples(random.Random(f"{config.seed}-sft"))
-    evals = [{"id": ins.id, "split": "seen" if ins.id in world.seen_ids else "unseen",
-              "messages": [{"role": "user", "content": ins.text}], "valid": list(ins.valid)}
-             for ins in world.instructions]
-    return {"pretrain": [{"text": t} for t in pretrain], "heldout": [{"text": t} for t in heldout],
-            "sft": sft, "eval": evals, "world": world}
+    evals = [
+        {
+            "id": ins.id,
+            "split": "seen" if ins.id in world.seen_ids else "unseen",
+            "messages": [{"role": "user", "content": ins.text}],
+            "valid": list(ins.valid),
+        }
+        for ins in world.instructions
+    ]
+    return {
+        "pretrain": [{"text": t} for t in pretrain],
+        "heldout": [{"text": t} for t in heldout],
+        "sft": sft,
+        "eval": evals,
+        "world": world,
+    }
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -295,8 +357,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def write_world(out_dir: str | os.PathLike, config: WorldConfig = WorldConfig(),
-                overwrite: bool = False) -> WorldFiles:
+def write_world(
+    out_dir: str | os.PathLike, config: WorldConfig = WorldConfig(), overwrite: bool = False
+) -> WorldFiles:
     """Write the world's JSONL files (and world.json: config + facts) into out_dir.
 
     Refuses to replace existing files unless overwrite=True; a driver that resumes can check
@@ -307,16 +370,26 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig = WorldConfig(),
     paths = [files.pretrain, files.heldout, files.sft, files.eval, files.facts]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"write_world: {', '.join(existing)} already exist(s); pass overwrite=True")
+        raise FileExistsError(
+            f"write_world: {', '.join(existing)} already exist(s); pass overwrite=True"
+        )
     data = generate(config)
     world: World = data["world"]
-    for path, key in ((files.pretrain, "pretrain"), (files.heldout, "heldout"),
-                      (files.sft, "sft"), (files.eval, "eval")):
+    for path, key in (
+        (files.pretrain, "pretrain"),
+        (files.heldout, "heldout"),
+        (files.sft, "sft"),
+        (files.eval, "eval"),
+    ):
         _write_jsonl(path, data[key])
-    facts = {"config": dataclasses.asdict(config),
-             "animals": [dataclasses.asdict(a) for a in world.animals],
-             "places": world.places, "foods": world.foods, "popularity": world.popularity,
-             "counts": {k: len(data[k]) for k in ("pretrain", "heldout", "sft", "eval")}}
+    facts = {
+        "config": dataclasses.asdict(config),
+        "animals": [dataclasses.asdict(a) for a in world.animals],
+        "places": world.places,
+        "foods": world.foods,
+        "popularity": world.popularity,
+        "counts": {k: len(data[k]) for k in ("pretrain", "heldout", "sft", "eval")},
+    }
     tmp = files.facts.with_name(files.facts.name + ".tmp")
     tmp.write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, files.facts)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import os
 import sys
 
 from megatron_gem.megatron import patches
@@ -55,25 +54,33 @@ def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add ``--loss``, ``--gem-beta``, ``--gem-h`` to Megatron's parser (returns it)."""
     group = parser.add_argument_group(title="GEM loss (megatron-gem)")
     group.add_argument(
-        "--loss", choices=LOSS_CHOICES, default="ce",
+        "--loss",
+        choices=LOSS_CHOICES,
+        default="ce",
         help="Token loss: 'ce' = Megatron's cross-entropy (default), 'gem' = the GEM loss "
         "(Li et al., ICLR 2025). 'lm loss' in the logs is the cross-entropy either way.",
     )
     # None = not given, so that --gem-* with --loss ce is caught instead of silently ignored.
     group.add_argument(
-        "--gem-beta", type=_gem_beta, default=None, metavar="BETA",
+        "--gem-beta",
+        type=_gem_beta,
+        default=None,
+        metavar="BETA",
         help=f"GEM temperature beta in (0, 1] (default {DEFAULT_GEM_BETA}); needs --loss gem. "
         "beta=1 with --gem-h linear has exactly the cross-entropy gradient.",
     )
     group.add_argument(
-        "--gem-h", choices=GEM_H_CHOICES, default=None,
+        "--gem-h",
+        choices=GEM_H_CHOICES,
+        default=None,
         help=f"GEM weighting h (default {DEFAULT_GEM_H}); needs --loss gem. 'logsigmoid' weights "
         "each term by sigmoid(0.01 (z_v - z_y)) as in the authors' code.",
     )
     # Taken out of argv before Megatron parses it (take_cpu_flag): listed here for --help and
     # so that the launch dry run accepts the flags a CPU script passes.
     parser.add_argument_group(title="CPU mode (megatron-gem)").add_argument(
-        "--cpu", action="store_true",
+        "--cpu",
+        action="store_true",
         help="Train on CPUs with gloo (tests, smoke runs; megatron_gem.megatron.cpu). Required "
         "without CUDA; refused where CUDA is available.",
     )
@@ -82,7 +89,10 @@ def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def _error(message: str):
     """Exit like argparse does for a bad argument (status 2, message on stderr)."""
-    print(f"usage: {PROG} [Megatron-LM arguments] [--loss {{ce,gem}}] [--gem-beta BETA] [--gem-h H]", file=sys.stderr)
+    print(
+        f"usage: {PROG} [Megatron-LM arguments] [--loss {{ce,gem}}] [--gem-beta BETA] [--gem-h H]",
+        file=sys.stderr,
+    )
     print(f"{PROG}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -90,16 +100,22 @@ def _error(message: str):
 def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject invalid combinations with an argparse-style error; fill the GEM defaults."""
     if args.loss == "ce":
-        given = [f for f, v in (("--gem-beta", args.gem_beta), ("--gem-h", args.gem_h)) if v is not None]
+        given = [
+            f for f, v in (("--gem-beta", args.gem_beta), ("--gem-h", args.gem_h)) if v is not None
+        ]
         if given:
             _error(f"argument {', '.join(given)}: only applies with --loss gem (got --loss ce)")
     else:
         if getattr(args, "fp16_lm_cross_entropy", False):
-            _error("argument --fp16-lm-cross-entropy: selects Megatron's fp16 cross-entropy, "
-                   "which --loss gem replaces (GEM reduces in fp32); drop one of them")
+            _error(
+                "argument --fp16-lm-cross-entropy: selects Megatron's fp16 cross-entropy, "
+                "which --loss gem replaces (GEM reduces in fp32); drop one of them"
+            )
         if getattr(args, "cross_entropy_loss_fusion", False):
-            _error("argument --cross-entropy-loss-fusion: selects Megatron's fused cross-entropy, "
-                   "which --loss gem replaces; drop one of them")
+            _error(
+                "argument --cross-entropy-loss-fusion: selects Megatron's fused cross-entropy, "
+                "which --loss gem replaces; drop one of them"
+            )
         if args.gem_beta is None:
             args.gem_beta = DEFAULT_GEM_BETA
         if args.gem_h is None:
@@ -109,12 +125,18 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
     # missing interval fails deep in the data setup (int // None), even with --eval-iters 0.
     if getattr(args, "eval_interval", 0) is None and not getattr(args, "skip_train", False):
         if getattr(args, "eval_iters", 0):
-            _error(f"argument --eval-interval: required with --eval-iters {args.eval_iters} "
-                   "(Megatron's default); give --eval-interval N, or --eval-iters 0 for no evaluation")
+            _error(
+                f"argument --eval-interval: required with --eval-iters {args.eval_iters} "
+                "(Megatron's default); give --eval-interval N, or --eval-iters 0 for no evaluation"
+            )
         args.eval_interval = args.train_iters or 10**9  # --eval-iters 0: never evaluates
-    if getattr(args, "sft", False) and not getattr(args, "create_attention_mask_in_dataloader", True):
-        _error("argument --no-create-attention-mask-in-dataloader: --sft needs the dataloader's "
-               "attention mask (it keeps packed samples from attending to each other)")
+    if getattr(args, "sft", False) and not getattr(
+        args, "create_attention_mask_in_dataloader", True
+    ):
+        _error(
+            "argument --no-create-attention-mask-in-dataloader: --sft needs the dataloader's "
+            "attention mask (it keeps packed samples from attending to each other)"
+        )
     validate_sft_packing_args(args)
     return args
 
@@ -130,13 +152,17 @@ def validate_sft_packing_args(args: argparse.Namespace) -> None:
         return
     cp = getattr(args, "context_parallel_size", 1) or 1
     if cp > 1:
-        _error(f"argument --context-parallel-size: packed --sft does not support context parallelism "
-               f"(got {cp}); use --context-parallel-size 1")
+        _error(
+            f"argument --context-parallel-size: packed --sft does not support context parallelism "
+            f"(got {cp}); use --context-parallel-size 1"
+        )
     mbs = getattr(args, "micro_batch_size", 1)
     if getattr(args, "transformer_impl", None) == "transformer_engine" and mbs != 1:
-        _error(f"argument --micro-batch-size: packed --sft with --transformer-impl transformer_engine "
-               f"passes each packed sequence as THD (cu_seqlens) and needs --micro-batch-size 1, got {mbs}; "
-               "raise --seq-length or --global-batch-size instead")
+        _error(
+            f"argument --micro-batch-size: packed --sft with --transformer-impl transformer_engine "
+            f"passes each packed sequence as THD (cu_seqlens) and needs --micro-batch-size 1, got {mbs}; "
+            "raise --seq-length or --global-batch-size instead"
+        )
 
 
 def transformer_engine_available() -> bool:
@@ -162,14 +188,19 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
         argv += ["--transformer-impl", "local"]
     if not has_te and not _has_flag(argv, "--no-rope-fusion"):
         argv += ["--no-rope-fusion"]  # the fused RoPE kernel is Transformer Engine's
-    if not has_te and importlib.util.find_spec("fused_layer_norm_cuda") is None and not _has_flag(argv, "--no-persist-layer-norm"):
+    if (
+        not has_te
+        and importlib.util.find_spec("fused_layer_norm_cuda") is None
+        and not _has_flag(argv, "--no-persist-layer-norm")
+    ):
         argv += ["--no-persist-layer-norm"]  # persistent LayerNorm needs Apex or TE
     if not has_cuda and not _has_flag(argv, "--distributed-backend"):
         argv += ["--distributed-backend", "gloo"]
     if not has_cuda and not _has_flag(argv, "--no-gradient-accumulation-fusion"):
         argv += ["--no-gradient-accumulation-fusion"]  # a fused CUDA kernel (Apex/TE)
-    if (not has_cuda or importlib.util.find_spec("scaled_masked_softmax_cuda") is None) \
-            and not _has_flag(argv, "--no-masked-softmax-fusion"):
+    if (
+        not has_cuda or importlib.util.find_spec("scaled_masked_softmax_cuda") is None
+    ) and not _has_flag(argv, "--no-masked-softmax-fusion"):
         # fp16/bf16 attention softmax would call this CUDA extension (FusedScaleMaskSoftmax);
         # unfused it is torch's softmax. fp32 never takes the fused path: unchanged.
         argv += ["--no-masked-softmax-fusion"]
@@ -188,8 +219,11 @@ def take_cpu_flag(argv: list[str]) -> tuple[list[str], bool]:
     if cpu and torch.cuda.is_available():
         _error("argument --cpu: CUDA is available here; drop --cpu to train on the GPUs")
     if not cpu and not torch.cuda.is_available() and not {"-h", "--help"} & set(argv):
-        print(f"{PROG}: error: CUDA is not available on this machine; pass --cpu to train on "
-              "CPUs (gloo, for tests and smoke runs)", file=sys.stderr)
+        print(
+            f"{PROG}: error: CUDA is not available on this machine; pass --cpu to train on "
+            "CPUs (gloo, for tests and smoke runs)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return argv, cpu
 
@@ -200,8 +234,10 @@ def parse_entry_args(argv: list[str]) -> argparse.Namespace:
     from megatron.training.arguments import parse_and_validate_args
 
     with _swapped_argv(argv):
-        args = parse_and_validate_args(extra_args_provider=add_gem_arguments,
-                                       args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+        args = parse_and_validate_args(
+            extra_args_provider=add_gem_arguments,
+            args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        )
     return validate_gem_args(args)
 
 
@@ -219,8 +255,14 @@ def _swapped_argv(argv: list[str]):
         sys.argv = saved
 
 
-def parse_args(argv: list[str] | None = None, *, world_size: int | None = None, rank: int = 0,
-               adapt_to_host: bool = True, device_arch: int = 9) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+    rank: int = 0,
+    adapt_to_host: bool = True,
+    device_arch: int = 9,
+) -> argparse.Namespace:
     """Megatron's parsed + validated arguments for ``argv``, GEM arguments included.
 
     No torch.distributed, no tokenizer, no global state: safe to call many times in one

@@ -8,8 +8,14 @@ sequence. Packed SFT reaches attention as a dense block-diagonal mask (local spe
 
 from __future__ import annotations
 
-__all__ = ["BATCH_KEYS", "get_batch", "get_sft_batch", "sft_uses_thd", "cu_seqlens_from_position_ids",
-           "packed_seq_params_from_cu_seqlens"]
+__all__ = [
+    "BATCH_KEYS",
+    "get_batch",
+    "get_sft_batch",
+    "sft_uses_thd",
+    "cu_seqlens_from_position_ids",
+    "packed_seq_params_from_cu_seqlens",
+]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -20,7 +26,9 @@ def _mtp_on_this_stage(args, vp_stage):
 
     return bool(args.mtp_num_layers) and mtp_on_this_rank(
         layout=getattr(args, "pipeline_model_parallel_layout", None),
-        mtp_num_layers=args.mtp_num_layers, ignore_virtual=False, vp_stage=vp_stage,
+        mtp_num_layers=args.mtp_num_layers,
+        ignore_virtual=False,
+        vp_stage=vp_stage,
     )
 
 
@@ -78,15 +86,21 @@ def get_batch(data_iterator, vp_stage=None):
         if args.sft and batch["attention_mask"] is None:
             raise ValueError("SFT batches must carry 'attention_mask' (packed samples)")
     batch = _broadcast_over_tp(
-        batch, args, tp_rank=tp_rank, mtp_here=mtp_here,
-        first=mpu.is_pipeline_first_stage(), last=mpu.is_pipeline_last_stage(),
+        batch,
+        args,
+        tp_rank=tp_rank,
+        mtp_here=mtp_here,
+        first=mpu.is_pipeline_first_stage(),
+        last=mpu.is_pipeline_last_stage(),
         thd=False,  # packed SFT uses a dense block-diagonal mask, not THD
         dense_mask=args.create_attention_mask_in_dataloader,
     )
     batch = {key: batch.get(key) for key in BATCH_KEYS}
     if batch["attention_mask"] is not None and batch["attention_mask"].dtype != torch.bool:
         batch["attention_mask"] = batch["attention_mask"].bool()
-    batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=get_context_parallel_group())
+    batch = get_batch_on_this_cp_rank(
+        batch, is_hybrid_cp=False, cp_group=get_context_parallel_group()
+    )
     return tuple(batch[key] for key in BATCH_KEYS)
 
 
@@ -96,7 +110,10 @@ def sft_uses_thd(args) -> bool:
     Megatron's TE layer spec builds causal attention and TE ignores a dense mask, so the
     per-sample boundaries must reach TE as ``cu_seqlens`` (as upstream Megatron's SFT does).
     """
-    return bool(getattr(args, "sft", False)) and getattr(args, "transformer_impl", None) == "transformer_engine"
+    return (
+        bool(getattr(args, "sft", False))
+        and getattr(args, "transformer_impl", None) == "transformer_engine"
+    )
 
 
 def cu_seqlens_from_position_ids(position_ids):
@@ -132,8 +149,11 @@ def packed_seq_params_from_cu_seqlens(cu_seqlens, max_seqlen: int):
 
     cu_seqlens = cu_seqlens.reshape(-1).to(torch.int32)
     return PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-        max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen),
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=int(max_seqlen),
+        max_seqlen_kv=int(max_seqlen),
     )
 
 
@@ -165,12 +185,20 @@ def get_sft_batch(data_iterator, vp_stage=None):
     batch = {}
     if tp_rank == 0:
         if data_iterator is None:
-            raise RuntimeError("--sft: no data iterator on this pipeline stage (is_dataset_built_on_rank)")
+            raise RuntimeError(
+                "--sft: no data iterator on this pipeline stage (is_dataset_built_on_rank)"
+            )
         raw = next(data_iterator)
         if thd:
-            cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(raw["position_ids"])  # on the host: no sync
-            raw = dict(raw, attention_mask=None, cu_seqlens=cu_seqlens,
-                       max_seqlen=torch.tensor([max_seqlen], dtype=torch.int32))
+            cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(
+                raw["position_ids"]
+            )  # on the host: no sync
+            raw = dict(
+                raw,
+                attention_mask=None,
+                cu_seqlens=cu_seqlens,
+                max_seqlen=torch.tensor([max_seqlen], dtype=torch.int32),
+            )
         elif raw.get("attention_mask") is None:
             raise ValueError("SFT batches must carry 'attention_mask' (packed samples)")
         for key in BATCH_KEYS + (("cu_seqlens", "max_seqlen") if thd else ()):
@@ -189,7 +217,14 @@ def get_sft_batch(data_iterator, vp_stage=None):
         return None, None, None, mask, None, None
 
     batch = _broadcast_over_tp(
-        batch, args, tp_rank=tp_rank, mtp_here=mtp_here, first=first, last=last, thd=thd, dense_mask=not thd
+        batch,
+        args,
+        tp_rank=tp_rank,
+        mtp_here=mtp_here,
+        first=first,
+        last=last,
+        thd=thd,
+        dense_mask=not thd,
     )
     out = [batch.get(key) for key in BATCH_KEYS]
     if middle:  # THD: Megatron sent only cu_seqlens / max_seqlen

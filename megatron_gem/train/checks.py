@@ -31,7 +31,13 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["InputError", "check_inputs", "check_load", "check_checkpoint_dir", "check_pretraining_data"]
+__all__ = [
+    "InputError",
+    "check_inputs",
+    "check_load",
+    "check_checkpoint_dir",
+    "check_pretraining_data",
+]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -70,7 +76,11 @@ def checkpoint_damage(ckpt_dir: str) -> str | None:
     if not os.path.isdir(ckpt_dir):
         return f"{ckpt_dir} does not exist"
     names = os.listdir(ckpt_dir)
-    if any(n.endswith(".distcp") for n in names) or "metadata.json" in names or ".metadata" in names:
+    if (
+        any(n.endswith(".distcp") for n in names)
+        or "metadata.json" in names
+        or ".metadata" in names
+    ):
         meta = os.path.join(ckpt_dir, ".metadata")
         if not os.path.isfile(meta):
             return f"{meta} is missing (the save did not finish)"
@@ -92,7 +102,12 @@ def checkpoint_damage(ckpt_dir: str) -> str | None:
             if size < end:
                 return f"{path} is cut short ({size} bytes, its .metadata needs {end})"
         return None
-    pts = [os.path.join(root, n) for root, _, files in os.walk(ckpt_dir) for n in files if n.endswith(".pt")]
+    pts = [
+        os.path.join(root, n)
+        for root, _, files in os.walk(ckpt_dir)
+        for n in files
+        if n.endswith(".pt")
+    ]
     if not pts:
         return f"{ckpt_dir} holds no checkpoint files"
     for path in sorted(pts):
@@ -128,7 +143,11 @@ def check_checkpoint_dir(flag: str, load_dir: str, ckpt_step: int | None = None)
             last = _iterations(load_dir)
             raise InputError(
                 f"argument {flag}: {tracker} names no iteration (holds {text[:20]!r}; a save was cut off?)"
-                + (_earlier_hint(load_dir, last[-1] + 1) if last else f"; {load_dir} has no iter_* checkpoint")
+                + (
+                    _earlier_hint(load_dir, last[-1] + 1)
+                    if last
+                    else f"; {load_dir} has no iter_* checkpoint"
+                )
             )
     else:
         return False
@@ -136,9 +155,12 @@ def check_checkpoint_dir(flag: str, load_dir: str, ckpt_step: int | None = None)
     damage = checkpoint_damage(ckpt_dir)
     if damage is not None:
         what = "is missing" if not os.path.isdir(ckpt_dir) else f"is damaged: {damage}"
-        source = f"--ckpt-step {iteration}" if ckpt_step else f"{TRACKER} names iteration {iteration}"
+        source = (
+            f"--ckpt-step {iteration}" if ckpt_step else f"{TRACKER} names iteration {iteration}"
+        )
         raise InputError(
-            f"argument {flag}: checkpoint {ckpt_dir} ({source}) {what}" + _earlier_hint(load_dir, iteration)
+            f"argument {flag}: checkpoint {ckpt_dir} ({source}) {what}"
+            + _earlier_hint(load_dir, iteration)
         )
     return True
 
@@ -160,9 +182,13 @@ def check_load(args) -> None:
         return
     if getattr(args, "finetune", False):
         if load is None:
-            raise InputError("argument --finetune: needs --load DIR (the checkpoint to fine-tune from)")
+            raise InputError(
+                "argument --finetune: needs --load DIR (the checkpoint to fine-tune from)"
+            )
         # Megatron may also load a non-persistent checkpoint (not checked here)
-        non_persistent = getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(load, "non_persistent")
+        non_persistent = getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(
+            load, "non_persistent"
+        )
         if not check_checkpoint_dir("--load", load, step) and not os.path.isdir(non_persistent):
             raise InputError(
                 f"argument --load: {load!r} holds no checkpoint (no {TRACKER}), so --finetune would "
@@ -200,7 +226,9 @@ def _data_prefixes(args) -> list[tuple[str, str, bool]]:
     out = []
     if blend is not None:
         out += [("--data-path", p, True) for p in blend[0]]
-    for flag, b in zip(("--train-data-path", "--valid-data-path", "--test-data-path"), blend_per_split or ()):
+    for flag, b in zip(
+        ("--train-data-path", "--valid-data-path", "--test-data-path"), blend_per_split or ()
+    ):
         if b is not None:
             out += [(flag, p, False) for p in b[0]]
     return out
@@ -213,9 +241,11 @@ def _read_index_header(flag: str, prefix: str):
     with open(idx, "rb") as f:
         head = f.read(len(_INDEX_HEADER) + 8 + 1 + 8)
     if len(head) < len(_INDEX_HEADER) + 17 or not head.startswith(_INDEX_HEADER):
-        raise InputError(f"argument {flag}: {idx} is not a Megatron index file (make it with tools/preprocess_data.py)")
+        raise InputError(
+            f"argument {flag}: {idx} is not a Megatron index file (make it with tools/preprocess_data.py)"
+        )
     code = head[len(_INDEX_HEADER) + 8]
-    (sequences,) = struct.unpack("<Q", head[len(_INDEX_HEADER) + 9:])
+    (sequences,) = struct.unpack("<Q", head[len(_INDEX_HEADER) + 9 :])
     return np.dtype(DType.dtype_from_code(code)), int(sequences)
 
 
@@ -225,7 +255,10 @@ def _sample_ids(path: str, dtype: np.dtype) -> np.ndarray:
     if n <= SAMPLE_HEAD + SAMPLE_WINDOWS * SAMPLE_WINDOW:
         return np.asarray(tokens)
     starts = np.linspace(SAMPLE_HEAD, n - SAMPLE_WINDOW, SAMPLE_WINDOWS).astype(np.int64)
-    return np.concatenate([np.asarray(tokens[:SAMPLE_HEAD])] + [np.asarray(tokens[s:s + SAMPLE_WINDOW]) for s in starts])
+    return np.concatenate(
+        [np.asarray(tokens[:SAMPLE_HEAD])]
+        + [np.asarray(tokens[s : s + SAMPLE_WINDOW]) for s in starts]
+    )
 
 
 def _split_parts(split: str) -> list:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from functools import partial
 
-__all__ = ["is_dataset_built_on_rank", "gpt_dataset_config_from_args", "train_valid_test_datasets_provider"]
+__all__ = [
+    "is_dataset_built_on_rank",
+    "gpt_dataset_config_from_args",
+    "train_valid_test_datasets_provider",
+]
 
 
 def is_dataset_built_on_rank(vp_stage=None):
@@ -66,7 +70,9 @@ def gpt_dataset_config_from_args(args):
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """Train/valid/test datasets: Megatron's GPT datasets, or the SFT datasets with ``--sft``."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args, print_rank_0
 
@@ -78,7 +84,9 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         print_rank_0("> building packed SFT datasets (megatron_gem.data.sft) ...")
         try:
             return build_sft_datasets(
-                args, train_val_test_num_samples, is_built_on_rank=partial(is_dataset_built_on_rank, vp_stage=vp_stage)
+                args,
+                train_val_test_num_samples,
+                is_built_on_rank=partial(is_dataset_built_on_rank, vp_stage=vp_stage),
             )
         except ValueError as err:  # sft_data's errors name the data and the fix: one line (main)
             raise InputError(str(err)) from err
@@ -87,7 +95,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     print_rank_0("> building train, validation, and test datasets for GPT ...")
     train_ds, valid_ds, test_ds = BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, partial(is_dataset_built_on_rank, vp_stage=vp_stage), config
+        dataset_type,
+        train_val_test_num_samples,
+        partial(is_dataset_built_on_rank, vp_stage=vp_stage),
+        config,
     ).build()
     print_rank_0("> finished creating GPT datasets ...")
     return train_ds, valid_ds, test_ds

@@ -32,9 +32,13 @@ def default_scripts() -> list[Path]:
     live in the checkout, not in the installed package)."""
     d = Path(os.environ.get("GEM_LAUNCH_SCRIPTS") or "launch_scripts")
     if not d.is_dir():
-        raise SystemExit(f"{PROG}: error: no launch scripts given and no folder {d} (name the "
-                         "scripts, run from the checkout's root or set GEM_LAUNCH_SCRIPTS)")
-    return sorted(p for p in d.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh")
+        raise SystemExit(
+            f"{PROG}: error: no launch scripts given and no folder {d} (name the "
+            "scripts, run from the checkout's root or set GEM_LAUNCH_SCRIPTS)"
+        )
+    return sorted(
+        p for p in d.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh"
+    )
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -45,13 +49,30 @@ def _assignment(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scripts", nargs="*", type=Path, help="launch scripts (default: all in $GEM_LAUNCH_SCRIPTS or ./launch_scripts)")
-    p.add_argument("--set", dest="env", action="append", type=_assignment, default=[], metavar="VAR=VALUE",
-                   help="set a script variable (repeatable), as in VAR=VALUE sbatch SCRIPT")
-    p.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
-                   help=f"GPU memory the estimate must fit in (default {DEFAULT_GPU_MEMORY_GIB:.0f})")
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "scripts",
+        nargs="*",
+        type=Path,
+        help="launch scripts (default: all in $GEM_LAUNCH_SCRIPTS or ./launch_scripts)",
+    )
+    p.add_argument(
+        "--set",
+        dest="env",
+        action="append",
+        type=_assignment,
+        default=[],
+        metavar="VAR=VALUE",
+        help="set a script variable (repeatable), as in VAR=VALUE sbatch SCRIPT",
+    )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=DEFAULT_GPU_MEMORY_GIB,
+        help=f"GPU memory the estimate must fit in (default {DEFAULT_GPU_MEMORY_GIB:.0f})",
+    )
     return p
 
 

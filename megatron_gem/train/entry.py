@@ -38,9 +38,14 @@ def loss_func(loss_mask, output_tensor, model=None):
     from megatron_gem.megatron.loss import reduce_token_losses
 
     args = get_args()
-    return reduce_token_losses(loss_mask, output_tensor, model=model, loss=getattr(args, "loss", "ce"),
-                               check_nan=args.check_for_nan_in_loss_and_grad,
-                               check_spiky=args.check_for_spiky_loss)
+    return reduce_token_losses(
+        loss_mask,
+        output_tensor,
+        model=model,
+        loss=getattr(args, "loss", "ce"),
+        check_nan=args.check_for_nan_in_loss_and_grad,
+        check_spiky=args.check_for_spiky_loss,
+    )
 
 
 def forward_step(data_iterator, model):
@@ -62,14 +67,21 @@ def forward_step(data_iterator, model):
         tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
     timers("batch-generator").stop()
     extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **extra)
+    output_tensor = model(
+        tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **extra
+    )
     return output_tensor, partial(loss_func, loss_mask, model=model)
 
 
 def main(argv=None) -> None:
     """``python -m megatron_gem.train`` / ``megatron-gem-train``."""
     main_entry_time = time.time()
-    from megatron_gem.train.arguments import PROG, adapt_argv_to_host, parse_entry_args, take_cpu_flag
+    from megatron_gem.train.arguments import (
+        PROG,
+        adapt_argv_to_host,
+        parse_entry_args,
+        take_cpu_flag,
+    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, cpu = take_cpu_flag(argv)  # exits with one line without CUDA and without --cpu
@@ -93,12 +105,20 @@ def main(argv=None) -> None:
     if args.loss == "gem":
         patches.negative_loss_logging()
     try:
-        check_inputs(args)  # before anything starts: a bad path or file is one line, not a trace or a hang
+        check_inputs(
+            args
+        )  # before anything starts: a bad path or file is one line, not a trace or a hang
         if args.rank == 0:
-            loss = f"GEM (beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else "cross-entropy"
+            loss = (
+                f"GEM (beta={args.gem_beta}, h={args.gem_h})"
+                if args.loss == "gem"
+                else "cross-entropy"
+            )
             print(f"> megatron_gem: loss = {loss}", flush=True)
         cfg = pretrain_cfg_container_from_args(args, gem_model_config_from_args(args))
-        pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+        pretrain(
+            cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step
+        )
     except InputError as err:
         if args.rank == 0:  # every rank stops; one prints
             print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)

@@ -89,7 +89,9 @@ class LaunchSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+        if self.vocab_size is not None and (
+            not isinstance(self.vocab_size, int) or self.vocab_size < 1
+        ):
             raise ValueError(f"vocab_size={self.vocab_size!r}: must be a positive integer or None")
 
     @property
@@ -113,7 +115,9 @@ class LaunchReport:
         if s.kind == "tool":
             where = "a tool job, arguments parsed by its own parser"
         else:
-            where = f"on {s.nodes} node(s) x {s.gpus_per_node} = {s.world_size} rank(s) ({s.target})"
+            where = (
+                f"on {s.nodes} node(s) x {s.gpus_per_node} = {s.world_size} rank(s) ({s.target})"
+            )
         lines = [f"== {s.name}: {s.program} {where} -- OK"]
         if self.layout:
             lines.append("   layout: " + ", ".join(f"{k}={v}" for k, v in self.layout.items()))
@@ -139,7 +143,9 @@ def _argparse_error(stderr_text: str) -> str:
     return errors[-1].split(": error: ", 1)[1] if errors else stderr_text.strip()[-500:]
 
 
-def parse_train_args(argv: list[str], world_size: int, target: str = "cluster") -> argparse.Namespace:
+def parse_train_args(
+    argv: list[str], world_size: int, target: str = "cluster"
+) -> argparse.Namespace:
     """The training entry's validated args for ``argv`` at ``world_size`` ranks, quietly.
 
     Raises ``LaunchCheckError`` with the parser's or Megatron's own message on bad arguments.
@@ -152,17 +158,25 @@ def parse_train_args(argv: list[str], world_size: int, target: str = "cluster") 
     switched_on = False
     out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             if not cpu_mode.is_cpu_mode_enabled():
                 switched_on = cpu_mode.enable_cpu_mode()  # no-op where CUDA is available
-            return parse_args(list(argv), world_size=world_size, rank=0, adapt_to_host=(target == "host"))
+            return parse_args(
+                list(argv), world_size=world_size, rank=0, adapt_to_host=(target == "host")
+            )
     except SystemExit:  # argparse (unknown flag, bad value) or the GEM argument checks
         raise LaunchCheckError(f"argument error: {_argparse_error(err.getvalue())}") from None
     except AssertionError as e:  # Megatron's validate_args
         raise LaunchCheckError(f"Megatron rejected the arguments: {e}") from None
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise LaunchCheckError(f"Megatron rejected the arguments: {type(e).__name__}: {e}") from None
+        raise LaunchCheckError(
+            f"Megatron rejected the arguments: {type(e).__name__}: {e}"
+        ) from None
     finally:
         if switched_on:
             cpu_mode.disable_cpu_mode()
@@ -192,63 +206,107 @@ def layout_problems(args: argparse.Namespace, spec: LaunchSpec) -> tuple[list[st
     heads = args.num_attention_heads
     groups = args.num_query_groups if args.group_query_attention else heads
     if heads % tp:
-        errors.append(f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}")
+        errors.append(
+            f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     if groups % tp:
         errors.append(
             f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp} "
-            "(each TP rank needs whole key/value groups)")
+            "(each TP rank needs whole key/value groups)"
+        )
     ffn = args.ffn_hidden_size
     if ffn % tp:
-        errors.append(f"--ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}")
+        errors.append(
+            f"--ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     if args.num_layers % (pp * vp):
         errors.append(f"--num-layers {args.num_layers} is not divisible by PP x VP = {pp} x {vp}")
 
     seq = args.seq_length
     if args.sequence_parallel and tp > 1 and seq % (tp * (2 * cp if cp > 1 else 1)):
         need = tp * (2 * cp if cp > 1 else 1)
-        errors.append(f"--seq-length {seq} is not divisible by {need} (TP{' x 2CP' if cp > 1 else ''}), "
-                      "needed by --sequence-parallel")
+        errors.append(
+            f"--seq-length {seq} is not divisible by {need} (TP{' x 2CP' if cp > 1 else ''}), "
+            "needed by --sequence-parallel"
+        )
     if args.max_position_embeddings is not None and seq > args.max_position_embeddings:
-        errors.append(f"--seq-length {seq} exceeds --max-position-embeddings {args.max_position_embeddings}")
+        errors.append(
+            f"--seq-length {seq} exceeds --max-position-embeddings {args.max_position_embeddings}"
+        )
 
     if spec.target == "cluster":
         if spec.gpus_per_node % tp and tp > 1:
-            warns.append(f"TP={tp} does not divide GPUs per node={spec.gpus_per_node}: tensor-parallel "
-                         "groups span nodes (every layer all-reduces over the network)")
+            warns.append(
+                f"TP={tp} does not divide GPUs per node={spec.gpus_per_node}: tensor-parallel "
+                "groups span nodes (every layer all-reduces over the network)"
+            )
         elif tp > spec.gpus_per_node:
-            warns.append(f"TP={tp} > GPUs per node={spec.gpus_per_node}: tensor-parallel groups span nodes")
+            warns.append(
+                f"TP={tp} > GPUs per node={spec.gpus_per_node}: tensor-parallel groups span nodes"
+            )
         if tp > 1 and not args.sequence_parallel:
             warns.append("TP > 1 without --sequence-parallel: activations are replicated over TP")
         conn = spec.env.get("CUDA_DEVICE_MAX_CONNECTIONS")
-        if (tp > 1 or cp > 1) and conn != "1" and not (args.use_torch_fsdp2 or args.use_megatron_fsdp):
-            warns.append(f"CUDA_DEVICE_MAX_CONNECTIONS={conn!r}: Megatron needs 1 to overlap TP/CP "
-                         "communication on Hopper (export it in the job)")
+        if (
+            (tp > 1 or cp > 1)
+            and conn != "1"
+            and not (args.use_torch_fsdp2 or args.use_megatron_fsdp)
+        ):
+            warns.append(
+                f"CUDA_DEVICE_MAX_CONNECTIONS={conn!r}: Megatron needs 1 to overlap TP/CP "
+                "communication on Hopper (export it in the job)"
+            )
 
     if args.fp8:
         if args.transformer_impl != "transformer_engine":
-            errors.append(f"--fp8-format {args.fp8} needs --transformer-impl transformer_engine "
-                          f"(got {args.transformer_impl})")
+            errors.append(
+                f"--fp8-format {args.fp8} needs --transformer-impl transformer_engine "
+                f"(got {args.transformer_impl})"
+            )
         if not args.bf16:
             warns.append("FP8 without --bf16: the non-FP8 parts run in FP32")
         if args.fp8_recipe == "mxfp8":
-            warns.append("--fp8-recipe mxfp8 needs Blackwell GPUs (use tensorwise or delayed on H100)")
+            warns.append(
+                "--fp8-recipe mxfp8 needs Blackwell GPUs (use tensorwise or delayed on H100)"
+            )
 
     saving = args.save is not None
     if (args.exit_signal_handler or args.exit_duration_in_mins) and not saving:
-        errors.append("--exit-signal-handler / --exit-duration-in-mins without --save: the job would "
-                      "stop without a checkpoint to resume from")
+        errors.append(
+            "--exit-signal-handler / --exit-duration-in-mins without --save: the job would "
+            "stop without a checkpoint to resume from"
+        )
     if saving and args.load is None:
-        warns.append("--save without --load: a rerun or requeued job starts over instead of resuming")
-    elif saving and args.load is not None and os.path.abspath(args.load) != os.path.abspath(args.save):
-        warns.append(f"--load {args.load} != --save {args.save}: a requeued job does not resume "
-                     "from its own checkpoints")
+        warns.append(
+            "--save without --load: a rerun or requeued job starts over instead of resuming"
+        )
+    elif (
+        saving
+        and args.load is not None
+        and os.path.abspath(args.load) != os.path.abspath(args.save)
+    ):
+        warns.append(
+            f"--load {args.load} != --save {args.save}: a requeued job does not resume "
+            "from its own checkpoints"
+        )
     if saving and args.save_interval is None:
         warns.append("--save without --save-interval: checkpoints only at exit")
 
-    if getattr(args, "sft", False) and not (args.data_path or args.train_data_path or args.mock_data):
+    if getattr(args, "sft", False) and not (
+        args.data_path or args.train_data_path or args.mock_data
+    ):
         errors.append("--sft needs --data-path (the prefix written by tools/prepare_sft_data.py)")
-    if args.tokenizer_type in ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                               "Llama2Tokenizer", "TikTokenizer") and not args.tokenizer_model:
+    if (
+        args.tokenizer_type
+        in (
+            "HuggingFaceTokenizer",
+            "SentencePieceTokenizer",
+            "GPTSentencePieceTokenizer",
+            "Llama2Tokenizer",
+            "TikTokenizer",
+        )
+        and not args.tokenizer_model
+    ):
         errors.append(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
     return errors, warns
 
@@ -256,8 +314,14 @@ def layout_problems(args: argparse.Namespace, spec: LaunchSpec) -> tuple[list[st
 # ----------------------------------------------------------------------------- base checkpoint
 CHECKPOINT_FLAGS_FILE = "megatron_args.txt"  # written by megatron-gem-convert hf-to-megatron
 _IGNORED_CHECKPOINT_FLAGS = {"--bf16", "--fp16"}  # the run's precision is the run's choice
-_ARCH_SWITCHES = ("--group-query-attention", "--untie-embeddings-and-output-weights", "--add-qkv-bias",
-                  "--use-rope-scaling", "--swiglu", "--disable-bias-linear")
+_ARCH_SWITCHES = (
+    "--group-query-attention",
+    "--untie-embeddings-and-output-weights",
+    "--add-qkv-bias",
+    "--use-rope-scaling",
+    "--swiglu",
+    "--disable-bias-linear",
+)
 
 
 def _flag_map(tokens: list[str]) -> dict[str, str | bool]:
@@ -288,7 +352,9 @@ def _same(a, b) -> bool:
         return a == b
 
 
-def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_size: int | None) -> list[str]:
+def checkpoint_model_problems(
+    argv: list[str], args: argparse.Namespace, vocab_size: int | None
+) -> list[str]:
     """Differences between the run's model flags and those of the converted base checkpoint.
 
     ``megatron-gem-convert hf-to-megatron`` writes the exact model flags of the HF model
@@ -309,13 +375,19 @@ def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_s
             if flag in _IGNORED_CHECKPOINT_FLAGS:
                 continue
             if flag not in mine:
-                problems.append(f"{flag} {'' if value is True else value}".rstrip()
-                                + f" is in {path} but not in the run's arguments")
+                problems.append(
+                    f"{flag} {'' if value is True else value}".rstrip()
+                    + f" is in {path} but not in the run's arguments"
+                )
             elif not _same(mine[flag], value):
-                problems.append(f"{flag} {mine[flag]} differs from the checkpoint's {value} ({path})")
+                problems.append(
+                    f"{flag} {mine[flag]} differs from the checkpoint's {value} ({path})"
+                )
         for flag in _ARCH_SWITCHES:
             if flag in mine and flag not in theirs:
-                problems.append(f"{flag} is set but the checkpoint's model has no such option ({path})")
+                problems.append(
+                    f"{flag} is set but the checkpoint's model has no such option ({path})"
+                )
         comment = " ".join(x for x in lines if x.lstrip().startswith("#"))
         found = re.search(r"--tensor-model-parallel-size (\d+)", comment)
         if found and vocab_size:
@@ -323,11 +395,14 @@ def checkpoint_model_problems(argv: list[str], args: argparse.Namespace, vocab_s
 
             div = args.make_vocab_size_divisible_by
             ckpt_tp, tp = int(found.group(1)), args.tensor_model_parallel_size
-            if padded_vocab_size(vocab_size, div, ckpt_tp) != padded_vocab_size(vocab_size, div, tp):
+            if padded_vocab_size(vocab_size, div, ckpt_tp) != padded_vocab_size(
+                vocab_size, div, tp
+            ):
                 problems.append(
                     f"the checkpoint was converted at TP={ckpt_tp}: its embedding has "
                     f"{padded_vocab_size(vocab_size, div, ckpt_tp)} rows, TP={tp} needs "
-                    f"{padded_vocab_size(vocab_size, div, tp)} (convert again with --tp {tp})")
+                    f"{padded_vocab_size(vocab_size, div, tp)} (convert again with --tp {tp})"
+                )
         break
     return problems
 
@@ -341,15 +416,17 @@ def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:
         "DP": args.data_parallel_size,
         "SP": "on" if args.sequence_parallel else "off",
         "dist-opt": "on" if args.use_distributed_optimizer else "off",
-        "layers/stage": args.num_layers // (args.pipeline_model_parallel_size
-                                            * (args.virtual_pipeline_model_parallel_size or 1)),
+        "layers/stage": args.num_layers
+        // (args.pipeline_model_parallel_size * (args.virtual_pipeline_model_parallel_size or 1)),
         "seq": args.seq_length,
         "micro-batch": args.micro_batch_size,
         "global-batch": args.global_batch_size,
         "micro-batches/step": num_microbatches,
-        "precision": ("fp8-" + str(args.fp8) + "/" + str(args.fp8_recipe)) if args.fp8
+        "precision": ("fp8-" + str(args.fp8) + "/" + str(args.fp8_recipe))
+        if args.fp8
         else ("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"),
-        "loss": args.loss + (f"(beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else ""),
+        "loss": args.loss
+        + (f"(beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else ""),
         "impl": args.transformer_impl,
     }
     if args.recompute_granularity:
@@ -371,7 +448,11 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
 
     a = copy.copy(args)  # compute_weight_and_optimizer_memory writes num_query_groups
     a.padded_vocab_size = calculate_padded_vocab_size(
-        vocab_size, a.make_vocab_size_divisible_by, a.tensor_model_parallel_size, logging_enabled=False)
+        vocab_size,
+        a.make_vocab_size_divisible_by,
+        a.tensor_model_parallel_size,
+        logging_enabled=False,
+    )
     # Megatron's SP formula (Korthikanti et al. 2022, Table 2) assumes the s x s attention
     # scores are not kept: true with selective recompute, and also with Transformer Engine's
     # flash/fused attention, which never materialises them. Megatron's own report uses it only
@@ -380,13 +461,26 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
     with contextlib.redirect_stdout(io.StringIO()):
         weights = tmu.compute_weight_and_optimizer_memory(a) / MIB
         if a.sequence_parallel and (a.recompute_granularity == "selective" or flash):
-            method = "SP, " + ("selective recompute" if a.recompute_granularity == "selective" else "fused attention")
+            method = "SP, " + (
+                "selective recompute"
+                if a.recompute_granularity == "selective"
+                else "fused attention"
+            )
             activations = tmu.compute_activation_memory(a, num_microbatches=num_microbatches) / MIB
         else:
-            method = "no SP" if not a.sequence_parallel else "SP with unfused attention: upper bound"
-            activations = tmu.compute_activation_memory_without_sp(a, num_microbatches=num_microbatches) / MIB
-    return {"weights_and_optimizer": weights, "activations": activations, "total": weights + activations,
-            "padded_vocab_size": a.padded_vocab_size, "method": method}
+            method = (
+                "no SP" if not a.sequence_parallel else "SP with unfused attention: upper bound"
+            )
+            activations = (
+                tmu.compute_activation_memory_without_sp(a, num_microbatches=num_microbatches) / MIB
+            )
+    return {
+        "weights_and_optimizer": weights,
+        "activations": activations,
+        "total": weights + activations,
+        "padded_vocab_size": a.padded_vocab_size,
+        "method": method,
+    }
 
 
 def _vocab_size(args: argparse.Namespace, spec: LaunchSpec) -> int | None:
@@ -406,7 +500,9 @@ def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport
     memory = None
     vocab = _vocab_size(args, spec)
     if vocab is None:
-        warns.append("no vocabulary size (set GEM_VOCAB_SIZE or pass --vocab-size): memory not estimated")
+        warns.append(
+            "no vocabulary size (set GEM_VOCAB_SIZE or pass --vocab-size): memory not estimated"
+        )
     else:
         memory = estimate_memory(args, vocab, num_microbatches)
         if spec.target == "cluster" and gpu_memory_gib:
@@ -417,9 +513,12 @@ def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport
                     f"estimated {total_gib:.1f} GiB per GPU (weights+optimizer "
                     f"{memory['weights_and_optimizer'] / 1024:.1f}, activations "
                     f"{memory['activations'] / 1024:.1f}) exceeds the GPU's {gpu_memory_gib:.0f} GiB: "
-                    "raise TP/PP, use the distributed optimizer, recompute activations or add nodes")
+                    "raise TP/PP, use the distributed optimizer, recompute activations or add nodes"
+                )
             if total_gib > 0.85 * gpu_memory_gib:
-                warns.append(f"estimated {total_gib:.1f} GiB is within 15% of the GPU's {gpu_memory_gib:.0f} GiB")
+                warns.append(
+                    f"estimated {total_gib:.1f} GiB is within 15% of the GPU's {gpu_memory_gib:.0f} GiB"
+                )
     return LaunchReport(spec, _layout(args, num_microbatches), memory, warns)
 
 
@@ -432,8 +531,9 @@ def _load_tool(module: str):
             continue
         if hasattr(loaded, "build_parser"):
             return loaded
-    raise LaunchCheckError(f"tool {module}: no module with build_parser() (not an installed "
-                           "megatron_gem tool?)")
+    raise LaunchCheckError(
+        f"tool {module}: no module with build_parser() (not an installed megatron_gem tool?)"
+    )
 
 
 def _check_tool(spec: LaunchSpec) -> LaunchReport:
@@ -443,12 +543,16 @@ def _check_tool(spec: LaunchSpec) -> LaunchReport:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             ns = parser.parse_args(spec.argv)
     except SystemExit:
-        raise LaunchCheckError(f"argument error ({spec.program}): {_argparse_error(err.getvalue())}") from None
+        raise LaunchCheckError(
+            f"argument error ({spec.program}): {_argparse_error(err.getvalue())}"
+        ) from None
     layout = {k: v for k, v in vars(ns).items() if v is not None and not callable(v)}
     return LaunchReport(spec, layout, None, [])
 
 
-def check_spec(spec: LaunchSpec, gpu_memory_gib: float | None = DEFAULT_GPU_MEMORY_GIB) -> LaunchReport:
+def check_spec(
+    spec: LaunchSpec, gpu_memory_gib: float | None = DEFAULT_GPU_MEMORY_GIB
+) -> LaunchReport:
     """Check one launch; ``LaunchCheckError`` (a ``ValueError``) says what is wrong."""
     if spec.kind == "tool":
         return _check_tool(spec)
@@ -456,7 +560,9 @@ def check_spec(spec: LaunchSpec, gpu_memory_gib: float | None = DEFAULT_GPU_MEMO
 
 
 # ----------------------------------------------------------------------------- scripts
-_DUMP_HEADER = 8  # kind, program, target, nodes, gpus_per_node, vocab, script, env CUDA_DEVICE_MAX_CONNECTIONS
+_DUMP_HEADER = (
+    8  # kind, program, target, nodes, gpus_per_node, vocab, script, env CUDA_DEVICE_MAX_CONNECTIONS
+)
 
 
 def read_dump(data: bytes) -> list[LaunchSpec]:
@@ -469,14 +575,25 @@ def read_dump(data: bytes) -> list[LaunchSpec]:
     while i < len(text):
         if i + _DUMP_HEADER + 1 > len(text):
             raise ValueError("truncated dry-run record")
-        kind, program, target, nodes, gpus, vocab, script, conn = text[i:i + _DUMP_HEADER]
+        kind, program, target, nodes, gpus, vocab, script, conn = text[i : i + _DUMP_HEADER]
         argc = int(text[i + _DUMP_HEADER])
-        argv = text[i + _DUMP_HEADER + 1:i + _DUMP_HEADER + 1 + argc]
+        argv = text[i + _DUMP_HEADER + 1 : i + _DUMP_HEADER + 1 + argc]
         if len(argv) != argc:
             raise ValueError("truncated dry-run record")
         env = {"CUDA_DEVICE_MAX_CONNECTIONS": conn} if conn else {}
-        specs.append(LaunchSpec(kind, program, target, int(nodes), int(gpus), argv,
-                                int(vocab) if vocab else None, script, env))
+        specs.append(
+            LaunchSpec(
+                kind,
+                program,
+                target,
+                int(nodes),
+                int(gpus),
+                argv,
+                int(vocab) if vocab else None,
+                script,
+                env,
+            )
+        )
         i += _DUMP_HEADER + 1 + argc
     return specs
 
@@ -485,9 +602,13 @@ def read_dump(data: bytes) -> list[LaunchSpec]:
 _SCRUB_PREFIXES = ("SLURM_",)
 
 
-def dry_run_script(script: str | os.PathLike, env: dict[str, str] | None = None,
-                   script_args: list[str] | tuple = (), timeout: float = 60,
-                   base_env: dict[str, str] | None = None) -> list[LaunchSpec]:
+def dry_run_script(
+    script: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    script_args: list[str] | tuple = (),
+    timeout: float = 60,
+    base_env: dict[str, str] | None = None,
+) -> list[LaunchSpec]:
     """Run a launch script with ``DRY_RUN=1`` (bash only, no Python started) and return the
     launches it would make. ``env`` overrides variables (e.g. ``{"TP": "4"}``) of ``base_env``
     (default: this process's environment, so ``TP=4 tools/dry_run_launch.py`` works like
@@ -505,11 +626,18 @@ def dry_run_script(script: str | os.PathLike, env: dict[str, str] | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "launches"
         run_env.update(DRY_RUN="1", GEM_DRY_RUN_DUMP=str(dump))
-        proc = subprocess.run(["bash", str(script), *script_args], env=run_env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            ["bash", str(script), *script_args],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
-            raise LaunchCheckError(f"{script.name} stopped (exit {proc.returncode}): "
-                                   + (proc.stderr.strip().splitlines() or ["no message"])[-1])
+            raise LaunchCheckError(
+                f"{script.name} stopped (exit {proc.returncode}): "
+                + (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            )
         if not dump.exists():
             raise LaunchCheckError(f"{script.name} launched nothing (does it end with gem_launch?)")
         return read_dump(dump.read_bytes())
@@ -525,13 +653,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--target", choices=("cluster", "host"), default="cluster",
-                   help="cluster: flags as written (a GPU job); host: as the entry adapts them here")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary for the memory estimate (when not in the arguments)")
-    p.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
-                   help=f"fail when the estimate exceeds this (default {DEFAULT_GPU_MEMORY_GIB:.0f}, H100)")
-    p.add_argument("--tool", default=None, help="check ARGV against this tool's build_parser() instead")
+    p.add_argument(
+        "--target",
+        choices=("cluster", "host"),
+        default="cluster",
+        help="cluster: flags as written (a GPU job); host: as the entry adapts them here",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="tokenizer vocabulary for the memory estimate (when not in the arguments)",
+    )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=DEFAULT_GPU_MEMORY_GIB,
+        help=f"fail when the estimate exceeds this (default {DEFAULT_GPU_MEMORY_GIB:.0f}, H100)",
+    )
+    p.add_argument(
+        "--tool", default=None, help="check ARGV against this tool's build_parser() instead"
+    )
     p.add_argument("--script", default="", help="name shown in the report")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the launch's arguments")
     return p
@@ -542,9 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     rest = ns.argv[1:] if ns.argv[:1] == ["--"] else ns.argv
     try:
         spec = LaunchSpec(
-            "tool" if ns.tool else "train", ns.tool or "megatron_gem.train", ns.target, ns.nodes,
-            ns.gpus_per_node, list(rest), ns.vocab_size, ns.script,
-            {k: os.environ[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS",) if k in os.environ})
+            "tool" if ns.tool else "train",
+            ns.tool or "megatron_gem.train",
+            ns.target,
+            ns.nodes,
+            ns.gpus_per_node,
+            list(rest),
+            ns.vocab_size,
+            ns.script,
+            {k: os.environ[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS",) if k in os.environ},
+        )
         report = check_spec(spec, ns.gpu_memory_gib)
     except (LaunchCheckError, ValueError) as e:
         name = Path(ns.script).name if ns.script else "launch"

@@ -43,12 +43,26 @@ from megatron_gem.convert.workers import build_model, unwrap
 def llama_cfg(factor=32.0, **kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=203, hidden_size=48, intermediate_size=88, num_hidden_layers=4,
-                num_attention_heads=6, num_key_value_heads=2, head_dim=12,
-                max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
-                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 8192})
+    base = dict(
+        vocab_size=203,
+        hidden_size=48,
+        intermediate_size=88,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -56,10 +70,18 @@ def llama_cfg(factor=32.0, **kw):
 def qwen2_cfg(**kw):
     from transformers import Qwen2Config
 
-    base = dict(vocab_size=157, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                rms_norm_eps=1e-6, tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    base = dict(
+        vocab_size=157,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
     base.update(kw)
     return Qwen2Config(**base)
 
@@ -86,10 +108,19 @@ def test_arch_from_hf_llama_and_qwen2():
     assert (a.model_type, a.num_layers, a.hidden_size, a.ffn_hidden_size) == ("llama", 4, 48, 88)
     assert (a.num_attention_heads, a.num_query_groups, a.head_dim) == (6, 2, 12)
     assert (a.rope_theta, a.rope_scaling_factor, a.tie_word_embeddings, a.qkv_bias) == (
-        500000, 32.0, False, False)
+        500000,
+        32.0,
+        False,
+        False,
+    )
     q = arch_from_hf_config(qwen2_cfg().to_dict())
     assert (q.model_type, q.qkv_bias, q.tie_word_embeddings, q.head_dim, q.rope_theta) == (
-        "qwen2", True, True, 10, 1000000)
+        "qwen2",
+        True,
+        True,
+        10,
+        1000000,
+    )
     assert q.rope_scaling_factor is None
 
 
@@ -97,26 +128,44 @@ def test_arch_from_hf_transformers4_style_rope_keys():
     d = llama_cfg().to_dict()
     d.pop("rope_parameters")
     d["rope_theta"] = 500000.0
-    d["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    d["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     a = arch_from_hf_config(d)
     assert (a.rope_theta, a.rope_scaling_factor) == (500000, 8.0)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"model_type": "mistral"}, "model_type='mistral'"),
-    ({"num_local_experts": 8}, "mixture-of-experts"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
-    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "linear"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                          "low_freq_factor": 2.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192}}, "low_freq_factor=2.0"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.5}}, "not an integer"),
-    ({"num_key_value_heads": 4}, "not a multiple"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"num_local_experts": 8}, "mixture-of-experts"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "linear"),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 5e5,
+                    "factor": 8.0,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "low_freq_factor=2.0",
+        ),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.5}}, "not an integer"),
+        ({"num_key_value_heads": 4}, "not a multiple"),
+    ],
+)
 def test_arch_from_hf_refuses_what_it_cannot_map(change, match):
     d = llama_cfg().to_dict()
     d.update(change)
@@ -194,16 +243,18 @@ def test_qkv_layout_against_explicit_loop():
     # biases (1-D)
     qb, kb, vb = torch.randn(nh * d), torch.randn(g * d), torch.randn(g * d)
     fused = qkv_hf_to_megatron(qb, kb, vb, nh, g, d)
-    assert torch.equal(fused, qkv_hf_to_megatron(qb[:, None], kb[:, None], vb[:, None],
-                                                    nh, g, d)[:, 0])
+    assert torch.equal(
+        fused, qkv_hf_to_megatron(qb[:, None], kb[:, None], vb[:, None], nh, g, d)[:, 0]
+    )
 
 
 def test_megatron_attention_split_recovers_hf_heads():
     """Megatron's own QKV split (view [ng, (np/ng + 2) hn] per token) gives HF's heads."""
     nh, g, d, h = 6, 2, 4, 7
     # small integers in float64: every product is exact, whatever the matmul blocking
-    q, k, v, x = (torch.randint(-4, 5, s).double() for s in [(nh * d, h), (g * d, h),
-                                                           (g * d, h), (3, h)])
+    q, k, v, x = (
+        torch.randint(-4, 5, s).double() for s in [(nh * d, h), (g * d, h), (g * d, h), (3, h)]
+    )
     fused = x @ qkv_hf_to_megatron(q, k, v, nh, g, d).T  # [s, (nh + 2g) d]
     mixed = fused.view(3, g, (nh // g + 2) * d)
     mq, mk, mv = torch.split(mixed, [nh // g * d, d, d], dim=2)
@@ -236,8 +287,8 @@ def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
 
     def read(name, rows=None, cols=None):
         t = hf[name]
-        t = t[rows[0]:rows[1]] if rows else t
-        return t[:, cols[0]:cols[1]] if cols else t
+        t = t[rows[0] : rows[1]] if rows else t
+        return t[:, cols[0] : cols[1]] if cols else t
 
     for name, t in full.items():
         kind, layer = parse_megatron_name(name)
@@ -245,10 +296,12 @@ def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
     emb = full["embedding.word_embeddings.weight"]
     assert emb.shape == (padded, a.hidden_size) and padded > a.vocab_size
     assert torch.equal(emb[: a.vocab_size], hf["model.embed_tokens.weight"])
-    assert not emb[a.vocab_size:].any()
+    assert not emb[a.vocab_size :].any()
     assert ("output_layer.weight" in full) == (not a.tie_word_embeddings)
     back = megatron_full_state_to_hf(full, a)
-    expected = {k: v for k, v in hf.items() if not (a.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {
+        k: v for k, v in hf.items() if not (a.tie_word_embeddings and k == "lm_head.weight")
+    }
     assert back.keys() == expected.keys()
     for k in expected:
         assert torch.equal(back[k], expected[k]), k
@@ -256,11 +309,17 @@ def test_tp_shards_assemble_to_whole_and_round_trip_is_exact(make, tp):
 
 def test_parse_megatron_name_local_and_te_spec():
     assert parse_megatron_name("module.decoder.layers.3.input_layernorm.weight") == (
-        "input_norm", 3)
-    assert parse_megatron_name(
-        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight") == ("input_norm", 0)
+        "input_norm",
+        3,
+    )
+    assert parse_megatron_name("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight") == (
+        "input_norm",
+        0,
+    )
     assert parse_megatron_name("decoder.layers.7.mlp.linear_fc1.layer_norm_weight") == (
-        "post_norm", 7)
+        "post_norm",
+        7,
+    )
     assert parse_megatron_name("decoder.layers.7.pre_mlp_layernorm.weight") == ("post_norm", 7)
     assert parse_megatron_name("output_layer.weight") == ("lm_head", None)
     with pytest.raises(ValueError, match="q_layernorm"):
@@ -274,8 +333,16 @@ def test_safetensors_reader_sharded_slices(tmp_path):
     b = torch.randn(4)
     save_file({"a": a}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": b}, str(tmp_path / "model-00002-of-00002.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     r = SafetensorsReader(tmp_path)
     assert torch.equal(r.get("a", rows=(2, 5)), a[2:5])
     assert torch.equal(r.get("a", cols=(1, 4)), a[:, 1:4])
@@ -313,8 +380,7 @@ def megatron_logits(model_chunks, tokens):
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]  # True = masked
     with torch.no_grad():
         if not ps.is_pipeline_first_stage():
-            recv = torch.empty(s, b, gpt.config.hidden_size,
-                               dtype=next(gpt.parameters()).dtype)
+            recv = torch.empty(s, b, gpt.config.hidden_size, dtype=next(gpt.parameters()).dtype)
             dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
             gpt.set_input_tensor(recv)
         out = model(tokens, pos, mask)
@@ -351,10 +417,13 @@ def check_reloaded_logits(model, arch, ref):
         return
     assert got.shape[-1] > arch.vocab_size  # padded for Megatron
     diff = (got[..., : arch.vocab_size] - ref).abs().max().item()
-    print(f"[test] Megatron vs transformers logits: max |diff| = {diff:.3g} "
-          f"(|logits| <= {ref.abs().max().item():.3g})", flush=True)
+    print(
+        f"[test] Megatron vs transformers logits: max |diff| = {diff:.3g} "
+        f"(|logits| <= {ref.abs().max().item():.3g})",
+        flush=True,
+    )
     assert diff <= 1e-5, diff
-    assert not got[..., arch.vocab_size:].any()  # zero rows for the padded vocabulary
+    assert not got[..., arch.vocab_size :].any()  # zero rows for the padded vocabulary
 
 
 def save_megatron_logits(model, arch, path):
@@ -381,8 +450,10 @@ def e2e(tmp_path_factory):
 def _stack_layers(full: dict, arch) -> dict:
     """Whole-model local-spec state -> the checkpoint's global tensors (TE-spec keys, layers
     stacked on a leading axis), as Megatron's sharded state dict names them."""
-    te = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-          "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+    te = {
+        "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+        "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    }
     out, per = {}, {}
     for name, t in full.items():
         kind, layer = parse_megatron_name(name)
@@ -433,8 +504,9 @@ def test_e2e_llama_tp2_pp2_logits_and_round_trip(e2e, tmp_path):
     # ... -> Megatron again: the writer above produced exactly the mapping of its input (checked
     # against `want`), so mapping the export back must give the checkpoint bit for bit
     # (a second import process would add nothing but start-up time).
-    again = _stack_layers(hf_to_megatron_full_state(
-        {k: back.get(k) for k in back.weight_map}, arch, 256), arch)
+    again = _stack_layers(
+        hf_to_megatron_full_state({k: back.get(k) for k in back.weight_map}, arch, 256), arch
+    )
     assert again.keys() == saved.keys()
     for k in saved:
         assert torch.equal(again[k], saved[k]), k
@@ -444,8 +516,13 @@ def test_e2e_qwen2_tp2_logits(e2e):
     """(1) HF Qwen2 (QKV bias, tied embeddings) -> Megatron at TP=2: logits equal transformers'."""
     root, dirs = e2e
     ref = hf_logits(dirs["qwen2"], sample_tokens(157))
-    flags = hf_to_megatron(dirs["qwen2"], root / "qwen2_tp2", tp=2, pp=1,
-                             after_save=partial(check_reloaded_logits, ref=ref))
+    flags = hf_to_megatron(
+        dirs["qwen2"],
+        root / "qwen2_tp2",
+        tp=2,
+        pp=1,
+        after_save=partial(check_reloaded_logits, ref=ref),
+    )
     assert "--add-qkv-bias" in flags and "--untie-embeddings-and-output-weights" not in flags
 
 
@@ -461,20 +538,57 @@ def test_e2e_gem_training_then_export_loads_in_transformers(e2e, tmp_path):
         hf_to_megatron(dirs["llama"], ckpt, tp=2, pp=1)
     flags = (ckpt / "megatron_args.txt").read_text().splitlines()[-1].split()
     trained = tmp_path / "trained"
-    out = run_train(2, flags + [
-        "--tensor-model-parallel-size", "2", "--finetune", "--load", str(ckpt),
-        "--save", str(trained), "--save-interval", "3", "--train-iters", "3",
-        "--loss", "gem", "--gem-beta", "0.7", "--lr", "3e-3", "--seq-length", "16",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--mock-data",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "203", "--log-interval", "1",
-        "--eval-iters", "1", "--eval-interval", "1000", "--num-workers", "0", "--seed", "7",
-    ])
+    out = run_train(
+        2,
+        flags
+        + [
+            "--tensor-model-parallel-size",
+            "2",
+            "--finetune",
+            "--load",
+            str(ckpt),
+            "--save",
+            str(trained),
+            "--save-interval",
+            "3",
+            "--train-iters",
+            "3",
+            "--loss",
+            "gem",
+            "--gem-beta",
+            "0.7",
+            "--lr",
+            "3e-3",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--mock-data",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "203",
+            "--log-interval",
+            "1",
+            "--eval-iters",
+            "1",
+            "--eval-interval",
+            "1000",
+            "--num-workers",
+            "0",
+            "--seed",
+            "7",
+        ],
+    )
     assert "loading release" in out and "gem loss" in out
     assert (trained / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
     hf_out, logits_file = tmp_path / "trained_hf", tmp_path / "megatron_logits.pt"
-    megatron_to_hf(trained, hf_out, pp=2,
-                     after_load=partial(save_megatron_logits, path=str(logits_file)))
+    megatron_to_hf(
+        trained, hf_out, pp=2, after_load=partial(save_megatron_logits, path=str(logits_file))
+    )
     megatron = torch.load(logits_file)
     ref = hf_logits(hf_out, sample_tokens(203))  # HF_HUB_OFFLINE: a local directory only
     diff = (megatron - ref).abs().max().item()
@@ -563,14 +677,22 @@ def test_export_vocab_size_and_token_ids(tmp_path):
     assert _export_vocab_size(null, None, 201) == 201
     tok = tmp_path / "orig"
     tok.mkdir()
-    (tok / "config.json").write_text(json.dumps({"vocab_size": 250, "bos_token_id": 3,
-                                                 "eos_token_id": [4, 5]}))
+    (tok / "config.json").write_text(
+        json.dumps({"vocab_size": 250, "bos_token_id": 3, "eos_token_id": [4, 5]})
+    )
     assert _export_vocab_size(null, tok, None) == 250
-    hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok),
-                vocab_size=None, padded_vocab_size=256)
+    hf_tok = NS(
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=str(tok),
+        vocab_size=None,
+        padded_vocab_size=256,
+    )
     assert _export_vocab_size(hf_tok, None, None) == 250
     with pytest.raises(ValueError, match="pass --vocab-size or --tokenizer"):
-        _export_vocab_size(NS(tokenizer_type="GPT2BPETokenizer", vocab_size=None,
-                                padded_vocab_size=256), None, None)
+        _export_vocab_size(
+            NS(tokenizer_type="GPT2BPETokenizer", vocab_size=None, padded_vocab_size=256),
+            None,
+            None,
+        )
     assert hf_token_ids(tok) == {"bos_token_id": 3, "eos_token_id": [4, 5], "pad_token_id": None}
     assert hf_token_ids(None) == {}

@@ -28,24 +28,43 @@ from megatron_gem.convert import (
 from megatron_gem.convert.api import _export_token_ids, check_export_vocab, recorded_vocab
 from megatron_gem.convert.checkpoints import IMPORT_RECORD, read_import_record
 from megatron_gem.convert.hf_files import SafetensorsReader, read_hf_config, untie_if_head_differs
-from test_convert import (check_reloaded_logits, hf_logits, llama_cfg, qwen2_cfg,
-                          random_hf_state, sample_tokens)
+from test_convert import (
+    check_reloaded_logits,
+    hf_logits,
+    llama_cfg,
+    qwen2_cfg,
+    random_hf_state,
+    sample_tokens,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def listing(*roots) -> dict:
     """path -> sha256 of every file under ``roots``."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for r in roots for p in sorted(Path(r).rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for r in roots
+        for p in sorted(Path(r).rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(*argv) -> tuple[int, str]:
     """tools/convert_checkpoint.py in a fresh process: (exit status, stderr)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *argv],
-                       env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
+    p = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return p.returncode, p.stderr
 
 
@@ -152,39 +171,70 @@ def test_untie_if_head_differs_follows_transformers(tmp_path):
 
 
 def test_check_export_vocab_rules(tmp_path):
-    null = NS(tokenizer_type="NullTokenizer", vocab_size=157, padded_vocab_size=256,
-              make_vocab_size_divisible_by=128, tensor_model_parallel_size=1)
+    null = NS(
+        tokenizer_type="NullTokenizer",
+        vocab_size=157,
+        padded_vocab_size=256,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=1,
+    )
     check_export_vocab(157, "x", null)
-    with pytest.raises(ValueError, match=r"--vocab-size 100: vocabulary size 100 cannot be .*"
-                       r"padded to 256 \(make_vocab_size_divisible_by=128 x TP 1\), and 100 "
-                       r"pads to 128"):
+    with pytest.raises(
+        ValueError,
+        match=r"--vocab-size 100: vocabulary size 100 cannot be .*"
+        r"padded to 256 \(make_vocab_size_divisible_by=128 x TP 1\), and 100 "
+        r"pads to 128",
+    ):
         check_export_vocab(100, "--vocab-size 100", null)
     with pytest.raises(ValueError, match="cannot be this checkpoint's.*300 pads to 384"):
         check_export_vocab(300, "--vocab-size 300", null)
-    with pytest.raises(ValueError, match=r"vocabulary size 150, but the checkpoint records 157 "
-                       r"\(its NullTokenizer --vocab-size\).*pass --vocab-size 157"):
+    with pytest.raises(
+        ValueError,
+        match=r"vocabulary size 150, but the checkpoint records 157 "
+        r"\(its NullTokenizer --vocab-size\).*pass --vocab-size 157",
+    ):
         check_export_vocab(150, "--vocab-size 150", null)
     # converted at TP=2 (padded 512), fine-tuned at TP=1 with --use-checkpoint-args (padded
     # kept): the import record's layout explains the padding
-    moved = NS(tokenizer_type="NullTokenizer", vocab_size=300, padded_vocab_size=512,
-               make_vocab_size_divisible_by=128, tensor_model_parallel_size=1)
+    moved = NS(
+        tokenizer_type="NullTokenizer",
+        vocab_size=300,
+        padded_vocab_size=512,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=1,
+    )
     with pytest.raises(ValueError, match="300 pads to 384"):
         check_export_vocab(300, "x", moved)
-    check_export_vocab(300, "x", moved, {"padded_vocab_size": 512, "vocab_size": 300,
-                                           "make_vocab_size_divisible_by": 128,
-                                           "tensor_model_parallel_size": 2})
+    check_export_vocab(
+        300,
+        "x",
+        moved,
+        {
+            "padded_vocab_size": 512,
+            "vocab_size": 300,
+            "make_vocab_size_divisible_by": 128,
+            "tensor_model_parallel_size": 2,
+        },
+    )
     # an HF tokenizer directory without config.json records only a lower bound (its length)
     tok = tmp_path / "tok"
     tok.mkdir()
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.WordLevel({f"t{i}": i for i in range(140)}, unk_token="t0")).save(
-        str(tok / "tokenizer.json"))
-    (tok / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast"}))
-    hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tok), vocab_size=None,
-                padded_vocab_size=256, make_vocab_size_divisible_by=128,
-                tensor_model_parallel_size=1)
+        str(tok / "tokenizer.json")
+    )
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    hf_tok = NS(
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=str(tok),
+        vocab_size=None,
+        padded_vocab_size=256,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=1,
+    )
     assert recorded_vocab(hf_tok)[:2] == (140, False)
     check_export_vocab(157, "x", hf_tok)
     with pytest.raises(ValueError, match=f"records 140 \\(its tokenizer {tok} \\(length\\)\\)"):
@@ -216,12 +266,21 @@ def test_qwen2_head_dim_tied_distinct_head_token_ids_round_trip(tmp_path):
     ref = hf_logits(hf, tokens)  # transformers: untied, both tensors used
 
     ckpt = tmp_path / "ckpt"
-    flags = hf_to_megatron(hf, ckpt, tp=1, make_vocab_size_divisible_by=64,
-                             after_save=partial(check_reloaded_logits, ref=ref))
+    flags = hf_to_megatron(
+        hf,
+        ckpt,
+        tp=1,
+        make_vocab_size_divisible_by=64,
+        after_save=partial(check_reloaded_logits, ref=ref),
+    )
     assert "--untie-embeddings-and-output-weights" in flags and "--kv-channels" in flags
     record = json.loads((ckpt / IMPORT_RECORD).read_text())
-    assert (record["vocab_size"], record["padded_vocab_size"], record["bos_token_id"],
-            record["eos_token_id"]) == (157, 192, 5, 7)
+    assert (
+        record["vocab_size"],
+        record["padded_vocab_size"],
+        record["bos_token_id"],
+        record["eos_token_id"],
+    ) == (157, 192, 5, 7)
     saved = read_megatron_args(ckpt / "release")  # the export checks against these
     assert (saved.make_vocab_size_divisible_by, saved.padded_vocab_size) == (64, 192)
 
@@ -242,24 +301,31 @@ def test_qwen2_head_dim_tied_distinct_head_token_ids_round_trip(tmp_path):
     inputs = listing(ckpt, hf)
     dest = tmp_path / "refused"
     for kw, words in (
-            ({"vocab_size": 100}, "--vocab-size 100: vocabulary size 100 cannot be this "
-             r"checkpoint's: its vocabulary is padded to 192 \(make_vocab_size_divisible_by=64 "
-             r"x TP 1\), and 100 pads to 128"),
-            ({"vocab_size": 150}, "vocabulary size 150, but the checkpoint records 157"),
-            ({"vocab_size": 300}, "300 pads to 320")):
+        (
+            {"vocab_size": 100},
+            "--vocab-size 100: vocabulary size 100 cannot be this "
+            r"checkpoint's: its vocabulary is padded to 192 \(make_vocab_size_divisible_by=64 "
+            r"x TP 1\), and 100 pads to 128",
+        ),
+        ({"vocab_size": 150}, "vocabulary size 150, but the checkpoint records 157"),
+        ({"vocab_size": 300}, "300 pads to 320"),
+    ):
         with pytest.raises(ValueError, match=words):
             megatron_to_hf(ckpt, dest, **kw)
     other = tmp_path / "other_tok"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"vocab_size": 180}))
-    with pytest.raises(ValueError, match=f"--tokenizer {other}: vocabulary size 180, but the "
-                       "checkpoint records 157"):
+    with pytest.raises(
+        ValueError,
+        match=f"--tokenizer {other}: vocabulary size 180, but the checkpoint records 157",
+    ):
         megatron_to_hf(ckpt, dest, tokenizer_dir=other)
     (other / "config.json").write_text('{"vocab_size": 180,')
     with pytest.raises(ValueError, match=f"{other / 'config.json'}: invalid JSON at line 1"):
         megatron_to_hf(ckpt, dest, tokenizer_dir=other)
-    code, err = cli("megatron-to-hf", "--load", str(ckpt), "--out", str(dest),
-                    "--vocab-size", "150")
+    code, err = cli(
+        "megatron-to-hf", "--load", str(ckpt), "--out", str(dest), "--vocab-size", "150"
+    )
     assert_one_line_error(code, err, "vocabulary size 150", "records 157", "--vocab-size 157")
     assert listing(ckpt, hf) == inputs and not dest.exists()
 
@@ -267,13 +333,46 @@ def test_qwen2_head_dim_tied_distinct_head_token_ids_round_trip(tmp_path):
 def _train_once(ckpt, flags, tp):
     from conftest import parse_megatron_log, run_train
 
-    out = run_train(tp, flags + [
-        "--tensor-model-parallel-size", str(tp), "--finetune", "--load", str(ckpt),
-        "--train-iters", "1", "--loss", "gem", "--gem-beta", "0.7", "--lr", "1e-3",
-        "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "203",
-        "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000",
-        "--num-workers", "0", "--seed", "7"])
+    out = run_train(
+        tp,
+        flags
+        + [
+            "--tensor-model-parallel-size",
+            str(tp),
+            "--finetune",
+            "--load",
+            str(ckpt),
+            "--train-iters",
+            "1",
+            "--loss",
+            "gem",
+            "--gem-beta",
+            "0.7",
+            "--lr",
+            "1e-3",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "2",
+            "--mock-data",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "203",
+            "--log-interval",
+            "1",
+            "--eval-iters",
+            "1",
+            "--eval-interval",
+            "1000",
+            "--num-workers",
+            "0",
+            "--seed",
+            "7",
+        ],
+    )
     assert "loading release" in out
     return parse_megatron_log(out)["train"][1]
 
@@ -304,8 +403,10 @@ def test_llama3_rope_factor32_and_another_training_tp(tmp_path):
     ce_hf = torch.nn.functional.cross_entropy(z, labels)
     ce_meg = torch.nn.functional.cross_entropy(torch.cat([z, z.new_zeros(len(z), 53)], 1), labels)
     formula = torch.log1p(53 / z.exp().sum(1)).mean()
-    print(f"[test] CE transformers {ce_hf:.6f}, with Megatron's padded columns {ce_meg:.6f}: "
-          f"+{ce_meg - ce_hf:.3g} (formula {formula:.3g})")
+    print(
+        f"[test] CE transformers {ce_hf:.6f}, with Megatron's padded columns {ce_meg:.6f}: "
+        f"+{ce_meg - ce_hf:.3g} (formula {formula:.3g})"
+    )
     assert ce_meg > ce_hf and torch.isclose(ce_meg - ce_hf, formula, rtol=1e-4)
 
 
@@ -314,8 +415,11 @@ def test_export_token_ids_and_import_record_lookup(tmp_path):
     import record of the checkpoint itself or of the one a --finetune run loaded."""
     imported, trained = tmp_path / "imported", tmp_path / "trained"
     imported.mkdir(), trained.mkdir()
-    (imported / IMPORT_RECORD).write_text(json.dumps(
-        {"vocab_size": 157, "bos_token_id": 5, "eos_token_id": [7, 8], "pad_token_id": None}))
+    (imported / IMPORT_RECORD).write_text(
+        json.dumps(
+            {"vocab_size": 157, "bos_token_id": 5, "eos_token_id": [7, 8], "pad_token_id": None}
+        )
+    )
     null = NS(tokenizer_type="NullTokenizer", vocab_size=157, load=str(imported))
     rec = read_import_record(trained, null)  # found through the saved --load
     assert _export_token_ids(None, null, rec) == {"bos_token_id": 5, "eos_token_id": [7, 8]}
@@ -323,11 +427,15 @@ def test_export_token_ids_and_import_record_lookup(tmp_path):
     assert read_import_record(imported, NS()) == rec
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"vocab_size": 157, "bos_token_id": 1,
-                                                "eos_token_id": 2}))
+    (hf / "config.json").write_text(
+        json.dumps({"vocab_size": 157, "bos_token_id": 1, "eos_token_id": 2})
+    )
     hf_tok = NS(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf))
-    assert _export_token_ids(None, hf_tok, rec) == {"bos_token_id": 1, "eos_token_id": 2,
-                                                      "pad_token_id": None}
+    assert _export_token_ids(None, hf_tok, rec) == {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+    }
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"bos_token_id": 9}))

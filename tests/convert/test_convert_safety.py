@@ -59,8 +59,16 @@ def listing(root: Path) -> dict[str, str]:
 def first(tmp_path_factory):
     """``(root, hf, ck)``: a tiny HF Llama and its first conversion (one worker spawn)."""
     root = tmp_path_factory.mktemp("safety")
-    cfg = llama_cfg(8.0, num_hidden_layers=2, vocab_size=97, hidden_size=24, intermediate_size=40,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=12)
+    cfg = llama_cfg(
+        8.0,
+        num_hidden_layers=2,
+        vocab_size=97,
+        hidden_size=24,
+        intermediate_size=40,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=12,
+    )
     random_hf_state(cfg, 5).save_pretrained(str(root / "hf"))
     hf_to_megatron(root / "hf", root / "ck")
     return root, root / "hf", root / "ck"
@@ -88,12 +96,15 @@ def _work(first, tmp_path) -> Path:
 # every (conversion, input args, --out, words of the error): output is / contains / lies inside
 # an input, directly or through a symlink
 def _overlap_cases(w: Path):
-    h2m = lambda hf, out: (["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--overwrite"],  # noqa: E731
-                           lambda: hf_to_megatron(hf, out, overwrite=True))
+    h2m = lambda hf, out: (
+        ["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--overwrite"],  # noqa: E731
+        lambda: hf_to_megatron(hf, out, overwrite=True),
+    )
     m2h = lambda load, out, tok=None: (  # noqa: E731
         ["megatron-to-hf", "--load", str(load), "--out", str(out), "--overwrite"]
         + (["--tokenizer", str(tok)] if tok else []),
-        lambda: megatron_to_hf(load, out, tokenizer_dir=tok, overwrite=True))
+        lambda: megatron_to_hf(load, out, tokenizer_dir=tok, overwrite=True),
+    )
     return [
         (*m2h(w / "ck", w / "ck"), f"--out {w / 'ck'} is --load {w / 'ck'}"),
         (*m2h(w / "ck", w / "ck" / "release"), "lies inside --load"),
@@ -122,8 +133,7 @@ def test_output_overlapping_an_input_is_refused_before_anything_is_written(first
         assert listing(w) == before, words
 
 
-def test_export_refuses_to_replace_the_tokenizer_the_checkpoint_names(first, tmp_path,
-                                                                     monkeypatch):
+def test_export_refuses_to_replace_the_tokenizer_the_checkpoint_names(first, tmp_path, monkeypatch):
     """A checkpoint converted from HF records that directory as its tokenizer, and the export
     reads it: exporting over it (--overwrite) is refused like an explicit input."""
     w = _work(first, tmp_path)
@@ -131,8 +141,9 @@ def test_export_refuses_to_replace_the_tokenizer_the_checkpoint_names(first, tmp
     args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", str(w / "link_hf")
     monkeypatch.setattr(api, "read_megatron_args", lambda d: args)
     before = listing(w)
-    with pytest.raises(ValueError, match=f"--out {w / 'hf'} is the checkpoint's "
-                                         f"--tokenizer-model {w / 'link_hf'}"):
+    with pytest.raises(
+        ValueError, match=f"--out {w / 'hf'} is the checkpoint's --tokenizer-model {w / 'link_hf'}"
+    ):
         megatron_to_hf(w / "ck", w / "hf", overwrite=True)
     assert listing(w) == before
 
@@ -197,8 +208,9 @@ def test_cli_reports_an_incomplete_output_in_one_line(first, tmp_path, monkeypat
     spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", CLI)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    code = cli.main(["megatron-to-hf", "--load", str(w / "ck"), "--out", str(w / "E"),
-                     "--overwrite"])
+    code = cli.main(
+        ["megatron-to-hf", "--load", str(w / "ck"), "--out", str(w / "E"), "--overwrite"]
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 1 and "Traceback" not in err and len(errors) == 1, err
@@ -246,7 +258,8 @@ def test_output_checks_name_what_is_missing(first, tmp_path):
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
     (out / "model.safetensors.index.json").write_text(
         '{"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors", '
-        '"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}')
+        '"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}'
+    )
     with pytest.raises(IncompleteOutputError, match="missing model-00002-of-00002.safetensors"):
         check_hf_output(out, arch)
     (out / "config.json").unlink()
@@ -270,8 +283,14 @@ def test_stale_leftovers_are_named_and_only_dead_ones_removed(tmp_path, capsys):
     out.mkdir()
     (out / "f").write_text("earlier output")
     dead, alive = _dead_pid(), os.getpid()
-    for name in (f".out.incomplete-{dead}-abc", f".out.replaced-{dead}", f".out.tmp-{dead}",
-                 f".out.incomplete-{alive}-def", ".out.incomplete-k3j_x9", ".other.tmp-1"):
+    for name in (
+        f".out.incomplete-{dead}-abc",
+        f".out.replaced-{dead}",
+        f".out.tmp-{dead}",
+        f".out.incomplete-{alive}-def",
+        ".out.incomplete-k3j_x9",
+        ".other.tmp-1",
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x").write_text("x")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
@@ -281,14 +300,22 @@ def test_stale_leftovers_are_named_and_only_dead_ones_removed(tmp_path, capsys):
     check_output_dir(out, overwrite=True)
     err = capsys.readouterr().err
     for name in (f".out.incomplete-{dead}-abc", f".out.replaced-{dead}", f".out.tmp-{dead}"):
-        assert f"found {tmp_path / name}, left by a conversion that died (process {dead}): " \
-               "removing it" in err
+        assert (
+            f"found {tmp_path / name}, left by a conversion that died (process {dead}): "
+            "removing it" in err
+        )
         assert not (tmp_path / name).exists()
-    assert f"found {tmp_path}/.out.incomplete-{alive}-def (left by process {alive}, still " \
-           "running): leaving it" in err
+    assert (
+        f"found {tmp_path}/.out.incomplete-{alive}-def (left by process {alive}, still "
+        "running): leaving it" in err
+    )
     assert f"found {tmp_path}/.out.incomplete-k3j_x9 (left by an unknown process)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".other.tmp-1", f".out.incomplete-{alive}-def", ".out.incomplete-k3j_x9", "out"]
+        ".other.tmp-1",
+        f".out.incomplete-{alive}-def",
+        ".out.incomplete-k3j_x9",
+        "out",
+    ]
     assert (out / "f").read_text() == "earlier output"
 
 
@@ -301,8 +328,10 @@ def test_earlier_output_caught_between_the_renames_is_restored(tmp_path, capsys)
     (aside / "f").write_text("earlier output")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         check_output_dir(tmp_path / "out", overwrite=False)
-    assert f"found {aside}, the earlier {tmp_path / 'out'} a conversion that died" in \
-        capsys.readouterr().err
+    assert (
+        f"found {aside}, the earlier {tmp_path / 'out'} a conversion that died"
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "out" / "f").read_text() == "earlier output" and not aside.exists()
 
 
@@ -360,11 +389,20 @@ def _running(pid: int) -> bool:
 
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(CLI), *argv], stdout=subprocess.DEVNULL,
-                                stderr=f, env=env, cwd=REPO)
+        return subprocess.Popen(
+            [sys.executable, str(CLI), *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=env,
+            cwd=REPO,
+        )
 
 
 def _wait_until_saving(proc: subprocess.Popen, out: Path, log: Path) -> set[int]:
@@ -426,14 +464,20 @@ def test_killed_conversion_stops_its_workers_and_the_next_run_cleans_up(first, t
 
     mine = tmp_path / f".ck.incomplete-{os.getpid()}-live"  # a live process's: never removed
     mine.mkdir()
-    done = subprocess.run([sys.executable, str(CLI), *argv], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-                          cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(CLI), *argv],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"found {stale}, left by a conversion that died (process {proc.pid}): removing it" \
+    assert (
+        f"found {stale}, left by a conversion that died (process {proc.pid}): removing it"
         in done.stderr
-    assert f"found {mine} (left by process {os.getpid()}, still running): leaving it" \
-        in done.stderr
+    )
+    assert f"found {mine} (left by process {os.getpid()}, still running): leaving it" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "ck", "log"]
     check_megatron_output(ck2, _arch(hf))
     new, old = read_megatron_tensors(ck2 / "release"), read_megatron_tensors(ck / "release")

@@ -47,8 +47,11 @@ def _cli(name):
 
 def checksums(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _refused(capsys, rc, *words):
@@ -84,11 +87,14 @@ def _hf_tokenizer_dir(path: Path) -> Path:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>", "\n", "User:", "Assistant:"] + WORDS)}
+    vocab = {
+        w: i for i, w in enumerate(["<unk>", "<pad>", "</s>", "\n", "User:", "Assistant:"] + WORDS)
+    }
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(" +"), "removed")
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                            eos_token="</s>").save_pretrained(str(path))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+    ).save_pretrained(str(path))
     return path
 
 
@@ -105,28 +111,85 @@ def test_prepare_sft_data_refuses_an_output_overlapping_an_input(tmp_path, sp, c
     tpl = inp / "t.sft.json"
     tpl.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     before = checksums(inp)
-    sp_args = ["--seq-length", "32", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp[0]]
-    rc = cli.main(["--input", str(chat), "--output-prefix", str(inp / "x"), "--overwrite", *sp_args])
-    _refused(capsys, rc, f"--output-prefix file {inp / 'x.bin'} is --input {chat}", "nothing was written")
-    hf_args = ["--seq-length", "32", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf)]
-    rc = cli.main(["--input", str(chat), "--output-prefix", str(hf / "sft"), "--overwrite", *hf_args])
+    sp_args = [
+        "--seq-length",
+        "32",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp[0],
+    ]
+    rc = cli.main(
+        ["--input", str(chat), "--output-prefix", str(inp / "x"), "--overwrite", *sp_args]
+    )
+    _refused(
+        capsys, rc, f"--output-prefix file {inp / 'x.bin'} is --input {chat}", "nothing was written"
+    )
+    hf_args = [
+        "--seq-length",
+        "32",
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(hf),
+    ]
+    rc = cli.main(
+        ["--input", str(chat), "--output-prefix", str(hf / "sft"), "--overwrite", *hf_args]
+    )
     _refused(capsys, rc, f"{hf / 'sft.bin'} lies inside --tokenizer-model {hf}")
-    rc = cli.main(["--input", str(chat), "--output-prefix", str(inp / "t"), "--chat-template", str(tpl),
-                   "--template", "chat", "--overwrite", *hf_args])
+    rc = cli.main(
+        [
+            "--input",
+            str(chat),
+            "--output-prefix",
+            str(inp / "t"),
+            "--chat-template",
+            str(tpl),
+            "--template",
+            "chat",
+            "--overwrite",
+            *hf_args,
+        ]
+    )
     _refused(capsys, rc, f"{inp / 't.sft.json'} is --chat-template {tpl}")
     # New: a --chat-template that is neither a file nor jinja (a mistyped path, which rendered
     # as literal text), and a template file that is not UTF-8 (was: a traceback).
-    rc = cli.main(["--input", str(chat), "--output-prefix", str(tmp_path / "o1"), "--chat-template",
-                   str(inp / "missing.jinja"), *hf_args])
-    _refused(capsys, rc, f"--chat-template '{inp / 'missing.jinja'}': no such file, and not a jinja template")
+    rc = cli.main(
+        [
+            "--input",
+            str(chat),
+            "--output-prefix",
+            str(tmp_path / "o1"),
+            "--chat-template",
+            str(inp / "missing.jinja"),
+            *hf_args,
+        ]
+    )
+    _refused(
+        capsys,
+        rc,
+        f"--chat-template '{inp / 'missing.jinja'}': no such file, and not a jinja template",
+    )
     bad_tpl = tmp_path / "bad.jinja"
     bad_tpl.write_bytes(b"{{ m }}\xff")
-    rc = cli.main(["--input", str(chat), "--output-prefix", str(tmp_path / "o2"), "--chat-template",
-                   str(bad_tpl), *hf_args])
+    rc = cli.main(
+        [
+            "--input",
+            str(chat),
+            "--output-prefix",
+            str(tmp_path / "o2"),
+            "--chat-template",
+            str(bad_tpl),
+            *hf_args,
+        ]
+    )
     _refused(capsys, rc, f"--chat-template {bad_tpl}: not UTF-8")
     assert checksums(inp) == before and not list(tmp_path.glob("o[12]*"))
     # Apart from the inputs it writes (the check is no blanket refusal).
-    assert cli.main(["--input", str(chat), "--output-prefix", str(tmp_path / "out" / "x"), *sp_args]) == 0
+    assert (
+        cli.main(["--input", str(chat), "--output-prefix", str(tmp_path / "out" / "x"), *sp_args])
+        == 0
+    )
     assert checksums(inp) == before
 
 
@@ -139,11 +202,33 @@ def test_preprocess_data_refuses_an_output_overlapping_an_input(tmp_path, sp, ca
     model = inp / "m_text_document.bin"
     model.write_bytes(Path(sp[0]).read_bytes())
     before = checksums(inp)
-    rc = cli.main(["--input", str(corpus), "--output-prefix", str(inp / "c"), "--overwrite",
-                   "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp[0]])
+    rc = cli.main(
+        [
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            str(inp / "c"),
+            "--overwrite",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            sp[0],
+        ]
+    )
     _refused(capsys, rc, f"--output-prefix file {corpus} is --input {corpus}")
-    rc = cli.main(["--input", str(corpus), "--output-prefix", str(inp / "m"), "--overwrite",
-                   "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(model)])
+    rc = cli.main(
+        [
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            str(inp / "m"),
+            "--overwrite",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            str(model),
+        ]
+    )
     _refused(capsys, rc, f"--output-prefix file {model} is --tokenizer-model {model}")
     assert checksums(inp) == before
 
@@ -155,8 +240,17 @@ def test_train_tokenizer_refuses_an_output_overlapping_an_input(tmp_path, capsys
     text = inp / "tok.vocab"  # plain-text training input named like the vocabulary output
     text.write_text("\n".join(_sentences(3, 100)) + "\n")
     before = checksums(inp)
-    rc = cli.main(["--input", str(text), "--model-prefix", str(inp / "tok"), "--vocab-size", "40",
-                   "--overwrite"])
+    rc = cli.main(
+        [
+            "--input",
+            str(text),
+            "--model-prefix",
+            str(inp / "tok"),
+            "--vocab-size",
+            "40",
+            "--overwrite",
+        ]
+    )
     _refused(capsys, rc, f"--model-prefix file {text} is --input {text}")
     with pytest.raises(ValueError, match=f"{text} is --input {text}"):  # files given as paths
         T.train_sentencepiece([text], inp / "tok", 40, overwrite=True)
@@ -169,18 +263,29 @@ def test_evaluate_refuses_an_output_overlapping_an_input(tmp_path, capsys):
     (inp / "model").mkdir(parents=True)
     (inp / "model" / "config.json").write_text("{}")
     prompts = inp / "p.jsonl"
-    prompts.write_bytes(_jsonl_bytes([{"id": "q", "messages": [{"role": "user", "content": "hi"}],
-                                       "valid": ["a"]}]))
+    prompts.write_bytes(
+        _jsonl_bytes([{"id": "q", "messages": [{"role": "user", "content": "hi"}], "valid": ["a"]}])
+    )
     gens = inp / "g.jsonl"
     gens.write_bytes(_jsonl_bytes([{"prompt_id": "q", "generations": ["a", "b"]}]))
     before = checksums(inp)
     base = ["--prompts", str(prompts), "--generations", str(gens), "--overwrite"]
-    _refused(capsys, cli.main(base + ["--out", str(prompts)]), f"--out {prompts} is --prompts {prompts}")
-    _refused(capsys, cli.main(base + ["--out", str(inp)]), f"--out {inp} contains --prompts {prompts}")
-    _refused(capsys, cli.main(base + ["--out", str(tmp_path / "r.json"), "--csv", str(gens)]),
-             f"--csv {gens} is --generations {gens}")
-    _refused(capsys, cli.main(base + ["--model", str(inp / "model"), "--out", str(inp / "model" / "r.json")]),
-             f"lies inside --model {inp / 'model'}")
+    _refused(
+        capsys, cli.main(base + ["--out", str(prompts)]), f"--out {prompts} is --prompts {prompts}"
+    )
+    _refused(
+        capsys, cli.main(base + ["--out", str(inp)]), f"--out {inp} contains --prompts {prompts}"
+    )
+    _refused(
+        capsys,
+        cli.main(base + ["--out", str(tmp_path / "r.json"), "--csv", str(gens)]),
+        f"--csv {gens} is --generations {gens}",
+    )
+    _refused(
+        capsys,
+        cli.main(base + ["--model", str(inp / "model"), "--out", str(inp / "model" / "r.json")]),
+        f"lies inside --model {inp / 'model'}",
+    )
     r = tmp_path / "r.json"
     _refused(capsys, cli.main(base + ["--out", str(r), "--csv", str(r)]), f"--csv {r} is --out {r}")
     assert checksums(inp) == before and not r.exists()
@@ -201,12 +306,33 @@ def test_study_refuses_an_out_overlapping_its_data_or_an_hf_model(tmp_path, caps
     (hf / "config.json").write_text("{}")
     before = checksums(inp)
     data = ["--sft-data", str(inp / "sft.jsonl"), "--eval-data", str(inp / "eval.jsonl")]
-    rc = S.main(["run", "--preset", "ci", "--out", str(inp), *data, "--pretrain-data", str(inp / "pre.jsonl")])
+    rc = S.main(
+        [
+            "run",
+            "--preset",
+            "ci",
+            "--out",
+            str(inp),
+            *data,
+            "--pretrain-data",
+            str(inp / "pre.jsonl"),
+        ]
+    )
     _refused(capsys, rc, f"--out {inp} contains --pretrain-data {inp / 'pre.jsonl'}")
     rc = S.main(["run", "--preset", "ci", "--out", str(hf / "study"), "--sizes", f"m={hf}", *data])
     _refused(capsys, rc, f"--out {hf / 'study'} lies inside --sizes m=HF_DIR {hf}")
-    rc = S.main(["run", "--preset", "ci", "--out", str(inp / "sft.jsonl"), *data,
-                 "--pretrain-data", str(inp / "pre.jsonl")])
+    rc = S.main(
+        [
+            "run",
+            "--preset",
+            "ci",
+            "--out",
+            str(inp / "sft.jsonl"),
+            *data,
+            "--pretrain-data",
+            str(inp / "pre.jsonl"),
+        ]
+    )
     _refused(capsys, rc, f"--out {inp / 'sft.jsonl'} is --sft-data {inp / 'sft.jsonl'}")
     assert checksums(inp) == before and not (hf / "study").exists()
 
@@ -217,7 +343,9 @@ def test_study_refuses_an_out_overlapping_its_data_or_an_hf_model(tmp_path, caps
 def _bad_file(path: Path, good_rows, make=lambda r: r) -> Path:
     """Lines: 1 BOM + good, 2 not UTF-8, 3 good, 4 invalid JSON, 5 BOM at a later line, 6 good."""
     g = [json.dumps(make(r)).encode() for r in good_rows]
-    path.write_bytes(BOM + b"\n".join([g[0], LATIN1_LINE, g[1], BAD_JSON, BOM + g[2], g[3]]) + b"\n")
+    path.write_bytes(
+        BOM + b"\n".join([g[0], LATIN1_LINE, g[1], BAD_JSON, BOM + g[2], g[3]]) + b"\n"
+    )
     return path
 
 
@@ -232,7 +360,9 @@ SKIPPED = {NOT_UTF8: [2], BAD_JSON_REASON: [4]}
 
 def _skipped_like(skipped_lines):
     """The report's reasons, the late-BOM reason shortened to its words."""
-    return {(LATE_BOM if r.startswith(LATE_BOM) else r): lines for r, lines in skipped_lines.items()}
+    return {
+        (LATE_BOM if r.startswith(LATE_BOM) else r): lines for r, lines in skipped_lines.items()
+    }
 
 
 def test_sft_data_bad_bytes_bom_and_columns(tmp_path, sp, capsys):
@@ -241,19 +371,37 @@ def test_sft_data_bad_bytes_bom_and_columns(tmp_path, sp, capsys):
     texts = _sentences(4, 4)
     src = _bad_file(tmp_path / "chat.jsonl", texts, _chat)
     clean = _clean_file(tmp_path / "clean.jsonl", texts, _chat)
-    with pytest.raises(ValueError, match=rf"chat.jsonl:2: {NOT_UTF8.replace('(', '.').replace(')', '.')}"):
+    with pytest.raises(
+        ValueError, match=rf"chat.jsonl:2: {NOT_UTF8.replace('(', '.').replace(')', '.')}"
+    ):
         D.prepare_sft_data(str(src), str(tmp_path / "a" / "sft"), sp[1], 64)
     rep = D.prepare_sft_data(str(src), str(tmp_path / "a" / "sft"), sp[1], 64, on_error="skip")
-    assert rep.kept == 3 and rep.truncated == 0 and _skipped_like(rep.skipped_lines) == {**SKIPPED, LATE_BOM: [5]}
+    assert (
+        rep.kept == 3
+        and rep.truncated == 0
+        and _skipped_like(rep.skipped_lines) == {**SKIPPED, LATE_BOM: [5]}
+    )
     assert "BOM" in rep.format() and "lines 5" in rep.format()
     # The kept samples are exactly those of the clean file: line 1's BOM is dropped, not encoded.
     D.prepare_sft_data(str(clean), str(tmp_path / "b" / "sft"), sp[1], 64)
     for ext in (".bin", ".idx"):
-        assert (tmp_path / "a" / f"sft{ext}").read_bytes() == (tmp_path / "b" / f"sft{ext}").read_bytes()
+        assert (tmp_path / "a" / f"sft{ext}").read_bytes() == (
+            tmp_path / "b" / f"sft{ext}"
+        ).read_bytes()
     # The CLI: one line, file:line; skip reports the bad lines.
     cli = _cli("prepare_sft_data")
-    argv = ["--input", str(src), "--output-prefix", str(tmp_path / "c" / "sft"), "--seq-length", "64",
-            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp[0]]
+    argv = [
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "c" / "sft"),
+        "--seq-length",
+        "64",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp[0],
+    ]
     _refused(capsys, cli.main(argv), f"{src}:2: {NOT_UTF8}", "--on-error skip")
     assert cli.main(argv + ["--on-error", "skip"]) == 0
     out = capsys.readouterr().out
@@ -270,13 +418,19 @@ def test_preprocess_bad_bytes_bom_and_columns(tmp_path, sp):
     clean = _clean_file(tmp_path / "clean.jsonl", texts, doc)
     with pytest.raises(ValueError, match=r"c.jsonl:2: not UTF-8 \(byte 0xe9 at column 13"):
         P.preprocess_jsonl(str(src), str(tmp_path / "a"), "SentencePieceTokenizer", sp[0])
-    rep = P.preprocess_jsonl(str(src), str(tmp_path / "a"), "SentencePieceTokenizer", sp[0],
-                             on_error="skip", workers=2)  # decoded in the workers
-    assert rep.documents["text"] == 3 and _skipped_like(rep.skipped_lines) == {**SKIPPED, LATE_BOM: [5]}
+    rep = P.preprocess_jsonl(
+        str(src), str(tmp_path / "a"), "SentencePieceTokenizer", sp[0], on_error="skip", workers=2
+    )  # decoded in the workers
+    assert rep.documents["text"] == 3 and _skipped_like(rep.skipped_lines) == {
+        **SKIPPED,
+        LATE_BOM: [5],
+    }
     P.preprocess_jsonl(str(clean), str(tmp_path / "b"), "SentencePieceTokenizer", sp[0])
     for ext in (".bin", ".idx"):
-        assert Path(f"{tmp_path / 'a'}_text_document{ext}").read_bytes() == \
-            Path(f"{tmp_path / 'b'}_text_document{ext}").read_bytes()
+        assert (
+            Path(f"{tmp_path / 'a'}_text_document{ext}").read_bytes()
+            == Path(f"{tmp_path / 'b'}_text_document{ext}").read_bytes()
+        )
 
 
 def test_tokenizer_training_text_bad_bytes_bom_and_columns(tmp_path, capsys):
@@ -289,7 +443,11 @@ def test_tokenizer_training_text_bad_bytes_bom_and_columns(tmp_path, capsys):
     for name, body, want in [
         ("c.txt", b"ok\n" + LATIN1_LINE + b"\n", f"c.txt:2: {NOT_UTF8}"),
         ("d.jsonl", _jsonl_bytes([{"text": "a"}, BAD_JSON]), f"d.jsonl:2: {BAD_JSON_REASON}"),
-        ("e.jsonl", _jsonl_bytes([{"text": "a"}]) + BOM + _jsonl_bytes([{"text": "b"}]), f"e.jsonl:2: {LATE_BOM}"),
+        (
+            "e.jsonl",
+            _jsonl_bytes([{"text": "a"}]) + BOM + _jsonl_bytes([{"text": "b"}]),
+            f"e.jsonl:2: {LATE_BOM}",
+        ),
     ]:
         (tmp_path / name).write_bytes(body)
         with pytest.raises(ValueError) as err:
@@ -297,14 +455,39 @@ def test_tokenizer_training_text_bad_bytes_bom_and_columns(tmp_path, capsys):
         assert want in str(err.value)
     # The CLI names the line too (the error passes through SentencePiece's sentence iterator).
     cli = _cli("train_tokenizer")
-    rc = cli.main(["--input", str(tmp_path / "c.txt"), "--model-prefix", str(tmp_path / "tok"), "--vocab-size", "40"])
+    rc = cli.main(
+        [
+            "--input",
+            str(tmp_path / "c.txt"),
+            "--model-prefix",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "40",
+        ]
+    )
     _refused(capsys, rc, f"c.txt:2: {NOT_UTF8}")
     # Empty input (was: SentencePiece's "[!sentences_.empty()]").
     (tmp_path / "empty.jsonl").write_bytes(b"")
     (tmp_path / "blank.txt").write_bytes(b"\n \n")
-    rc = cli.main(["--input", str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.txt"), "--model-prefix",
-                   str(tmp_path / "tok"), "--vocab-size", "40"])
-    _refused(capsys, rc, "no text to train the tokenizer on", "empty.jsonl", "blank.txt", "empty, or blank")
+    rc = cli.main(
+        [
+            "--input",
+            str(tmp_path / "empty.jsonl"),
+            str(tmp_path / "blank.txt"),
+            "--model-prefix",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "40",
+        ]
+    )
+    _refused(
+        capsys,
+        rc,
+        "no text to train the tokenizer on",
+        "empty.jsonl",
+        "blank.txt",
+        "empty, or blank",
+    )
     assert not list(tmp_path.glob("tok*"))
 
 
@@ -323,14 +506,25 @@ def test_evaluation_readers_bad_bytes_bom_and_columns(tmp_path):
     for reader, body, want in [
         (E.read_prompts, _jsonl_bytes([{"messages": msgs}, LATIN1_LINE]), f"x.jsonl:2: {NOT_UTF8}"),
         (E.read_texts, _jsonl_bytes([{"text": "a"}, BAD_JSON]), f"x.jsonl:2: {BAD_JSON_REASON}"),
-        (lambda f: E.read_generations(f, prompts), _jsonl_bytes([{"index": 0, "generations": []}]) + BOM
-         + _jsonl_bytes([{"index": 0, "generations": ["a"]}]), f"x.jsonl:2: {LATE_BOM}"),
+        (
+            lambda f: E.read_generations(f, prompts),
+            _jsonl_bytes([{"index": 0, "generations": []}])
+            + BOM
+            + _jsonl_bytes([{"index": 0, "generations": ["a"]}]),
+            f"x.jsonl:2: {LATE_BOM}",
+        ),
         # New checks: a role SFT never trains on, with file:line (was: unnamed, after loading
         # the model); an index that is a boolean (was: taken as 1).
-        (E.read_prompts, _jsonl_bytes([{"messages": [{"role": "tool", "content": "x"}]}]),
-         "x.jsonl:1: messages[0] has role 'tool'; use one of ('system', 'user', 'assistant')"),
-        (lambda f: E.read_generations(f, prompts), _jsonl_bytes([{"index": True, "generations": ["a"]}]),
-         "x.jsonl:1: index True out of range"),
+        (
+            E.read_prompts,
+            _jsonl_bytes([{"messages": [{"role": "tool", "content": "x"}]}]),
+            "x.jsonl:1: messages[0] has role 'tool'; use one of ('system', 'user', 'assistant')",
+        ),
+        (
+            lambda f: E.read_generations(f, prompts),
+            _jsonl_bytes([{"index": True, "generations": ["a"]}]),
+            "x.jsonl:1: index True out of range",
+        ),
     ]:
         (tmp_path / "x.jsonl").write_bytes(body)
         with pytest.raises(ValueError) as err:
@@ -350,22 +544,29 @@ def test_study_data_bad_bytes_bom_and_config_file(tmp_path, capsys):
     # With good SFT data the data stage runs; the held-out split of the BOM-started pre-training
     # file keeps every document byte for byte (and no BOM inside the split files).
     sft.write_bytes(_jsonl_bytes([_chat(s) for s in _sentences(7, 4)]))
-    study = S.Study(S.preset("ci", pretrain_data=str(pre), sft_data=str(sft), eval_data=str(ev)),
-                    tmp_path / "s2", log=lambda m: None)
+    study = S.Study(
+        S.preset("ci", pretrain_data=str(pre), sft_data=str(sft), eval_data=str(ev)),
+        tmp_path / "s2",
+        log=lambda m: None,
+    )
     assert S.run_local(study, only=["data"]) == ["data"]
     d = study.by_name["data"].out
-    docs = pre.read_bytes()[len(BOM):].splitlines()
+    docs = pre.read_bytes()[len(BOM) :].splitlines()
     assert (d / "heldout.jsonl").read_bytes().splitlines() == [docs[49]]
     assert (d / "pretrain.jsonl").read_bytes().splitlines() == docs[:49] + docs[50:]
     # --config: a named error for each kind of mistake, no traceback.
     conf = tmp_path / "c.json"
-    for body, want in [(b'{"sft_iters": 6,}', f"--config {conf}:1: invalid JSON"),
-                       (b"[1]", "must be a JSON object of StudyConfig fields, got list"),
-                       (b'{"sft_itres": 6}', "unknown key(s) ['sft_itres']"),
-                       (b'{"sizes": [{"name": "a", "layers": 2}]}', f"--config {conf}: "),
-                       (b'{"sizes": [{"name": "a", "layers": 2}]}', "layers")]:
+    for body, want in [
+        (b'{"sft_iters": 6,}', f"--config {conf}:1: invalid JSON"),
+        (b"[1]", "must be a JSON object of StudyConfig fields, got list"),
+        (b'{"sft_itres": 6}', "unknown key(s) ['sft_itres']"),
+        (b'{"sizes": [{"name": "a", "layers": 2}]}', f"--config {conf}: "),
+        (b'{"sizes": [{"name": "a", "layers": 2}]}', "layers"),
+    ]:
         conf.write_bytes(body)
-        _refused(capsys, S.main(["run", "--out", str(tmp_path / "s3"), "--config", str(conf)]), want)
+        _refused(
+            capsys, S.main(["run", "--out", str(tmp_path / "s3"), "--config", str(conf)]), want
+        )
     assert not (tmp_path / "s3").exists()
 
 

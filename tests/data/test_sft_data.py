@@ -60,10 +60,16 @@ def hf(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(names)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(" +"), "removed"), pre_tokenizers.Split(Regex("\n"), "isolated")]
+        [
+            pre_tokenizers.Split(Regex(" +"), "removed"),
+            pre_tokenizers.Split(Regex("\n"), "isolated"),
+        ]
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
         additional_special_tokens=specials,
     )
     tok.chat_template = TEMPLATE
@@ -137,12 +143,17 @@ def test_chat_template_with_byte_level_bpe_masks_the_answer_text(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tk.train_from_iterator([_words(rng, 5, 15) + "\nsystem user assistant, é!" for _ in range(200)], trainer)
+    tk.train_from_iterator(
+        [_words(rng, 5, 15) + "\nsystem user assistant, é!" for _ in range(200)], trainer
+    )
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
     hf.chat_template = TEMPLATE
@@ -238,18 +249,26 @@ def test_prepare_reports_kept_truncated_skipped_with_line_numbers(tmp_path, hf):
         np.testing.assert_array_equal(mask, want_mask[: S + 1])
     assert rep.tokens == sum(len(data.sample(i)[0]) for i in range(3))
     meta = json.load(open(prefix + ".sft.json"))
-    assert meta["report"]["kept"] == 3 and meta["template"] == "chat" and meta["eod"] == vocab["</s>"]
+    assert (
+        meta["report"]["kept"] == 3 and meta["template"] == "chat" and meta["eod"] == vocab["</s>"]
+    )
     # Two workers: the same bytes and the same report.
     rep2 = D.prepare_sft_data(src, str(tmp_path / "w2" / "sft"), tok, S, on_error="skip", workers=2)
     assert rep2.as_dict() == rep.as_dict()
     for ext in (".bin", ".idx"):
-        assert open(prefix + ext, "rb").read() == open(str(tmp_path / "w2" / "sft") + ext, "rb").read()
+        assert (
+            open(prefix + ext, "rb").read() == open(str(tmp_path / "w2" / "sft") + ext, "rb").read()
+        )
     with pytest.raises(ValueError, match=r"chat.jsonl:3: invalid JSON"):
         D.prepare_sft_data(src, str(tmp_path / "w3" / "sft"), tok, S, workers=2)
     with pytest.raises(ValueError, match="exists"):
         D.prepare_sft_data(src, prefix, tok, S, on_error="skip")
     D.prepare_sft_data(src, prefix, tok, S, on_error="skip", overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sft.bin", "sft.idx", "sft.sft.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "sft.bin",
+        "sft.idx",
+        "sft.sft.json",
+    ]
 
 
 def test_pack_next_fit_keeps_order_and_fills_greedily():
@@ -297,7 +316,10 @@ def _check_item(item, S, pad):
 
     shapes = {k: tuple(v.shape) for k, v in item.items() if k != "dataset_id"}  # blends add it
     assert shapes == {
-        "tokens": (S,), "labels": (S,), "loss_mask": (S,), "position_ids": (S,),
+        "tokens": (S,),
+        "labels": (S,),
+        "loss_mask": (S,),
+        "position_ids": (S,),
         "attention_mask": (1, S, S),
     }
     assert item["tokens"].dtype == item["labels"].dtype == item["position_ids"].dtype == torch.int64
@@ -323,7 +345,9 @@ def _check_item(item, S, pad):
 def test_packed_datasets_hold_every_sample_once_per_epoch_with_exact_masks(sp_data):
     prefix, model, samples = sp_data
     S = 48
-    train, valid, test = D.build_sft_datasets(_args(model, data_path=[prefix], split="8,1,1"), [None, None, None])
+    train, valid, test = D.build_sft_datasets(
+        _args(model, data_path=[prefix], split="8,1,1"), [None, None, None]
+    )
     assert (train.num_epochs, valid.num_epochs) == (1, 1)
     counts = collections.Counter()
     data = D.SFTIndexedData(prefix)
@@ -339,15 +363,23 @@ def test_packed_datasets_hold_every_sample_once_per_epoch_with_exact_masks(sp_da
                     assert ids == (data.pad,) * len(ids) and not lm.any()
     assert counts == collections.Counter(range(60))  # 48/6/6 split, each sample exactly once
     # More samples than one epoch: more epochs, len >= request, each sample once per epoch.
-    (train3, _, _) = D.build_sft_datasets(_args(model, data_path=[prefix], split="8,1,1"), [3 * len(train) + 1, None, None])
+    (train3, _, _) = D.build_sft_datasets(
+        _args(model, data_path=[prefix], split="8,1,1"), [3 * len(train) + 1, None, None]
+    )
     assert len(train3) >= 3 * len(train) + 1 and train3.num_epochs == 4
     seen = collections.Counter()
     for i in range(len(train3)):
-        seen.update(samples[ids] for ids, _ in _check_item(train3[i], S, data.pad) if ids in samples)
+        seen.update(
+            samples[ids] for ids, _ in _check_item(train3[i], S, data.pad) if ids in samples
+        )
     assert set(seen.values()) == {4} and len(seen) == 48
     # Deterministic from the seed; another seed shuffles differently.
-    again = D.build_sft_datasets(_args(model, data_path=[prefix], split="8,1,1"), [None, None, None])[0]
-    other = D.build_sft_datasets(_args(model, data_path=[prefix], split="8,1,1", seed=8), [None, None, None])[0]
+    again = D.build_sft_datasets(
+        _args(model, data_path=[prefix], split="8,1,1"), [None, None, None]
+    )[0]
+    other = D.build_sft_datasets(
+        _args(model, data_path=[prefix], split="8,1,1", seed=8), [None, None, None]
+    )[0]
     for k in ("tokens", "loss_mask", "attention_mask"):
         assert all(np.array_equal(train[i][k], again[i][k]) for i in range(len(train)))
     assert any(not np.array_equal(train[i]["tokens"], other[i]["tokens"]) for i in range(3))
@@ -356,7 +388,9 @@ def test_packed_datasets_hold_every_sample_once_per_epoch_with_exact_masks(sp_da
 def test_load_time_truncation_blends_and_per_split_paths(sp_data, tmp_path):
     prefix, model, samples = sp_data
     S = 24  # shorter than the data was prepared for: longer samples are cut to 25 tokens
-    (train, _, _) = D.build_sft_datasets(_args(model, data_path=[prefix], split="1,0,0", seq_length=S), [None, 0, 0])
+    (train, _, _) = D.build_sft_datasets(
+        _args(model, data_path=[prefix], split="1,0,0", seq_length=S), [None, 0, 0]
+    )
     data = D.SFTIndexedData(prefix)
     assert train.num_truncated == sum(len(data.sample(j)[0]) > S + 1 for j in range(60)) > 0
     cut = {tuple(data.sample(j)[0][: S + 1].tolist()): j for j in range(len(data))}
@@ -393,10 +427,16 @@ def test_build_errors_are_clear(sp_data, hf, tmp_path):
     b.end_document()
     b.finalize(str(tmp_path / "pre.idx"))
     with pytest.raises(ValueError, match="pre-training data cannot be used with --sft"):
-        D.build_sft_datasets(_args(model, data_path=[str(tmp_path / "pre")], split="1,0,0"), [1, 0, 0])
+        D.build_sft_datasets(
+            _args(model, data_path=[str(tmp_path / "pre")], split="1,0,0"), [1, 0, 0]
+        )
     hf_args = argparse.Namespace(
-        data_path=[prefix], split="1,0,0", seq_length=48, seed=1,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf[0],
+        data_path=[prefix],
+        split="1,0,0",
+        seq_length=48,
+        seed=1,
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=hf[0],
     )
     with pytest.raises(ValueError, match="made with a tokenizer with"):
         D.build_sft_datasets(hf_args, [1, 0, 0])
@@ -415,8 +455,18 @@ def test_hf_chat_path_end_to_end_and_cli(hf, tmp_path, capsys):
     )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    base = ["--input", src, "--output-prefix", str(tmp_path / "sft"), "--seq-length", "40",
-            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", path]
+    base = [
+        "--input",
+        src,
+        "--output-prefix",
+        str(tmp_path / "sft"),
+        "--seq-length",
+        "40",
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        path,
+    ]
     assert cli.main(base) == 2
     assert "c.jsonl:21: invalid JSON" in capsys.readouterr().err
     assert cli.main(base + ["--on-error", "skip", "--show", "1"]) == 0
@@ -424,8 +474,12 @@ def test_hf_chat_path_end_to_end_and_cli(hf, tmp_path, capsys):
     assert "kept 20 samples" in out and "1 x invalid JSON" in out and "lines 21" in out
     assert "[[" in out and "--sft --data-path" in out
     args = argparse.Namespace(
-        data_path=[str(tmp_path / "sft")], split="1,0,0", seq_length=40, seed=3,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=path,
+        data_path=[str(tmp_path / "sft")],
+        split="1,0,0",
+        seq_length=40,
+        seed=3,
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=path,
     )
     train, _, _ = D.build_sft_datasets(args, [10, 0, 0])
     data = D.SFTIndexedData(str(tmp_path / "sft"))
@@ -435,5 +489,7 @@ def test_hf_chat_path_end_to_end_and_cli(hf, tmp_path, capsys):
         for ids, lm in _check_item(train[i], 40, data.pad):
             if ids in by_ids:
                 found += 1
-                np.testing.assert_array_equal(lm, _expected_chat(vocab, by_ids[ids]["messages"])[1][1:41])
+                np.testing.assert_array_equal(
+                    lm, _expected_chat(vocab, by_ids[ids]["messages"])[1][1:41]
+                )
     assert found >= 20

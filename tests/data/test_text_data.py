@@ -52,17 +52,30 @@ def test_documents_end_with_eod_and_read_back_with_indexed_dataset(tmp_path, sp_
     assert rep.tokens["text"] == sum(len(ref.encode(t)) + 1 for t in texts)
     assert rep.skipped == {"empty 'text'": 1} and rep.skipped_lines["empty 'text'"] == [6]
     # Same bytes with two workers and without eod when asked.
-    P.preprocess_jsonl(src, str(tmp_path / "w2"), "SentencePieceTokenizer", sp_model,
-                       json_keys=["text", "title"], workers=2)
+    P.preprocess_jsonl(
+        src,
+        str(tmp_path / "w2"),
+        "SentencePieceTokenizer",
+        sp_model,
+        json_keys=["text", "title"],
+        workers=2,
+    )
     for ext in (".bin", ".idx"):
-        assert open(prefix + ext, "rb").read() == open(str(tmp_path / "w2_text_document") + ext, "rb").read()
-    P.preprocess_jsonl(src, str(tmp_path / "noeod"), "SentencePieceTokenizer", sp_model, append_eod=False)
+        assert (
+            open(prefix + ext, "rb").read()
+            == open(str(tmp_path / "w2_text_document") + ext, "rb").read()
+        )
+    P.preprocess_jsonl(
+        src, str(tmp_path / "noeod"), "SentencePieceTokenizer", sp_model, append_eod=False
+    )
     noeod = IndexedDataset(str(tmp_path / "noeod_text_document"))  # keep it: items view its mmap
     assert list(noeod[0]) == ref.encode(texts[0])
 
 
 def test_loads_as_megatron_gpt_dataset(tmp_path, sp_model):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     texts = _docs(2, 30)
@@ -70,11 +83,19 @@ def test_loads_as_megatron_gpt_dataset(tmp_path, sp_model):
     P.preprocess_jsonl(src, str(tmp_path / "d"), "SentencePieceTokenizer", sp_model)
     tok = T.build_tokenizer("SentencePieceTokenizer", sp_model)
     config = GPTDatasetConfig(
-        random_seed=1, sequence_length=16, blend=([str(tmp_path / "d_text_document")], None),
-        split="1,0,0", tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, path_to_cache=str(tmp_path / "cache"),
+        random_seed=1,
+        sequence_length=16,
+        blend=([str(tmp_path / "d_text_document")], None),
+        split="1,0,0",
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(tmp_path / "cache"),
     )
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [25, 0, 0], lambda: True, config).build()
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [25, 0, 0], lambda: True, config
+    ).build()
     assert len(train) >= 25
     stream = {tuple(T.text_to_ids(tok, t)) for t in texts}
     item = train[0]
@@ -87,7 +108,9 @@ def test_loads_as_megatron_gpt_dataset(tmp_path, sp_model):
 
 
 def test_malformed_lines_fail_with_line_number_or_are_counted(tmp_path, sp_model):
-    src = _write(tmp_path / "c.jsonl", [{"text": "the cat"}, "{oops", {"body": "x"}, [1], {"text": "a dog"}])
+    src = _write(
+        tmp_path / "c.jsonl", [{"text": "the cat"}, "{oops", {"body": "x"}, [1], {"text": "a dog"}]
+    )
     out = str(tmp_path / "o")
     with pytest.raises(ValueError, match=r"c.jsonl:2: invalid JSON"):
         P.preprocess_jsonl(src, out, "SentencePieceTokenizer", sp_model)
@@ -116,9 +139,9 @@ def test_huggingface_tokenizer_and_cli(tmp_path, capsys):
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(" +"), "removed")
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>").save_pretrained(
-        str(tmp_path / "hf")
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="</s>"
+    ).save_pretrained(str(tmp_path / "hf"))
     texts = _docs(3, 10)
     src = _write(tmp_path / "c.jsonl", [{"text": t} for t in texts])
     spec = importlib.util.spec_from_file_location(
@@ -126,8 +149,16 @@ def test_huggingface_tokenizer_and_cli(tmp_path, capsys):
     )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    argv = ["--input", src, "--output-prefix", str(tmp_path / "h"),
-            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "hf")]
+    argv = [
+        "--input",
+        src,
+        "--output-prefix",
+        str(tmp_path / "h"),
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(tmp_path / "hf"),
+    ]
     assert cli.main(argv) == 0
     assert "10 documents" in capsys.readouterr().out
     ds = IndexedDataset(str(tmp_path / "h_text_document"))

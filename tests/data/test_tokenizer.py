@@ -33,7 +33,10 @@ def _hf_dir(path):
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>", "\n"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(" +"), "removed"), pre_tokenizers.Split(Regex("\n"), "isolated")]
+        [
+            pre_tokenizers.Split(Regex(" +"), "removed"),
+            pre_tokenizers.Split(Regex("\n"), "isolated"),
+        ]
     )
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
@@ -114,11 +117,22 @@ def test_iter_training_text_reads_text_jsonl_and_chat(tmp_path):
     js.write_text(
         json.dumps({"text": "doc"})
         + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            }
+        )
         + "\n"
     )
     assert list(T.iter_training_text([str(txt), str(js)])) == [
-        "line one", "line two", "doc", "User: hi", "Assistant: yo"
+        "line one",
+        "line two",
+        "doc",
+        "User: hi",
+        "Assistant: yo",
     ]
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"text": "ok"}\n{"oops": 1}\n')
@@ -138,7 +152,11 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(4)))
     prefix = tmp_path / "tok"
-    assert cli.main(["--input", str(corpus), "--model-prefix", str(prefix), "--vocab-size", "48"]) == 0
+    assert (
+        cli.main(["--input", str(corpus), "--model-prefix", str(prefix), "--vocab-size", "48"]) == 0
+    )
     assert (tmp_path / "tok.model").exists() and "--tokenizer-model" in capsys.readouterr().out
-    assert cli.main(["--input", str(corpus), "--model-prefix", str(prefix), "--vocab-size", "48"]) == 2
+    assert (
+        cli.main(["--input", str(corpus), "--model-prefix", str(prefix), "--vocab-size", "48"]) == 2
+    )
     assert "exists" in capsys.readouterr().err

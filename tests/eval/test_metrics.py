@@ -24,7 +24,9 @@ def test_valid_mass_and_effective_valid_hand_examples():
     assert M.valid_mass([math.log(0.2), math.log(0.3)]) == pytest.approx(0.5, abs=1e-15)
     assert M.valid_mass([-math.inf, math.log(0.25)]) == pytest.approx(0.25, abs=1e-15)
     # Renormalised to the valid set: (0.1, 0.05, 0.05) -> (1/2, 1/4, 1/4), H = 1.5 ln 2.
-    assert M.effective_valid([math.log(0.1), math.log(0.05), math.log(0.05)]) == pytest.approx(2 ** 1.5, rel=1e-12)
+    assert M.effective_valid([math.log(0.1), math.log(0.05), math.log(0.05)]) == pytest.approx(
+        2**1.5, rel=1e-12
+    )
     assert M.effective_valid([math.log(1e-30)] * 7) == pytest.approx(7.0, rel=1e-12)
     assert M.effective_valid([0.0, -math.inf, -math.inf]) == pytest.approx(1.0)
     assert math.isnan(M.effective_valid([-math.inf, -math.inf]))
@@ -84,8 +86,13 @@ def test_self_bleu_is_each_sample_against_all_others():
     for n in (2, 3, 8, 17):
         samples = _random_sentences(rng, n)
         samples[-1] = samples[0]  # duplicates are references like any other sample
-        ref = sum(sacrebleu.sentence_bleu(s, samples[:i] + samples[i + 1:], tokenize="none").score
-                  for i, s in enumerate(samples)) / n
+        ref = (
+            sum(
+                sacrebleu.sentence_bleu(s, samples[:i] + samples[i + 1 :], tokenize="none").score
+                for i, s in enumerate(samples)
+            )
+            / n
+        )
         assert M.self_bleu(samples) == pytest.approx(ref, rel=1e-12, abs=1e-12)
         assert M.self_bleu_diversity(samples) == pytest.approx(1 - ref / 100, rel=1e-12, abs=1e-12)
     assert M.self_bleu_diversity(["the cat sat down"] * 4) == pytest.approx(0.0, abs=1e-12)
@@ -96,17 +103,22 @@ def test_tokenize_separates_punctuation_like_bleu_inputs():
     assert M.tokenize("Hello, world!") == ["Hello", ",", "world", "!"]
     # Our tokens joined by spaces give sacrebleu (tokenize="none") the same BLEU.
     h, r = "Hello, world!", ["Hello world !", "hello, World"]
-    ref = sacrebleu.sentence_bleu(" ".join(M.tokenize(h)), [" ".join(M.tokenize(x)) for x in r],
-                                  tokenize="none").score
+    ref = sacrebleu.sentence_bleu(
+        " ".join(M.tokenize(h)), [" ".join(M.tokenize(x)) for x in r], tokenize="none"
+    ).score
     assert M.sentence_bleu(h, r) == pytest.approx(ref, rel=1e-12)
 
 
 def test_embedding_diversity_hand_and_reference():
     # cos(e1, e2) = 0, cos(e1, e3) = cos(e2, e3) = 1/sqrt(2)
-    assert M.embedding_diversity([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]) == pytest.approx(1 - math.sqrt(2) / 3)
+    assert M.embedding_diversity([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]) == pytest.approx(
+        1 - math.sqrt(2) / 3
+    )
     g = torch.Generator().manual_seed(0)
     e = torch.randn(9, 5, generator=g, dtype=torch.float64)
-    cos = [float(e[i] @ e[j] / (e[i].norm() * e[j].norm())) for i in range(9) for j in range(i + 1, 9)]
+    cos = [
+        float(e[i] @ e[j] / (e[i].norm() * e[j].norm())) for i in range(9) for j in range(i + 1, 9)
+    ]
     assert M.embedding_diversity(e.float()) == pytest.approx(1 - sum(cos) / len(cos), rel=1e-6)
     with pytest.raises(ValueError, match="N >= 2"):
         M.embedding_diversity([[1.0, 2.0]])

@@ -22,7 +22,10 @@ def cpu_mode_on():
 def test_inert_when_cuda_is_present(monkeypatch):
     cpu_mode.disable_cpu_mode()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    before = {name: getattr(torch.cuda, name) for name in ("current_device", "device_count", "get_rng_state", "Stream")}
+    before = {
+        name: getattr(torch.cuda, name)
+        for name in ("current_device", "device_count", "get_rng_state", "Stream")
+    }
     tensor_type, tensor_cuda = torch.Tensor.type, torch.Tensor.cuda
     assert cpu_mode.enable_cpu_mode() is False
     assert cpu_mode.patched_names() == [] and not cpu_mode.is_cpu_mode_enabled()
@@ -75,7 +78,9 @@ def test_megatron_rng_tracker_forks_on_the_cpu_generator(cpu_mode_on):
     with tracker.fork("tp"):
         b = torch.rand(5)  # continues the tracked stream
     expected = torch.Generator().manual_seed(99)
-    assert torch.equal(a, torch.rand(5, generator=expected)) and torch.equal(b, torch.rand(5, generator=expected))
+    assert torch.equal(a, torch.rand(5, generator=expected)) and torch.equal(
+        b, torch.rand(5, generator=expected)
+    )
     # default stream unaffected by the forks
     assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(11)))
     # checkpoint round trip of the "CUDA" state is the CPU generator's

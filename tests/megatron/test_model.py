@@ -30,7 +30,9 @@ def _reference(logits_sbv, labels_bs, beta, h):
     logp = torch.log_softmax(z, -1)
     ce = -logp.gather(-1, labels_bs.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    grad = q * w - (q * w).sum(-1, keepdim=True) * torch.nn.functional.one_hot(labels_bs, z.shape[-1])
+    grad = q * w - (q * w).sum(-1, keepdim=True) * torch.nn.functional.one_hot(
+        labels_bs, z.shape[-1]
+    )
     return gem, ce, entropy, grad.transpose(0, 1)  # grad back in [s, b, V]
 
 
@@ -50,7 +52,9 @@ def test_compute_language_model_loss_matches_reference(beta, h):
     torch.testing.assert_close(entropy.double(), ref_ent, atol=2e-5, rtol=1e-5)
     upstream = torch.randn(b, s, generator=g)
     (loss * upstream).sum().backward()
-    torch.testing.assert_close(logits.grad.double(), ref_grad * upstream.T.double().unsqueeze(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits.grad.double(), ref_grad * upstream.T.double().unsqueeze(-1), atol=1e-5, rtol=1e-5
+    )
     assert model.pop_token_stats() is None  # popped once
 
 
@@ -62,12 +66,20 @@ def test_last_call_stats_are_kept_and_arguments_checked():
     model.compute_language_model_loss(first, logits)  # e.g. an MTP depth
     model.compute_language_model_loss(second, logits)  # the main head comes last
     ce, _ = model.pop_token_stats()
-    torch.testing.assert_close(ce.double(), _reference(logits, second, 0.7, "linear")[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ce.double(), _reference(logits, second, 0.7, "linear")[1], atol=2e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="loss="):
         model.set_loss("mse")
     with pytest.raises(ValueError, match="gem="):
         model.set_loss("gem", 0.7)
-    for beta, h in [(0.0, "linear"), (1.2, "linear"), (float("nan"), "linear"), (True, "linear"), (0.7, "tanh")]:
+    for beta, h in [
+        (0.0, "linear"),
+        (1.2, "linear"),
+        (float("nan"), "linear"),
+        (True, "linear"),
+        (0.7, "tanh"),
+    ]:
         with pytest.raises(ValueError, match="beta=" if h == "linear" else "h="):
             GemConfig(beta, h)
     with pytest.raises(ValueError, match="GPTModel"):
@@ -81,7 +93,9 @@ def megatron_args():
     from megatron.training import global_vars
 
     saved = global_vars._GLOBAL_ARGS
-    global_vars._GLOBAL_ARGS = SimpleNamespace(loss="gem", check_for_nan_in_loss_and_grad=False, check_for_spiky_loss=False)
+    global_vars._GLOBAL_ARGS = SimpleNamespace(
+        loss="gem", check_for_nan_in_loss_and_grad=False, check_for_spiky_loss=False
+    )
     try:
         yield global_vars._GLOBAL_ARGS
     finally:
@@ -122,7 +136,7 @@ def test_loss_func_reduces_like_upstream_and_ignores_masked_labels(megatron_args
 
 # A real (tiny, local-spec) Megatron GPT in its own process (torch.distributed must not leak
 # into the test session): packed samples under the block-diagonal mask the SFT data gives.
-_PACKED_SCRIPT = r'''
+_PACKED_SCRIPT = r"""
 import sys
 import torch
 import torch.nn.functional as F
@@ -174,7 +188,7 @@ with torch.no_grad():
     causal = model(torch.cat([a, b, pad]).view(1, S), positions([16]), block_mask([16]))
 print("RESULT", (packed[0, 5:12] - alone[0, :7]).abs().max().item(), (packed[0, 5:12] - other[0, 5:12]).abs().max().item(),
       (packed[0, 5:12] - causal[0, 5:12]).abs().max().item())
-'''
+"""
 
 
 def test_packed_samples_do_not_attend_to_each_other(tmp_path):
@@ -193,8 +207,15 @@ def test_packed_samples_do_not_attend_to_each_other(tmp_path):
     script = tmp_path / "packed.py"
     script.write_text(_PACKED_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(script), str(port)], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(port)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=300,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stdout[-4000:]
     vs_alone, vs_other_a, vs_causal = map(float, lines[-1].split()[1:])

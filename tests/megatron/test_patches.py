@@ -9,8 +9,12 @@ from megatron_gem.megatron import patches
 
 def test_every_patch_names_its_megatron_version_and_reason():
     known = patches.describe()
-    assert {p.name for p in known} == {"cpu-mode", "dataset-helpers", "negative-loss-logging",
-                                       "device-arch"}
+    assert {p.name for p in known} == {
+        "cpu-mode",
+        "dataset-helpers",
+        "negative-loss-logging",
+        "device-arch",
+    }
     from importlib.metadata import version
 
     for p in known:  # written against the installed megatron-core
@@ -25,7 +29,9 @@ def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
 
     original = dataset_utils.compile_helpers
     ran = []
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a) or subprocess.CompletedProcess(a, 2))
+    monkeypatch.setattr(
+        subprocess, "run", lambda *a, **k: ran.append(a) or subprocess.CompletedProcess(a, 2)
+    )
     with pytest.raises(SystemExit):  # unpatched: the wheel's missing Makefile ends the run
         dataset_utils.compile_helpers()
     assert ran and "dataset-helpers" not in patches.applied()
@@ -35,7 +41,9 @@ def test_dataset_helper_make_skipped_when_prebuilt_helper_imports(monkeypatch):
         assert patches.prebuilt_dataset_helpers() is True  # idempotent: the original is kept once
         assert dataset_utils.compile_helpers() is None and ran == []
         assert "dataset-helpers" in patches.applied()
-        assert patches.patched_attributes("dataset-helpers") == ["megatron.core.datasets.utils.compile_helpers"]
+        assert patches.patched_attributes("dataset-helpers") == [
+            "megatron.core.datasets.utils.compile_helpers"
+        ]
     finally:
         patches.revert("dataset-helpers")
     assert dataset_utils.compile_helpers is original and "dataset-helpers" not in patches.applied()

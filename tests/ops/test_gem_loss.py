@@ -36,7 +36,9 @@ def random_case(shape, vocab, seed, ignore_frac=0.2, scale=3.0):
     gen = torch.Generator().manual_seed(seed)
     # float64 values that fp32 holds exactly: the reference sees the op's own inputs (at
     # beta = 0.05 the fp32 rounding of the logits alone moves q by ~1e-5)
-    logits = (torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * scale).float().double()
+    logits = (
+        (torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * scale).float().double()
+    )
     labels = torch.randint(0, vocab, shape, generator=gen)
     labels[torch.rand(shape, generator=gen) < ignore_frac] = -100
     grad_out = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
@@ -55,16 +57,22 @@ def test_fp32_matches_float64_reference(h, beta, shape, vocab):
     (loss * grad_out.float()).sum().backward()
     scale = ref_loss.abs().max().item()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6 * scale)
-    torch.testing.assert_close(z.grad.double(), ref_grad, rtol=1e-6, atol=1e-6 * ref_grad.abs().max().item())
+    torch.testing.assert_close(
+        z.grad.double(), ref_grad, rtol=1e-6, atol=1e-6 * ref_grad.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("h", ["linear", "logsigmoid"])
 @pytest.mark.parametrize("beta", [1.0, 0.5])
 def test_stats_match_float64_cross_entropy_and_entropy(h, beta):
     logits64, labels, _ = random_case((4, 9), 53, seed=7)
-    loss, ce, ent = vocab_parallel_gem_loss(logits64.float(), labels, beta=beta, h=h, return_stats=True)
+    loss, ce, ent = vocab_parallel_gem_loss(
+        logits64.float(), labels, beta=beta, h=h, return_stats=True
+    )
     valid = labels != -100
-    ref_ce = torch.nn.functional.cross_entropy(logits64.reshape(-1, 53), labels.reshape(-1), reduction="none").view_as(ce)
+    ref_ce = torch.nn.functional.cross_entropy(
+        logits64.reshape(-1, 53), labels.reshape(-1), reduction="none"
+    ).view_as(ce)
     p = torch.softmax(logits64, -1)
     ref_ent = -(p * torch.log_softmax(logits64, -1)).sum(-1) * valid
     torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-6, atol=1e-6)
@@ -160,14 +168,18 @@ def test_padded_minus_inf_and_huge_logits_stay_finite(h):
     finite = logits64.clone()
     finite[..., 20:] = -1e30  # exp underflows to exactly 0: the same math without -inf
     ref_loss, _ = reference_grad(finite, labels, 0.7, h, torch.ones(4, 5, dtype=torch.float64))
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6 * ref_loss.abs().max().item())
+    torch.testing.assert_close(
+        loss.double(), ref_loss, rtol=1e-6, atol=1e-6 * ref_loss.abs().max().item()
+    )
 
 
 def test_non_contiguous_grad_output():
     logits64, labels, _ = random_case((3, 4), 19, seed=12, ignore_frac=0.0)
     z = logits64.float().requires_grad_()
     gem_loss(z, labels).mean().backward()  # mean's grad_output is an expanded scalar
-    _, ref = reference_grad(logits64, labels, 0.7, "linear", torch.full((3, 4), 1 / 12, dtype=torch.float64))
+    _, ref = reference_grad(
+        logits64, labels, 0.7, "linear", torch.full((3, 4), 1 / 12, dtype=torch.float64)
+    )
     torch.testing.assert_close(z.grad.double(), ref, rtol=1e-6, atol=1e-7)
 
 
@@ -209,5 +221,8 @@ def test_nvtx_ranges_wrap_forward_and_backward(monkeypatch):
     z = torch.randn(3, 7, requires_grad=True)
     gem_loss(z, torch.tensor([0, 1, 2])).sum().backward()
     assert pushed == [
-        "megatron_gem/gem_loss/forward", "pop", "megatron_gem/gem_loss/backward", "pop",
+        "megatron_gem/gem_loss/forward",
+        "pop",
+        "megatron_gem/gem_loss/backward",
+        "pop",
     ]

@@ -31,7 +31,9 @@ def _free_port():
 def _full_case(seed, vocab=VOCAB, pad=3):
     """Same full logits on every rank (fixed seed); the last `pad` columns are padding (-inf)."""
     gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(*SHAPE, vocab, generator=gen, dtype=torch.float64) * 3).float().double()  # fp32-exact
+    logits = (
+        (torch.randn(*SHAPE, vocab, generator=gen, dtype=torch.float64) * 3).float().double()
+    )  # fp32-exact
     logits[..., vocab - pad :] = float("-inf")
     labels = torch.randint(0, vocab - pad, SHAPE, generator=gen)
     labels[torch.rand(SHAPE, generator=gen) < 0.25] = -100
@@ -42,8 +44,12 @@ def _full_case(seed, vocab=VOCAB, pad=3):
 def _reference_stats(logits, labels):
     """float64 cross-entropy and entropy of p = softmax(z) per token (0 where ignored)."""
     valid = labels != -100
-    ce = (torch.logsumexp(logits, -1) - logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]) * valid
-    entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).nan_to_num().sum(-1) * valid
+    ce = (
+        torch.logsumexp(logits, -1) - logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    ) * valid
+    entropy = (
+        -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).nan_to_num().sum(-1) * valid
+    )
     return ce, entropy
 
 
@@ -53,7 +59,14 @@ def _shard(full, rank, size):
 
 
 class _CollectiveCounter:
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce")
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "broadcast",
+        "reduce",
+    )
 
     def __init__(self):
         self.count = 0
@@ -98,6 +111,7 @@ def _run_checks(rank, tp2, tp4):
                 checks[name] = None
             except Exception:
                 checks[name] = traceback.format_exc()
+
         return deco
 
     @check("tp2_tp4_equal_tp1_and_float64")
@@ -108,11 +122,15 @@ def _run_checks(rank, tp2, tp4):
                 z1 = logits.float().requires_grad_()
                 loss1 = gem_loss(z1, labels, beta=beta, h=h)
                 (loss1 * grad_out.float()).sum().backward()
-                ref_loss, ref_grad = reference_grad(logits.clamp(min=-1e30), labels, beta, h, grad_out)
+                ref_loss, ref_grad = reference_grad(
+                    logits.clamp(min=-1e30), labels, beta, h, grad_out
+                )
                 _close(loss1, ref_loss)
                 for group, r, size in ((tp2, tp2_rank, 2), (tp4, rank, 4)):
                     z = _shard(logits, r, size).float().contiguous().requires_grad_()
-                    loss, ce, ent = vocab_parallel_gem_loss(z, labels, beta=beta, h=h, tp_group=group, return_stats=True)
+                    loss, ce, ent = vocab_parallel_gem_loss(
+                        z, labels, beta=beta, h=h, tp_group=group, return_stats=True
+                    )
                     (loss * grad_out.float()).sum().backward()
                     _close(loss, loss1)
                     _close(z.grad, _shard(z1.grad, r, size))
@@ -130,9 +148,13 @@ def _run_checks(rank, tp2, tp4):
         logits[..., width : 2 * width] -= 80
         for beta in (1.0, 0.3):
             z = _shard(logits, rank, 4).float().contiguous().requires_grad_()
-            loss, ce, ent = vocab_parallel_gem_loss(z, labels, beta=beta, tp_group=tp4, return_stats=True)
+            loss, ce, ent = vocab_parallel_gem_loss(
+                z, labels, beta=beta, tp_group=tp4, return_stats=True
+            )
             (loss * grad_out.float()).sum().backward()
-            ref_loss, ref_grad = reference_grad(logits.clamp(min=-1e30), labels, beta, "linear", grad_out)
+            ref_loss, ref_grad = reference_grad(
+                logits.clamp(min=-1e30), labels, beta, "linear", grad_out
+            )
             _close(loss, ref_loss)
             _close(z.grad, _shard(ref_grad, rank, 4))
             ref_ce, ref_ent = _reference_stats(logits, labels)
@@ -141,7 +163,9 @@ def _run_checks(rank, tp2, tp4):
         # a NaN logit on one rank poisons its row's loss on every rank, and only that row's
         logits[2, 1, 2 * width + 1] = float("nan")
         labels[2, 1] = 0
-        loss = vocab_parallel_gem_loss(_shard(logits, rank, 4).float().contiguous(), labels, tp_group=tp4)
+        loss = vocab_parallel_gem_loss(
+            _shard(logits, rank, 4).float().contiguous(), labels, tp_group=tp4
+        )
         assert torch.isnan(loss[2, 1]) and torch.isfinite(loss).sum() == loss.numel() - 1, loss
 
     @check("bf16_tp4_within_1e-2")
@@ -167,7 +191,9 @@ def _run_checks(rank, tp2, tp4):
                 loss = out[0] if stats else out
                 with _CollectiveCounter() as bwd:
                     loss.sum().backward()
-                assert 1 <= fwd.count <= 2, f"{fwd.count} collectives in the forward ({h}, stats={stats})"
+                assert 1 <= fwd.count <= 2, (
+                    f"{fwd.count} collectives in the forward ({h}, stats={stats})"
+                )
                 assert bwd.count == 0, f"{bwd.count} collectives in the backward"
 
     @check("beta1_linear_gradient_equals_megatron_cross_entropy_tp2")
@@ -179,7 +205,9 @@ def _run_checks(rank, tp2, tp4):
         ce = vocab_parallel_cross_entropy(z_ce, labels, tp_group=tp2)
         (ce * grad_out.float()).sum().backward()
         z = shard.clone().requires_grad_()
-        loss, our_ce, _ = vocab_parallel_gem_loss(z, labels, beta=1.0, h="linear", tp_group=tp2, return_stats=True)
+        loss, our_ce, _ = vocab_parallel_gem_loss(
+            z, labels, beta=1.0, h="linear", tp_group=tp2, return_stats=True
+        )
         (loss * grad_out.float()).sum().backward()
         _close(z.grad, z_ce.grad)
         _close(our_ce, ce.detach())
@@ -215,7 +243,9 @@ def _run_checks(rank, tp2, tp4):
         logits[1, 0, :] = -1e4
         logits[2, 1, 40] = 1e4
         z = _shard(logits, rank, 4).float().contiguous().requires_grad_()
-        loss, ce, ent = vocab_parallel_gem_loss(z, labels, beta=0.3, h="logsigmoid", tp_group=tp4, return_stats=True)
+        loss, ce, ent = vocab_parallel_gem_loss(
+            z, labels, beta=0.3, h="logsigmoid", tp_group=tp4, return_stats=True
+        )
         loss.sum().backward()
         for t in (loss, ce, ent, z.grad):
             assert torch.isfinite(t).all()

@@ -10,8 +10,16 @@ from megatron_gem.study import report as R
 
 
 def rec(method, beta, size, step, q, div, forg, seed=0, params=None, sets=("all", "unseen")):
-    r = {"method": method, "beta": beta, "model_size": size, "params": params, "seed": seed, "step": step,
-         "forgetting": forg, "heldout_loss": 2.0 + forg}
+    r = {
+        "method": method,
+        "beta": beta,
+        "model_size": size,
+        "params": params,
+        "seed": seed,
+        "step": step,
+        "forgetting": forg,
+        "heldout_loss": 2.0 + forg,
+    }
     for s in sets:
         r[f"{s}/quality"] = q
         r[f"{s}/effective_valid"] = div
@@ -23,8 +31,12 @@ def study():
     out = []
     for size, params in (("s1", 1.5e5), ("s2", 6e5)):
         for k, step in enumerate((10, 20, 30)):
-            out.append(rec("ce", None, size, step, 0.5 + 0.15 * k, 4 - k, 0.1 * (k + 1), params=params))
-            out.append(rec("gem", 0.7, size, step, 0.4 + 0.15 * k, 6 - k, 0.05 * (k + 1), params=params))
+            out.append(
+                rec("ce", None, size, step, 0.5 + 0.15 * k, 4 - k, 0.1 * (k + 1), params=params)
+            )
+            out.append(
+                rec("gem", 0.7, size, step, 0.4 + 0.15 * k, 6 - k, 0.05 * (k + 1), params=params)
+            )
     out.append(rec("gem", 0.7, "s2", 40, 0.9, 2.5, 0.3, params=6e5))  # GEM ran longer on s2
     return out
 
@@ -35,7 +47,11 @@ def test_labels_and_equal_steps():
     chosen, steps = R.equal_step_records(study())
     assert steps == {"s1": 30, "s2": 30}  # s2's GEM step 40 is not shared by CE
     assert sorted((r["model_size"], R.method_label(r), r["step"]) for r in chosen) == [
-        ("s1", "CE", 30), ("s1", "GEM β=0.7", 30), ("s2", "CE", 30), ("s2", "GEM β=0.7", 30)]
+        ("s1", "CE", 30),
+        ("s1", "GEM β=0.7", 30),
+        ("s2", "CE", 30),
+        ("s2", "GEM β=0.7", 30),
+    ]
     recs = [rec("ce", None, "x", 5, 0.5, 1, 0.1), rec("gem", 1.0, "x", 7, 0.5, 1, 0.1)]
     chosen, steps = R.equal_step_records(recs)
     assert steps == {"x": None} and {r["step"] for r in chosen} == {5, 7}
@@ -47,7 +63,9 @@ def test_csv_has_every_record():
     assert len(rows) == len(recs)
     got = {(r["model_size"], r["method"], r["step"]): float(r["all/quality"]) for r in rows}
     for r in recs:
-        assert got[(r["model_size"], r["method"], str(r["step"]))] == pytest.approx(r["all/quality"])
+        assert got[(r["model_size"], r["method"], str(r["step"]))] == pytest.approx(
+            r["all/quality"]
+        )
     assert rows[0]["beta"] == "" and "GEM β=0.7" in {r["label"] for r in rows}
 
 
@@ -60,16 +78,29 @@ def test_markdown_shows_every_run_and_checkpoint():
         block = eq.split(f"### Prompt set `{s}`")[1].split("###")[0]
         assert len(re.findall(r"^\| s\d \|", block, re.M)) == 4  # one row per run
     curves = md.split("## Trade-offs across checkpoints")[1].split("## Quality-matched")[0]
-    assert len(re.findall(r"^\| (CE|GEM β=0.7) \|", curves, re.M)) == len(recs)  # one row per checkpoint
+    assert len(re.findall(r"^\| (CE|GEM β=0.7) \|", curves, re.M)) == len(
+        recs
+    )  # one row per checkpoint
     # Quality-matched: GEM's last checkpoint on s1 has quality 0.7 -> CE step 20 (quality 0.65).
     qm = md.split("## Quality-matched comparison")[1]
-    assert re.search(r"\| s1 \| 0 \| GEM β=0.7 \| 30 \| 0.700 \| 4.000 \| 0.150 \| 20 \| 0.650 \| 3.000 \| 0.200 \|", qm)
-    assert re.search(r"\| s2 \| 0 \| GEM β=0.7 \| 40 \| 0.900 \| 2.500 \| 0.300 \| 30 \| 0.800 \|", qm)
+    assert re.search(
+        r"\| s1 \| 0 \| GEM β=0.7 \| 30 \| 0.700 \| 4.000 \| 0.150 \| 20 \| 0.650 \| 3.000 \| 0.200 \|",
+        qm,
+    )
+    assert re.search(
+        r"\| s2 \| 0 \| GEM β=0.7 \| 40 \| 0.900 \| 2.500 \| 0.300 \| 30 \| 0.800 \|", qm
+    )
 
 
 def test_write_report_files_and_plots(tmp_path):
     paths = R.write_report(study(), tmp_path / "out", prompt_set="unseen")
-    assert set(paths) == {"csv", "report", "metrics_vs_size", "quality_vs_diversity", "quality_vs_forgetting"}
+    assert set(paths) == {
+        "csv",
+        "report",
+        "metrics_vs_size",
+        "quality_vs_diversity",
+        "quality_vs_forgetting",
+    }
     for key in ("metrics_vs_size", "quality_vs_diversity", "quality_vs_forgetting"):
         data = paths[key].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
@@ -78,8 +109,15 @@ def test_write_report_files_and_plots(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         R.write_report(study(), tmp_path / "out")
     # Without forgetting or valid sets: the plots that cannot be drawn are neither written nor linked.
-    recs = [{k: v for k, v in r.items() if k not in ("forgetting", "heldout_loss") and "quality" not in k}
-            for r in study() if r["model_size"] == "s1"]
+    recs = [
+        {
+            k: v
+            for k, v in r.items()
+            if k not in ("forgetting", "heldout_loss") and "quality" not in k
+        }
+        for r in study()
+        if r["model_size"] == "s1"
+    ]
     paths = R.write_report(recs, tmp_path / "bare", diversity_metric="ngram_diversity")
     assert set(paths) == {"csv", "report", "metrics_vs_size"}
     assert "quality_vs" not in paths["report"].read_text()

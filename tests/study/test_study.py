@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import stat
 import struct
 import sys
 from pathlib import Path
@@ -68,11 +67,22 @@ def test_ci_study_runs_every_stage_and_writes_the_report(ci_study):
     # one row per evaluated checkpoint: sizes x runs x saved steps
     assert len(rows) == len(cfg.sizes) * len(cfg.runs()) * len(cfg.sft_steps()) == 8
     assert {(r["model_size"], r["label"], r["step"]) for r in rows} == {
-        (z, lab, str(st)) for z in ("xs", "s") for lab in ("CE", "GEM β=1") for st in (3, 6)}
+        (z, lab, str(st)) for z in ("xs", "s") for lab in ("CE", "GEM β=1") for st in (3, 6)
+    }
     for r in rows:
         for k, v in r.items():
-            if k.endswith(("/quality", "/coverage", "/valid_mass", "/ngram_diversity", "/self_bleu_diversity",
-                           "/distinct_1", "/distinct_2", "/distinct_3")):
+            if k.endswith(
+                (
+                    "/quality",
+                    "/coverage",
+                    "/valid_mass",
+                    "/ngram_diversity",
+                    "/self_bleu_diversity",
+                    "/distinct_1",
+                    "/distinct_2",
+                    "/distinct_3",
+                )
+            ):
                 assert 0.0 <= float(v) <= 1.0, (k, v)
             if k.endswith("/effective_valid"):
                 assert 1.0 - 1e-9 <= float(v), (k, v)
@@ -87,7 +97,8 @@ def test_ci_study_runs_every_stage_and_writes_the_report(ci_study):
     unseen = md.split("### Prompt set `unseen`")[1].split("###")[0]
     body = [l for l in unseen.splitlines() if l.startswith("| ") and "model size" not in l]
     assert sorted(l.split(" | ")[:4] for l in body) == sorted(
-        [f"| {z}", lab, "1234", "6"] for z in ("xs", "s") for lab in ("CE", "GEM β=1"))
+        [f"| {z}", lab, "1234", "6"] for z in ("xs", "s") for lab in ("CE", "GEM β=1")
+    )
     assert "Trade-offs across checkpoints" in md and "Base model `xs`" in md
     for png in ("metrics_vs_size.png", "quality_vs_diversity.png", "quality_vs_forgetting.png"):
         p = rep / png
@@ -154,7 +165,9 @@ def test_in_process_export_equals_the_converter(ci_study, tmp_path):
 
     study, _ = ci_study
     sft = study.by_name["sft:xs:ce"]
-    C.megatron_to_hf(sft.out, tmp_path / "conv", iteration=3, dtype="fp32", vocab_size=S.vocab_size(study))
+    C.megatron_to_hf(
+        sft.out, tmp_path / "conv", iteration=3, dtype="fp32", vocab_size=S.vocab_size(study)
+    )
     mine = C.SafetensorsReader(study.by_name["export:xs:ce:3"].out)
     ref = C.SafetensorsReader(tmp_path / "conv")
     assert sorted(mine.weight_map) == sorted(ref.weight_map)
@@ -190,7 +203,9 @@ def _flag(args, name):
     return vals[-1] if vals else None
 
 
-def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tmp_path, monkeypatch):
+def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(
+    tmp_path, monkeypatch
+):
     bin_dir = _stub(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     study = S.Study(S.preset("ci"), tmp_path / "study", log=lambda m: None)
@@ -208,7 +223,10 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
         if want:
             assert dep == "afterok:" + ":".join(map(str, want)), (name, dep)
         assert _flag(args, "--job-name") == f"gem-study-{name.replace(':', '-')}"
-    script = {n: next((a for a in s["argv"] if a.endswith((".sbatch", ".sh"))), None) for n, s in by.items()}
+    script = {
+        n: next((a for a in s["argv"] if a.endswith((".sbatch", ".sh"))), None)
+        for n, s in by.items()
+    }
     assert Path(script["pretrain:xs"]).name == "gpt_pretrain.sbatch"
     assert Path(script["sft:s:gem-b1"]).name == "llama3_8b_sft.sbatch"
     assert Path(script["export:xs:ce:3"]).name == "convert_megatron_to_hf.sbatch"
@@ -217,7 +235,9 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
         assert script[n] is None
         assert f"run-stage --out {study.out} --stage {n}" in _flag(by[n]["argv"], "--wrap")
         assert not _flag(by[n]["argv"], "--wrap").startswith("cd ")  # the installed package
-    assert by["sft:s:gem-b1"]["env"]["LOSS"] == "gem" and by["sft:s:gem-b1"]["env"]["GEM_BETA"] == "1"
+    assert (
+        by["sft:s:gem-b1"]["env"]["LOSS"] == "gem" and by["sft:s:gem-b1"]["env"]["GEM_BETA"] == "1"
+    )
     assert by["sft:s:ce"]["env"]["LOSS"] == "ce"
     assert by["sft:s:ce"]["env"]["BASE_CKPT"] == str(study.by_name["pretrain:s"].out)
     assert json.loads((study.out / S.JOBS_FILE).read_text())["jobs"] == jobs
@@ -227,8 +247,12 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(tm
     for name in ("pretrain:s", "sft:s:gem-b1", "export:xs:ce:3"):
         sub = by[name]
         pos = sub["argv"].index(script[name])
-        specs = lc.dry_run_script(script[name], {**sub["env"], "GEM_REPO": str(REPO)},
-                                  sub["argv"][pos + 1:], base_env=CLEAN_ENV)
+        specs = lc.dry_run_script(
+            script[name],
+            {**sub["env"], "GEM_REPO": str(REPO)},
+            sub["argv"][pos + 1 :],
+            base_env=CLEAN_ENV,
+        )
         assert len(specs) == 1
         rep = lc.check_spec(specs[0], gpu_memory_gib=None)
         argv = specs[0].argv
@@ -286,7 +310,9 @@ def test_slurm_resubmits_only_what_is_missing_and_collects(ci_study, tmp_path, m
     # --wait: squeue (a stub: no job left) says they ended; every stage is then done
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "squeue").chmod(0o755)
-    S.wait_slurm(S.Study(study.cfg, study.out, log=lambda m: None), jobs, squeue=str(bin_dir / "squeue"))
+    S.wait_slurm(
+        S.Study(study.cfg, study.out, log=lambda m: None), jobs, squeue=str(bin_dir / "squeue")
+    )
     assert S.Study(study.cfg, study.out).pending() == []
     assert len(_rows(study)) == 8
 
@@ -297,8 +323,12 @@ def test_bad_configs_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="sft_batch 6 must be a multiple"):
         S.preset("ci", sft_batch=6)
     with pytest.raises(ValueError, match="--pretrain-data .*no such file"):
-        S.preset("ci", sft_data=str(tmp_path / "nope.jsonl"), eval_data=str(tmp_path / "nope.jsonl"),
-                 pretrain_data=str(tmp_path / "nope.jsonl"))
+        S.preset(
+            "ci",
+            sft_data=str(tmp_path / "nope.jsonl"),
+            eval_data=str(tmp_path / "nope.jsonl"),
+            pretrain_data=str(tmp_path / "nope.jsonl"),
+        )
     with pytest.raises(ValueError, match="--sizes entry"):
         parse_size("tiny:2")
     (tmp_path / "full").mkdir()

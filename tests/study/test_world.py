@@ -9,7 +9,9 @@ import pytest
 
 from megatron_gem.study import world as W
 
-SMALL = W.WorldConfig(seed=5, n_animals=20, n_places=5, n_foods=6, pretrain_docs=300, heldout_docs=40)
+SMALL = W.WorldConfig(
+    seed=5, n_animals=20, n_places=5, n_foods=6, pretrain_docs=300, heldout_docs=40
+)
 
 
 def test_deterministic_from_seed_and_sizes_respected():
@@ -76,10 +78,14 @@ def test_valid_sets_splits_and_sft_answers():
 
 def test_sft_answers_follow_zipf_popularity():
     world = W.build_world(dataclasses.replace(SMALL, sft_answers_per_prompt=3000))
-    ins = max((i for i in world.instructions if i.id in world.seen_ids and i.family == "ability"),
-              key=lambda i: len(i.valid))
+    ins = max(
+        (i for i in world.instructions if i.id in world.seen_ids and i.family == "ability"),
+        key=lambda i: len(i.valid),
+    )
     world.instructions = [ins]  # only this instruction's SFT examples
-    counts = collections.Counter(ex["messages"][1]["content"] for ex in world.sft_examples(random.Random(0)))
+    counts = collections.Counter(
+        ex["messages"][1]["content"] for ex in world.sft_examples(random.Random(0))
+    )
     assert sum(counts.values()) == 3000
     z = sum(world.popularity[v] for v in ins.valid)
     for v in ins.valid:
@@ -112,9 +118,15 @@ def test_write_world_files_and_no_overwrite(tmp_path):
     W.write_world(tmp_path / "w", SMALL, overwrite=True)
 
 
-@pytest.mark.parametrize("kw, match", [({"n_animals": 2}, "n_animals"), ({"zipf_s": -1.0}, "zipf_s"),
-                                       ({"unseen_fraction": 1.0}, "unseen_fraction"),
-                                       ({"sentences_per_doc": (4, 2)}, "sentences_per_doc")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"n_animals": 2}, "n_animals"),
+        ({"zipf_s": -1.0}, "zipf_s"),
+        ({"unseen_fraction": 1.0}, "unseen_fraction"),
+        ({"sentences_per_doc": (4, 2)}, "sentences_per_doc"),
+    ],
+)
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         W.WorldConfig(**kw)

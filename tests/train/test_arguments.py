@@ -43,7 +43,10 @@ def test_defaults_and_gem_values():
         (["--loss", "ce", "--gem-h", "linear"], "argument --gem-h: only applies with --loss gem"),
         (["--loss", "gem", "--cross-entropy-loss-fusion"], "argument --cross-entropy-loss-fusion"),
         (["--loss", "gem", "--fp16-lm-cross-entropy"], "argument --fp16-lm-cross-entropy"),
-        (["--sft", "--no-create-attention-mask-in-dataloader"], "--sft needs the dataloader's attention mask"),
+        (
+            ["--sft", "--no-create-attention-mask-in-dataloader"],
+            "--sft needs the dataloader's attention mask",
+        ),
     ],
 )
 def test_invalid_arguments_exit_like_argparse(extra, message, capsys):
@@ -60,11 +63,16 @@ def test_missing_eval_interval_is_an_argument_error(capsys):
         parse_args(no_interval)
     assert "argument --eval-interval: required with --eval-iters 100" in capsys.readouterr().err
     no_eval = parse_args(no_interval + ["--eval-iters", "0"])
-    assert no_eval.eval_iters == 0 and no_eval.eval_interval == no_eval.train_iters  # Megatron divides by it
+    assert (
+        no_eval.eval_iters == 0 and no_eval.eval_interval == no_eval.train_iters
+    )  # Megatron divides by it
 
 
 def test_world_size_without_distributed_init():
-    args = parse_args(BASE + "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2".split(), world_size=8)
+    args = parse_args(
+        BASE + "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2".split(),
+        world_size=8,
+    )
     assert (args.world_size, args.data_parallel_size) == (8, 2)
     assert not torch.distributed.is_initialized()
     with pytest.raises(AssertionError, match="not divisible"):
@@ -75,18 +83,32 @@ def test_host_adaptation_only_fills_unset_flags():
     if torch.cuda.is_available():
         pytest.skip("host without CUDA expected")
     adapted = adapt_argv_to_host(["--transformer-impl", "transformer_engine"])
-    assert adapted[:2] == ["--transformer-impl", "transformer_engine"] and adapted.count("--transformer-impl") == 1
-    assert {"--no-rope-fusion", "--distributed-backend", "gloo", "--no-gradient-accumulation-fusion"} <= set(adapted)
+    assert (
+        adapted[:2] == ["--transformer-impl", "transformer_engine"]
+        and adapted.count("--transformer-impl") == 1
+    )
+    assert {
+        "--no-rope-fusion",
+        "--distributed-backend",
+        "gloo",
+        "--no-gradient-accumulation-fusion",
+    } <= set(adapted)
     assert parse_args(BASE).transformer_impl == "local"
     as_written = parse_args(BASE, adapt_to_host=False)
-    assert as_written.transformer_impl == "transformer_engine" and as_written.distributed_backend == "nccl"
+    assert (
+        as_written.transformer_impl == "transformer_engine"
+        and as_written.distributed_backend == "nccl"
+    )
 
 
 def test_model_config_keeps_the_rope_scaling_factor():
     # megatron-core 0.19.2's gpt_config_from_args drops it (Llama 3.2 uses 32, the default is 8)
     from megatron_gem.megatron.model import gem_model_config_from_args
 
-    args = parse_args(BASE + ["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-factor", "32"])
+    args = parse_args(
+        BASE
+        + ["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-factor", "32"]
+    )
     cfg = gem_model_config_from_args(args)
     assert cfg.rope_scaling and cfg.rope_scaling_factor == 32.0
 
@@ -104,14 +126,22 @@ def test_cpu_mode_is_opt_in(monkeypatch):
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    proc = subprocess.run([sys.executable, "-m", "megatron_gem.train", "--num-layers", "2"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_gem.train", "--num-layers", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "megatron-gem-train: error: CUDA is not available on this machine; pass --cpu to train on "
-        "CPUs (gloo, for tests and smoke runs)"]
+        "CPUs (gloo, for tests and smoke runs)"
+    ]
     assert take_cpu_flag(["--num-layers", "2", "--cpu"]) == (["--num-layers", "2"], True)
-    assert parse_args(BASE + ["--cpu"]).cpu is True  # the launch dry run parses a CPU script's flags
+    assert (
+        parse_args(BASE + ["--cpu"]).cpu is True
+    )  # the launch dry run parses a CPU script's flags
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert take_cpu_flag(["--num-layers", "2"]) == (["--num-layers", "2"], False)
     with pytest.raises(SystemExit):

@@ -49,7 +49,7 @@ WORDS = "the cat dog sat on mat a big small red blue runs jumps quickly over und
 
 # Holds the save of one iteration where rank 0's writer finishes: every .distcp is written,
 # .metadata (renamed into place last) and the tracker file are not.
-STOP_SAVE = '''
+STOP_SAVE = """
 import os, time
 
 def stop_before_metadata():
@@ -67,7 +67,7 @@ if __name__ == "__main__":
     stop_before_metadata()
     from megatron_gem.train.entry import main
     main()
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +76,12 @@ def _tp_env(monkeypatch):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
 
 
 def _kill_tree(proc):
@@ -100,20 +104,42 @@ def _kill_tree(proc):
 
 def _start(cmd, log_path, env=None):
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=dict(_env(), **(env or {})), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True), log
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=dict(_env(), **(env or {})),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    ), log
 
 
 def _run_entry(argv, nproc=None, timeout=120):
     """``(returncode, output)`` of the entry: under torchrun with ``nproc``, else plain python.
     On timeout the process tree is killed and the test fails (a hang is a failure)."""
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_gem.train", *cpu_flag(), *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "megatron_gem.train",
+            *cpu_flag(),
+            *argv,
+        ]
     else:
         cmd = [sys.executable, "-m", "megatron_gem.train", *cpu_flag(), *argv]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -126,7 +152,9 @@ def _entry_error(rc, out, torchrun=False):
     """The entry's one error line; asserts exit status 2 and no Python trace from the entry."""
     lines = [line for line in out.splitlines() if line.startswith("megatron-gem-train: error: ")]
     assert rc != 0 and len(lines) == 1, out[-4000:]
-    if torchrun:  # torchrun reports a failed worker with a trace of its own; the worker printed none
+    if (
+        torchrun
+    ):  # torchrun reports a failed worker with a trace of its own; the worker printed none
         assert "[rank0]: Traceback" not in out and "exitcode  : 2" in out, out[-4000:]
     else:
         assert rc == 2 and "Traceback" not in out, out[-4000:]
@@ -136,8 +164,11 @@ def _entry_error(rc, out, torchrun=False):
 def _listing(root):
     """path -> sha256 of every file under ``root``."""
     root = Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _refusal(argv):
@@ -155,14 +186,28 @@ def killed(tmp_path_factory):
     d = tmp_path_factory.mktemp("kill")
     ckpt, flag, script = d / "ckpt", d / "stopped", d / "stop_save.py"
     script.write_text(STOP_SAVE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           *cpu_flag(), *KILL_ARGS, "--save", str(ckpt)]
-    proc, log = _start(cmd, d / "killed.log", env={"STOP_SAVE_AT": "iter_0000008", "STOP_SAVE_FLAG": str(flag)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(script),
+        *cpu_flag(),
+        *KILL_ARGS,
+        "--save",
+        str(ckpt),
+    ]
+    proc, log = _start(
+        cmd, d / "killed.log", env={"STOP_SAVE_AT": "iter_0000008", "STOP_SAVE_FLAG": str(flag)}
+    )
     try:
         deadline = time.time() + 240
         while not flag.exists():
             if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the run did not reach the held save:\n{(d / 'killed.log').read_text()[-4000:]}")
+                pytest.fail(
+                    f"the run did not reach the held save:\n{(d / 'killed.log').read_text()[-4000:]}"
+                )
             time.sleep(0.1)
     finally:
         _kill_tree(proc)
@@ -191,13 +236,30 @@ def data(tmp_path_factory):
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(400)]
     model = train_sentencepiece(docs, d / "tok", 60)
     (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    text = preprocess_jsonl(str(d / "docs.jsonl"), str(d / "docs"), "SentencePieceTokenizer", model).outputs["text"]
-    chats = [{"messages": [{"role": "user", "content": f"is the {w} red?"},
-                           {"role": "assistant", "content": f"the {w} is blue"}]} for w in WORDS]
+    text = preprocess_jsonl(
+        str(d / "docs.jsonl"), str(d / "docs"), "SentencePieceTokenizer", model
+    ).outputs["text"]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"is the {w} red?"},
+                {"role": "assistant", "content": f"the {w} is blue"},
+            ]
+        }
+        for w in WORDS
+    ]
     (d / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    prepare_sft_data(str(d / "chat.jsonl"), str(d / "chat"), build_tokenizer("SentencePieceTokenizer", model), 32)
+    prepare_sft_data(
+        str(d / "chat.jsonl"), str(d / "chat"), build_tokenizer("SentencePieceTokenizer", model), 32
+    )
     (d / "notes.txt").write_text("not a tokenizer\n")
-    return {"dir": d, "model": model, "text": text, "sft": str(d / "chat"), "notes": str(d / "notes.txt")}
+    return {
+        "dir": d,
+        "model": model,
+        "text": text,
+        "sft": str(d / "chat"),
+        "notes": str(d / "notes.txt"),
+    }
 
 
 def _sp(data):
@@ -210,7 +272,10 @@ def test_kill_during_save_keeps_last_checkpoint_and_resume_is_exact(killed, resu
     out, log = resumed
     # the kill hit the save of 8: its shards are on disk, its .metadata and the tracker are not
     assert (snapshot / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert sorted(p.name for p in (snapshot / "iter_0000008").iterdir()) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (snapshot / "iter_0000008").iterdir()) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     assert checkpoint_damage(str(snapshot / "iter_0000004")) is None
     assert "the save did not finish" in checkpoint_damage(str(snapshot / "iter_0000008"))
     # the killed run trained 1..8 uninterrupted; the resumed one loaded 4 and trained 5..8
@@ -218,12 +283,17 @@ def test_kill_during_save_keeps_last_checkpoint_and_resume_is_exact(killed, resu
     assert f"successfully loaded checkpoint from {ckpt}" in out and "at iteration 4" in out
     assert sorted(log["train"]) == [5, 6, 7, 8]
     for i in (5, 7, 8):
-        assert log["train"][i]["lm loss"] == full["train"][i]["lm loss"], (i, log["train"][i], full["train"][i])
+        assert log["train"][i]["lm loss"] == full["train"][i]["lm loss"], (
+            i,
+            log["train"][i],
+            full["train"][i],
+        )
     for i in (5, 6, 7, 8):
         assert log["train"][i]["grad norm"] == full["train"][i]["grad norm"], i
     # Megatron's first log line of a run keeps its running sums: line 6 is the mean of 5 and 6
     assert log["train"][6]["lm loss"] == pytest.approx(
-        (full["train"][5]["lm loss"] + full["train"][6]["lm loss"]) / 2, abs=2e-6)
+        (full["train"][5]["lm loss"] + full["train"][6]["lm loss"]) / 2, abs=2e-6
+    )
     # the complete checkpoint was never touched; the held one was rewritten whole
     assert _listing(ckpt / "iter_0000004") == _listing(snapshot / "iter_0000004")
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
@@ -253,7 +323,9 @@ def test_damaged_checkpoint_is_named_with_the_earlier_one(killed, resumed, tmp_p
     os.truncate(shard, shard.stat().st_size // 2)
     before = _listing(cut)
     line = _entry_error(*_run_entry(base + ["--load", str(cut)]))
-    assert str(shard) in line and "cut short" in line and "damaged" in line and "--ckpt-step 4" in line, line
+    assert (
+        str(shard) in line and "cut short" in line and "damaged" in line and "--ckpt-step 4" in line
+    ), line
     assert _listing(cut) == before
     # no earlier iteration to offer
     only = tmp_path / "only"
@@ -285,9 +357,11 @@ def test_finetune_needs_a_checkpoint(killed, tmp_path):
     msg = _refusal(base + ["--pretrained-checkpoint", "/typo2", "--load", str(empty)])
     assert msg.startswith("argument --pretrained-checkpoint: '/typo2' holds no checkpoint")
     # accepted: a real checkpoint either way, and a plain --load of an empty dir (a first run)
-    for extra in (["--finetune", "--load", str(snapshot)],
-                  ["--pretrained-checkpoint", str(snapshot), "--load", str(empty)],
-                  ["--load", str(empty)]):
+    for extra in (
+        ["--finetune", "--load", str(snapshot)],
+        ["--pretrained-checkpoint", str(snapshot), "--load", str(empty)],
+        ["--load", str(empty)],
+    ):
         check_inputs(parse_args(base + extra))
 
 
@@ -296,8 +370,18 @@ def test_tokenizer_model_that_is_not_one_is_named(data, tmp_path):
     base = MODEL + ["--mock-data", "--eval-iters", "0", "--train-iters", "2"]
     for kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
         msg = _refusal(base + ["--tokenizer-type", kind, "--tokenizer-model", data["notes"]])
-        assert msg.startswith(f"argument --tokenizer-model {data['notes']!r}: not a {kind} model"), msg
-    msg = _refusal(base + ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "none")])
+        assert msg.startswith(
+            f"argument --tokenizer-model {data['notes']!r}: not a {kind} model"
+        ), msg
+    msg = _refusal(
+        base
+        + [
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            str(tmp_path / "none"),
+        ]
+    )
     assert "no such file" in msg and str(tmp_path / "none") in msg
     check_inputs(parse_args(base + _sp(data)))
 
@@ -316,14 +400,35 @@ def test_pretraining_data_checks(data, monkeypatch, tmp_path):
     assert f"no {data['text']}.bin.idx" in msg
     # ids of another tokenizer: the data's largest id against a smaller padded vocabulary
     top = int(np.fromfile(data["text"] + ".bin", dtype=np.uint16).max())
-    small = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "20", "--make-vocab-size-divisible-by", "8"]
+    small = [
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "20",
+        "--make-vocab-size-divisible-by",
+        "8",
+    ]
     padded = 24  # NullTokenizer(20) has 21 ids (eod added), padded to a multiple of 8
     msg = _refusal(base + small + ["--data-path", data["text"]])
-    assert f"{data['text']}.bin holds token id {top}" in msg and f"padded vocabulary of {padded}" in msg, msg
+    assert (
+        f"{data['text']}.bin holds token id {top}" in msg
+        and f"padded vocabulary of {padded}" in msg
+    ), msg
     # uint16 data under a vocabulary above 65535 cannot hold a bad id: nothing is read
     monkeypatch.setattr(train_inputs, "_sample_ids", lambda *a: pytest.fail("read the .bin"))
-    check_inputs(parse_args(base + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "70000",
-                                    "--data-path", data["text"]]))
+    check_inputs(
+        parse_args(
+            base
+            + [
+                "--tokenizer-type",
+                "NullTokenizer",
+                "--vocab-size",
+                "70000",
+                "--data-path",
+                data["text"],
+            ]
+        )
+    )
     monkeypatch.undo()
     # a large .bin is sampled (its head and 16 windows), not scanned
     n = train_inputs.SAMPLE_HEAD + 40 * train_inputs.SAMPLE_WINDOW
@@ -339,14 +444,31 @@ def test_pretraining_data_checks(data, monkeypatch, tmp_path):
 def test_empty_split_part_is_refused_instead_of_hanging(data):
     # 400 documents, Megatron's default --split 969,30,1: the test part gets round(0.4) = 0
     before = _listing(data["dir"])
-    argv = MODEL + _sp(data) + ["--data-path", data["text"], "--train-iters", "2", "--eval-iters", "1"]
+    argv = (
+        MODEL + _sp(data) + ["--data-path", data["text"], "--train-iters", "2", "--eval-iters", "1"]
+    )
     line = _entry_error(*_run_entry(argv, nproc=1, timeout=150), torchrun=True)
-    assert f"the test part of {data['text']!r} gets no document (400 documents, --split '969, 30, 1')" in line
+    assert (
+        f"the test part of {data['text']!r} gets no document (400 documents, --split '969, 30, 1')"
+        in line
+    )
     assert "--split" in line and "more documents" in line
     assert _listing(data["dir"]) == before  # refused before Megatron wrote its index cache
     # the validation part is checked the same way (also without torchrun)
-    msg = _refusal(MODEL + _sp(data) + ["--data-path", data["text"], "--train-iters", "2", "--eval-iters", "1",
-                                        "--split", "999,0.5,0.5"])
+    msg = _refusal(
+        MODEL
+        + _sp(data)
+        + [
+            "--data-path",
+            data["text"],
+            "--train-iters",
+            "2",
+            "--eval-iters",
+            "1",
+            "--split",
+            "999,0.5,0.5",
+        ]
+    )
     assert "the validation part" in msg
 
 
@@ -354,12 +476,18 @@ def test_empty_split_part_is_refused_instead_of_hanging(data):
 def test_bf16_trains_on_cpu(killed):
     _, _, fp32 = killed
     argv = MODEL + MOCK + TP2 + ["--train-iters", "2", "--bf16"]
-    assert "--no-masked-softmax-fusion" not in argv  # the entry adds it on a host without the kernel
+    assert (
+        "--no-masked-softmax-fusion" not in argv
+    )  # the entry adds it on a host without the kernel
     out = run_train(2, argv)
     log = parse_megatron_log(out)
     assert sorted(log["train"]) == [1, 2]
-    assert re.search(r"^  bf16 \.+ True$", out, re.M) and re.search(r"^  params_dtype \.+ torch.bfloat16$", out, re.M)
+    assert re.search(r"^  bf16 \.+ True$", out, re.M) and re.search(
+        r"^  params_dtype \.+ torch.bfloat16$", out, re.M
+    )
     assert re.search(r"^  masked_softmax_fusion \.+ False$", out, re.M)  # what makes it run
     # same weights, data and seed as the fp32 killed run: bf16 rounding moves the first loss a little
     first = log["train"][1]["lm loss"]
-    assert first != fp32["train"][1]["lm loss"] and first == pytest.approx(fp32["train"][1]["lm loss"], abs=0.05)
+    assert first != fp32["train"][1]["lm loss"] and first == pytest.approx(
+        fp32["train"][1]["lm loss"], abs=0.05
+    )

@@ -31,43 +31,94 @@ TINY = (
     "--log-interval 1 --eval-iters 1 --eval-interval 1000 --num-workers 0"
 ).split()
 # Pre-training: mock data; vocab 250 and the SFT tokenizer's 128 both pad to 256 at TP=2.
-PRETRAIN = TINY + "--mock-data --split 98,1,1 --tokenizer-type NullTokenizer --vocab-size 250".split()
+PRETRAIN = (
+    TINY + "--mock-data --split 98,1,1 --tokenizer-type NullTokenizer --vocab-size 250".split()
+)
 TP2 = ["--tensor-model-parallel-size", "2"]
 ITERS = 10
 
 
 @pytest.fixture(scope="module")
 def ce_log():
-    return parse_megatron_log(run_train(2, PRETRAIN + TP2 + ["--train-iters", str(ITERS), "--loss", "ce"]))
+    return parse_megatron_log(
+        run_train(2, PRETRAIN + TP2 + ["--train-iters", str(ITERS), "--loss", "ce"])
+    )
 
 
 @pytest.fixture(scope="module")
 def gem1(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("gem1") / "ckpt"
     # --ckpt-format torch: one file per rank, so the test can compare ranks' tensors
-    out = run_train(2, PRETRAIN + TP2 + [
-        "--train-iters", str(ITERS), "--loss", "gem", "--gem-beta", "1.0", "--gem-h", "linear",
-        "--save", str(ckpt), "--save-interval", "5", "--ckpt-format", "torch",
-    ])
+    out = run_train(
+        2,
+        PRETRAIN
+        + TP2
+        + [
+            "--train-iters",
+            str(ITERS),
+            "--loss",
+            "gem",
+            "--gem-beta",
+            "1.0",
+            "--gem-h",
+            "linear",
+            "--save",
+            str(ckpt),
+            "--save-interval",
+            "5",
+            "--ckpt-format",
+            "torch",
+        ],
+    )
     return parse_megatron_log(out), ckpt
 
 
 @pytest.fixture(scope="module")
 def resumed_log(gem1):
     _, ckpt = gem1
-    out = run_train(2, PRETRAIN + TP2 + [
-        "--train-iters", str(ITERS), "--loss", "gem", "--gem-beta", "1.0", "--gem-h", "linear",
-        "--load", str(ckpt), "--ckpt-step", "5", "--ckpt-format", "torch",
-    ])
+    out = run_train(
+        2,
+        PRETRAIN
+        + TP2
+        + [
+            "--train-iters",
+            str(ITERS),
+            "--loss",
+            "gem",
+            "--gem-beta",
+            "1.0",
+            "--gem-h",
+            "linear",
+            "--load",
+            str(ckpt),
+            "--ckpt-step",
+            "5",
+            "--ckpt-format",
+            "torch",
+        ],
+    )
     assert "successfully loaded checkpoint" in out and "at iteration 5" in out
     return parse_megatron_log(out)
 
 
 @pytest.fixture(scope="module")
 def pp_log():
-    return parse_megatron_log(run_train(4, PRETRAIN + TP2 + [
-        "--pipeline-model-parallel-size", "2", "--train-iters", str(ITERS), "--loss", "gem",
-    ], timeout=480))
+    return parse_megatron_log(
+        run_train(
+            4,
+            PRETRAIN
+            + TP2
+            + [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--train-iters",
+                str(ITERS),
+                "--loss",
+                "gem",
+            ],
+            timeout=480,
+        )
+    )
 
 
 def _write_chat(path, n=64, seed=0):
@@ -78,10 +129,14 @@ def _write_chat(path, n=64, seed=0):
     chats = []
     for _ in range(n):
         i = rng.randrange(len(things))
-        chats.append({"messages": [
-            {"role": "user", "content": f"What color is the {things[i]}?"},
-            {"role": "assistant", "content": f"The {things[i]} is {colors[i]}."},
-        ]})
+        chats.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What color is the {things[i]}?"},
+                    {"role": "assistant", "content": f"The {things[i]} is {colors[i]}."},
+                ]
+            }
+        )
     path.write_text("".join(json.dumps(c) + "\n" for c in chats))
     return chats
 
@@ -98,11 +153,31 @@ def sft_run(gem1, tmp_path_factory):
     model = train_sentencepiece(text, d / "tok", 128)
     tok = build_tokenizer("SentencePieceTokenizer", model)
     prepare_sft_data(str(d / "chat.jsonl"), str(d / "chat"), tok, 32)
-    out = run_train(2, TINY + TP2 + [
-        "--split", "80,10,10", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
-        "--sft", "--data-path", str(d / "chat"), "--train-iters", "12", "--loss", "gem",
-        "--finetune", "--load", str(ckpt), "--ckpt-format", "torch",
-    ])
+    out = run_train(
+        2,
+        TINY
+        + TP2
+        + [
+            "--split",
+            "80,10,10",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            model,
+            "--sft",
+            "--data-path",
+            str(d / "chat"),
+            "--train-iters",
+            "12",
+            "--loss",
+            "gem",
+            "--finetune",
+            "--load",
+            str(ckpt),
+            "--ckpt-format",
+            "torch",
+        ],
+    )
     return out, parse_megatron_log(out)
 
 
@@ -142,7 +217,12 @@ def test_resume_reproduces_uninterrupted_run(gem1, resumed_log):
     assert sorted(resumed_log["train"]) == list(range(6, ITERS + 1))
     for i in (6, 8, 9, 10):
         for key in ("lm loss", "gem loss", "entropy", "grad norm"):
-            assert resumed_log["train"][i][key] == full["train"][i][key], (i, key, resumed_log["train"][i], full["train"][i])
+            assert resumed_log["train"][i][key] == full["train"][i][key], (
+                i,
+                key,
+                resumed_log["train"][i],
+                full["train"][i],
+            )
     # Megatron logs the first iteration of a run without resetting its running sums, so the
     # next line (here 7) shows the mean of 6 and 7 (as line 2 of the uninterrupted run does).
     seven = (full["train"][6]["lm loss"] + full["train"][7]["lm loss"]) / 2
@@ -154,8 +234,14 @@ def test_resume_reproduces_uninterrupted_run(gem1, resumed_log):
 def test_tp_replicated_weights_equal_and_shards_distinct(gem1):
     _, ckpt = gem1
     for it in ("iter_0000005", "iter_0000010"):
-        ranks = [torch.load(ckpt / it / f"mp_rank_0{r}" / "model_optim_rng.pt", map_location="cpu", weights_only=False)
-                 for r in (0, 1)]
+        ranks = [
+            torch.load(
+                ckpt / it / f"mp_rank_0{r}" / "model_optim_rng.pt",
+                map_location="cpu",
+                weights_only=False,
+            )
+            for r in (0, 1)
+        ]
         m0, m1 = ranks[0]["model"], ranks[1]["model"]
         assert m0.keys() == m1.keys()
         replicated = [k for k in m0 if "layernorm" in k]
@@ -166,7 +252,9 @@ def test_tp_replicated_weights_equal_and_shards_distinct(gem1):
         for k in sharded:
             # Megatron draws each rank's shard from its own tracker seed; one shared stream
             # (the CPU RNG bug) would make them identical.
-            assert m0[k].shape == m1[k].shape and not torch.equal(m0[k], m1[k]), f"{it}: shards of {k} equal"
+            assert m0[k].shape == m1[k].shape and not torch.equal(m0[k], m1[k]), (
+                f"{it}: shards of {k} equal"
+            )
         rng0, rng1 = ranks[0]["rng_state"][0], ranks[1]["rng_state"][0]
         t0, t1 = rng0["rng_tracker_states"], rng1["rng_tracker_states"]
         assert not torch.equal(t0["model-parallel-rng"], t1["model-parallel-rng"])

@@ -6,28 +6,30 @@ from __future__ import annotations
 import argparse
 import math
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from megatron_gem.train import launch_check as lc
 
 from conftest import REPO
-MIB = 2 ** 20
+
+MIB = 2**20
 
 LLAMA3_8B = dict(L=32, h=4096, ffn=14336, nh=32, g=8, d=128, V=128256)
 LLAMA3_70B = dict(L=80, h=8192, ffn=28672, nh=64, g=8, d=128, V=128256)
 
 
 def _llama_argv(m, tp, pp, vp=None, seq=4096, gbs=128):
-    argv = (f"--num-layers {m['L']} --hidden-size {m['h']} --ffn-hidden-size {m['ffn']} "
-            f"--num-attention-heads {m['nh']} --group-query-attention --num-query-groups {m['g']} "
-            f"--kv-channels {m['d']} --max-position-embeddings 8192 --position-embedding-type rope "
-            "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
-            f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp} --sequence-parallel "
-            f"--use-distributed-optimizer --seq-length {seq} --micro-batch-size 1 --global-batch-size {gbs} "
-            "--train-iters 10 --eval-iters 0 --lr 1e-5 --bf16 --tokenizer-type NullTokenizer "
-            f"--vocab-size {m['V']} --mock-data --loss gem").split()
+    argv = (
+        f"--num-layers {m['L']} --hidden-size {m['h']} --ffn-hidden-size {m['ffn']} "
+        f"--num-attention-heads {m['nh']} --group-query-attention --num-query-groups {m['g']} "
+        f"--kv-channels {m['d']} --max-position-embeddings 8192 --position-embedding-type rope "
+        "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
+        f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp} --sequence-parallel "
+        f"--use-distributed-optimizer --seq-length {seq} --micro-batch-size 1 --global-batch-size {gbs} "
+        "--train-iters 10 --eval-iters 0 --lr 1e-5 --bf16 --tokenizer-type NullTokenizer "
+        f"--vocab-size {m['V']} --mock-data --loss gem"
+    ).split()
     if vp:
         argv += ["--num-virtual-stages-per-pipeline-rank", str(vp)]
     return argv
@@ -57,16 +59,26 @@ def test_memory_estimate_8b_against_independent_count():
     attn, mlp, norms = _params(m)
     tp_sharded = (m["L"] * (attn + mlp) + 2 * vp * m["h"]) / tp  # untied: embedding + output layer
     replicated = m["L"] * norms + m["h"]
-    bytes_per_param = 6 + 12 / dp  # bf16 weight + fp32 grad, fp32 main weight + Adam sharded over DP
-    assert est["weights_and_optimizer"] == pytest.approx((tp_sharded + replicated) * bytes_per_param / MIB, rel=1e-12)
+    bytes_per_param = (
+        6 + 12 / dp
+    )  # bf16 weight + fp32 grad, fp32 main weight + Adam sharded over DP
+    assert est["weights_and_optimizer"] == pytest.approx(
+        (tp_sharded + replicated) * bytes_per_param / MIB, rel=1e-12
+    )
     # activations, Korthikanti et al. (2022) Table 2 with SP (no attention scores kept), first
     # stage with PP=1: layers + embedding input/dropout + final norm/output layer/loss, all / TP
     s, b, h = 4096, 1, m["h"]
-    act = (s * b * h * (18 + 4 * m["ffn"] / h) * m["L"] + 8 * s * b + s * b * h
-           + s * b * h * 4 * (1 + vp / h)) / tp
+    act = (
+        s * b * h * (18 + 4 * m["ffn"] / h) * m["L"]
+        + 8 * s * b
+        + s * b * h
+        + s * b * h * 4 * (1 + vp / h)
+    ) / tp
     assert est["method"] == "SP, fused attention"
     assert est["activations"] == pytest.approx(act / MIB, rel=1e-12)
-    assert est["total"] == pytest.approx(est["weights_and_optimizer"] + est["activations"], rel=1e-12)
+    assert est["total"] == pytest.approx(
+        est["weights_and_optimizer"] + est["activations"], rel=1e-12
+    )
 
 
 def test_memory_estimate_70b_pipeline_most_loaded_stage():
@@ -88,7 +100,9 @@ def test_memory_method_without_sequence_parallel_is_megatrons_upper_bound():
     assert est["method"] == "no SP"
     s, b, h, L, tp = 4096, 1, 4096, 32, 2
     vp = 128256
-    act = (s * b * h * (10 + 24 / tp) * L + 8 * s * b + s * b * h + (s * b * vp / tp + s * b * h) * 2) * 1.05
+    act = (
+        s * b * h * (10 + 24 / tp) * L + 8 * s * b + s * b * h + (s * b * vp / tp + s * b * h) * 2
+    ) * 1.05
     assert est["activations"] == pytest.approx(act / MIB, rel=1e-12)
 
 
@@ -101,7 +115,18 @@ def test_estimate_does_not_modify_args():
 
 def test_read_dump_round_trip_and_truncation():
     argv = ["--tensorboard-dir", "/a b/c", "", "--x=ü", "-"]
-    rec = ["train", "megatron_gem.train", "cluster", "2", "8", "128256", "s.sbatch", "1", str(len(argv)), *argv]
+    rec = [
+        "train",
+        "megatron_gem.train",
+        "cluster",
+        "2",
+        "8",
+        "128256",
+        "s.sbatch",
+        "1",
+        str(len(argv)),
+        *argv,
+    ]
     tool = ["tool", "tools/t.py", "cluster", "1", "1", "", "t.sbatch", "", "0"]
     data = "".join(f + "\0" for f in rec + tool).encode()
     a, b = lc.read_dump(data)
@@ -123,30 +148,80 @@ def test_launch_spec_rejects_bad_sizes(field, value):
 def test_layout_problems_reports_each_split():
     ns = argparse.Namespace
     spec = lc.LaunchSpec("train", "megatron_gem.train", "cluster", 1, 6, [], env={})
-    args = ns(tensor_model_parallel_size=3, pipeline_model_parallel_size=2, context_parallel_size=1,
-              virtual_pipeline_model_parallel_size=None, data_parallel_size=1, world_size=6,
-              num_attention_heads=32, num_query_groups=8, group_query_attention=True,
-              ffn_hidden_size=14336, num_layers=31, seq_length=4096, max_position_embeddings=2048,
-              sequence_parallel=True, use_torch_fsdp2=False, use_megatron_fsdp=False, fp8=None,
-              exit_signal_handler=True, exit_duration_in_mins=None, save=None, load=None,
-              save_interval=None, sft=True, data_path=None, train_data_path=None, mock_data=False,
-              tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None)
+    args = ns(
+        tensor_model_parallel_size=3,
+        pipeline_model_parallel_size=2,
+        context_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        data_parallel_size=1,
+        world_size=6,
+        num_attention_heads=32,
+        num_query_groups=8,
+        group_query_attention=True,
+        ffn_hidden_size=14336,
+        num_layers=31,
+        seq_length=4096,
+        max_position_embeddings=2048,
+        sequence_parallel=True,
+        use_torch_fsdp2=False,
+        use_megatron_fsdp=False,
+        fp8=None,
+        exit_signal_handler=True,
+        exit_duration_in_mins=None,
+        save=None,
+        load=None,
+        save_interval=None,
+        sft=True,
+        data_path=None,
+        train_data_path=None,
+        mock_data=False,
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=None,
+    )
     errors, warns = lc.layout_problems(args, spec)
     text = "\n".join(errors)
-    for piece in ("--num-attention-heads 32 is not divisible by --tensor-model-parallel-size 3",
-                  "--num-query-groups 8", "--ffn-hidden-size 14336", "--num-layers 31 is not divisible by PP x VP = 2 x 1",
-                  "--seq-length 4096 is not divisible by 3", "exceeds --max-position-embeddings 2048",
-                  "without --save", "--sft needs --data-path", "needs --tokenizer-model"):
+    for piece in (
+        "--num-attention-heads 32 is not divisible by --tensor-model-parallel-size 3",
+        "--num-query-groups 8",
+        "--ffn-hidden-size 14336",
+        "--num-layers 31 is not divisible by PP x VP = 2 x 1",
+        "--seq-length 4096 is not divisible by 3",
+        "exceeds --max-position-embeddings 2048",
+        "without --save",
+        "--sft needs --data-path",
+        "needs --tokenizer-model",
+    ):
         assert piece in text, piece
     assert any("CUDA_DEVICE_MAX_CONNECTIONS" in w for w in warns)
 
 
-@pytest.mark.parametrize("duration,minutes", [
-    ("30", "30"), ("10:30", "11"), ("10:00", "10"), ("2:00:00", "120"), ("04:00:00", "240"),
-    ("1-0", "1440"), ("1-02:03", "1563"), ("1-02:03:04", "1564"), ("UNLIMITED", ""), ("", ""),
-])
+@pytest.mark.parametrize(
+    "duration,minutes",
+    [
+        ("30", "30"),
+        ("10:30", "11"),
+        ("10:00", "10"),
+        ("2:00:00", "120"),
+        ("04:00:00", "240"),
+        ("1-0", "1440"),
+        ("1-02:03", "1563"),
+        ("1-02:03:04", "1564"),
+        ("UNLIMITED", ""),
+        ("", ""),
+    ],
+)
 def test_slurm_duration_minutes(duration, minutes):
     out = subprocess.run(
-        ["bash", "-c", 'GEM_REPO="$1"; source "$1/launch_scripts/common.sh"; gem_duration_minutes "$2"',
-         "_", str(REPO), duration], capture_output=True, text=True, check=True)
+        [
+            "bash",
+            "-c",
+            'GEM_REPO="$1"; source "$1/launch_scripts/common.sh"; gem_duration_minutes "$2"',
+            "_",
+            str(REPO),
+            duration,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == minutes

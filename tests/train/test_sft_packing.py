@@ -44,10 +44,16 @@ def _write_chat(path, n=48, seed=0):
     lines = []
     for _ in range(n):
         i = rng.randrange(len(things))
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": f"{things[i]}?"},
-            {"role": "assistant", "content": colors[i]},
-        ]}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{things[i]}?"},
+                        {"role": "assistant", "content": colors[i]},
+                    ]
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
     return [json.loads(line) for line in lines]
 
@@ -59,10 +65,23 @@ def sft_data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("sft_pp")
     chats = _write_chat(d / "chat.jsonl")
-    model = train_sentencepiece([m["content"] for c in chats for m in c["messages"]] * 4, d / "tok", 128)
-    prepare_sft_data(str(d / "chat.jsonl"), str(d / "chat"), build_tokenizer("SentencePieceTokenizer", model), 64)
-    flags = ["--split", "80,10,10", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
-             "--sft", "--data-path", str(d / "chat")]
+    model = train_sentencepiece(
+        [m["content"] for c in chats for m in c["messages"]] * 4, d / "tok", 128
+    )
+    prepare_sft_data(
+        str(d / "chat.jsonl"), str(d / "chat"), build_tokenizer("SentencePieceTokenizer", model), 64
+    )
+    flags = [
+        "--split",
+        "80,10,10",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        model,
+        "--sft",
+        "--data-path",
+        str(d / "chat"),
+    ]
     return d, flags
 
 
@@ -70,14 +89,32 @@ def sft_data(tmp_path_factory):
 def pp_runs(sft_data):
     d, flags = sft_data
     ckpt = d / "ckpt"
-    ref = run_train(1, TINY4 + flags + ["--train-iters", str(ITERS), "--save", str(ckpt),
-                                        "--save-interval", str(SAVE_AT)])
+    ref = run_train(
+        1,
+        TINY4
+        + flags
+        + ["--train-iters", str(ITERS), "--save", str(ckpt), "--save-interval", str(SAVE_AT)],
+    )
     # PP=2 x 2 virtual stages of one layer: chunks (rank 1, vp 0) and (rank 0, vp 1) are middle
     # stages. (PP=4, one layer per stage, was checked the same way by hand; it costs 4 processes.)
-    pp = run_train(2, TINY4 + flags + ["--train-iters", str(ITERS), "--load", str(ckpt),
-                                        "--ckpt-step", str(SAVE_AT), "--pipeline-model-parallel-size", "2",
-                                        "--num-layers-per-virtual-pipeline-stage", "1"],
-                    timeout=400)
+    pp = run_train(
+        2,
+        TINY4
+        + flags
+        + [
+            "--train-iters",
+            str(ITERS),
+            "--load",
+            str(ckpt),
+            "--ckpt-step",
+            str(SAVE_AT),
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+        ],
+        timeout=400,
+    )
     assert f"at iteration {SAVE_AT}" in pp
     return parse_megatron_log(ref), parse_megatron_log(pp)
 
@@ -89,12 +126,23 @@ def test_sft_virtual_pipeline_middle_stages_keep_the_packing_mask(pp_runs):
     # Megatron's first logged line of a run keeps its running sums, so the resumed run's second
     # line is the mean of iterations SAVE_AT+1 and SAVE_AT+2 (its first is iteration SAVE_AT+1).
     first, second = SAVE_AT + 1, SAVE_AT + 2
-    expect = {first: ref["train"][first]["lm loss"],
-              second: (ref["train"][first]["lm loss"] + ref["train"][second]["lm loss"]) / 2}
+    expect = {
+        first: ref["train"][first]["lm loss"],
+        second: (ref["train"][first]["lm loss"] + ref["train"][second]["lm loss"]) / 2,
+    }
     for i, want in expect.items():
-        assert abs(pp["train"][i]["lm loss"] - want) <= 1e-5, (i, want, pp["train"][i], ref["train"])
+        assert abs(pp["train"][i]["lm loss"] - want) <= 1e-5, (
+            i,
+            want,
+            pp["train"][i],
+            ref["train"],
+        )
     for split in ("validation", "test"):
-        assert abs(ref[split][ITERS]["lm loss"] - pp[split][ITERS]["lm loss"]) <= 1e-5, (split, ref[split], pp[split])
+        assert abs(ref[split][ITERS]["lm loss"] - pp[split][ITERS]["lm loss"]) <= 1e-5, (
+            split,
+            ref[split],
+            pp[split],
+        )
 
 
 # --------------------------------------------------------------------------------------- unit
@@ -111,14 +159,18 @@ def sft_items(sft_data):
     from megatron_gem.data.sft import build_sft_datasets
 
     d, _ = sft_data
-    args = types.SimpleNamespace(seq_length=64, seed=7, data_path=[str(d / "chat")], split="80,10,10",
-                                 tokenizer_type=None)
+    args = types.SimpleNamespace(
+        seq_length=64, seed=7, data_path=[str(d / "chat")], split="80,10,10", tokenizer_type=None
+    )
     train, _, _ = build_sft_datasets(args, [24, 0, 0])
     return [train[i] for i in range(len(train))]
 
 
 def test_cu_seqlens_from_position_ids_match_the_block_diagonal_mask(sft_items):
-    from megatron_gem.train.batches import cu_seqlens_from_position_ids, packed_seq_params_from_cu_seqlens
+    from megatron_gem.train.batches import (
+        cu_seqlens_from_position_ids,
+        packed_seq_params_from_cu_seqlens,
+    )
 
     multi = 0
     for item in sft_items:
@@ -140,7 +192,9 @@ def test_cu_seqlens_at_odd_random_lengths():
 
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
-        lengths = torch.randint(1, 9, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        lengths = torch.randint(
+            1, 9, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g
+        ).tolist()
         pos = torch.cat([torch.arange(n) for n in lengths])
         cu, max_seqlen = cu_seqlens_from_position_ids(pos)
         assert cu.tolist() == [0] + list(np.cumsum(lengths)) and max_seqlen == max(lengths)
@@ -156,12 +210,19 @@ def one_rank(tmp_path, monkeypatch):
     import megatron.core.parallel_state as ps
     import megatron.training as mtraining
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    for name, value in (("is_pipeline_first_stage", True), ("is_pipeline_last_stage", True),
-                        ("get_tensor_model_parallel_rank", 0), ("get_tensor_model_parallel_src_rank", 0),
-                        ("get_tensor_model_parallel_world_size", 1), ("get_tensor_model_parallel_group", None)):
+    for name, value in (
+        ("is_pipeline_first_stage", True),
+        ("is_pipeline_last_stage", True),
+        ("get_tensor_model_parallel_rank", 0),
+        ("get_tensor_model_parallel_src_rank", 0),
+        ("get_tensor_model_parallel_world_size", 1),
+        ("get_tensor_model_parallel_group", None),
+    ):
         monkeypatch.setattr(ps, name, lambda *a, _v=value, **k: _v)
 
     class Timer:
@@ -182,7 +243,9 @@ class _RecordingModel:
     vp_stage = None
 
     def __call__(self, tokens, position_ids, attention_mask, **kwargs):
-        self.call = dict(tokens=tokens, position_ids=position_ids, attention_mask=attention_mask, **kwargs)
+        self.call = dict(
+            tokens=tokens, position_ids=position_ids, attention_mask=attention_mask, **kwargs
+        )
         return torch.zeros(tokens.shape)
 
 
@@ -192,8 +255,13 @@ def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl):
 
     item = next(it for it in sft_items if len(_cu_from_mask(it["attention_mask"])) > 3)
     one_rank["args"] = types.SimpleNamespace(
-        sft=True, transformer_impl=impl, mtp_num_layers=None, pipeline_model_parallel_size=1,
-        context_parallel_size=1, micro_batch_size=1, seq_length=64,
+        sft=True,
+        transformer_impl=impl,
+        mtp_num_layers=None,
+        pipeline_model_parallel_size=1,
+        context_parallel_size=1,
+        micro_batch_size=1,
+        seq_length=64,
     )
     model = _RecordingModel()
     forward_step(iter([{k: v.unsqueeze(0) for k, v in item.items()}]), model)
@@ -203,7 +271,9 @@ def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl):
     if impl == "transformer_engine":
         assert call["attention_mask"] is None
         psp = call["packed_seq_params"]
-        assert psp.qkv_format == "thd" and psp.cu_seqlens_q.tolist() == _cu_from_mask(item["attention_mask"])
+        assert psp.qkv_format == "thd" and psp.cu_seqlens_q.tolist() == _cu_from_mask(
+            item["attention_mask"]
+        )
     else:
         assert "packed_seq_params" not in call
         assert torch.equal(call["attention_mask"], item["attention_mask"].unsqueeze(0))
@@ -214,10 +284,18 @@ def test_sft_packing_argument_limits(capsys):
 
     base = dict(sft=True, context_parallel_size=1, micro_batch_size=2, transformer_impl="local")
     validate_sft_packing_args(types.SimpleNamespace(**base))  # local spec: any micro-batch
-    validate_sft_packing_args(types.SimpleNamespace(**dict(base, sft=False, context_parallel_size=2)))
-    for change, flag in ((dict(context_parallel_size=2), "--context-parallel-size"),
-                         (dict(transformer_impl="transformer_engine"), "--micro-batch-size")):
+    validate_sft_packing_args(
+        types.SimpleNamespace(**dict(base, sft=False, context_parallel_size=2))
+    )
+    for change, flag in (
+        (dict(context_parallel_size=2), "--context-parallel-size"),
+        (dict(transformer_impl="transformer_engine"), "--micro-batch-size"),
+    ):
         with pytest.raises(SystemExit) as exc:
             validate_sft_packing_args(types.SimpleNamespace(**dict(base, **change)))
         assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
-    validate_sft_packing_args(types.SimpleNamespace(**dict(base, transformer_impl="transformer_engine", micro_batch_size=1)))
+    validate_sft_packing_args(
+        types.SimpleNamespace(
+            **dict(base, transformer_impl="transformer_engine", micro_batch_size=1)
+        )
+    )

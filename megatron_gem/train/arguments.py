@@ -218,7 +218,7 @@ def take_cpu_flag(argv: list[str]) -> tuple[list[str], bool]:
     argv = [a for a in argv if a != "--cpu"]
     if cpu and torch.cuda.is_available():
         _error("argument --cpu: CUDA is available here; drop --cpu to train on the GPUs")
-    if not cpu and not torch.cuda.is_available() and not {"-h", "--help"} & set(argv):
+    if not cpu and not torch.cuda.is_available():
         print(
             f"{PROG}: error: CUDA is not available on this machine; pass --cpu to train on "
             "CPUs (gloo, for tests and smoke runs)",
@@ -226,6 +226,24 @@ def take_cpu_flag(argv: list[str]) -> tuple[list[str], bool]:
         )
         raise SystemExit(2)
     return argv, cpu
+
+
+def print_entry_help() -> None:
+    """The entry's ``--help``: Megatron's arguments and the GEM ones. Megatron 0.19.2's own
+    ``--help`` raises (a help text with a bare ``%``, ``--moe-paged-stash-buffer-size-factor-cuda``),
+    so the parser is built here and such texts are escaped in this copy only."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_gem_arguments(add_megatron_arguments(
+        argparse.ArgumentParser(prog=PROG, description="Megatron-LM arguments, plus the GEM loss",
+                                allow_abbrev=False)))
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            try:
+                action.help % dict(vars(action), prog=PROG)
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+    parser.print_help()
 
 
 def parse_entry_args(argv: list[str]) -> argparse.Namespace:

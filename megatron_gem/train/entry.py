@@ -80,10 +80,14 @@ def main(argv=None) -> None:
         PROG,
         adapt_argv_to_host,
         parse_entry_args,
+        print_entry_help,
         take_cpu_flag,
     )
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print_entry_help()
+        return
     argv, cpu = take_cpu_flag(argv)  # exits with one line without CUDA and without --cpu
     if cpu:
         from megatron_gem.megatron import cpu as cpu_mode

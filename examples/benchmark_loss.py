@@ -177,9 +177,11 @@ def main(argv=None):
     torch._dynamo.config.suppress_errors = False
 
     print(
-        f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+        "device: "
+        f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
         f"torch {torch.__version__}, {args.tokens} tokens x {args.local_vocab} local vocab, "
-        f"logits: {args.logits}, best of {args.repeats} fwd+bwd ({'wall' if torch.cuda.is_available() else 'CPU'} time"
+        f"logits: {args.logits}, best of {args.repeats} fwd+bwd "
+        f"({'wall' if torch.cuda.is_available() else 'CPU'} time"
         f"{'' if torch.cuda.is_available() else ', 1 thread per rank'})"
     )
     # CPU: memory under the default malloc, time under a retaining one (see the module doc).
@@ -220,17 +222,22 @@ def main(argv=None):
     ]
 
     ref = {(w, d): (s, e) for w, d, n, s, e in rows if n == "megatron_ce"}
-    header = "| TP | logits | method | fwd+bwd ms | peak extra MiB | time / Megatron CE | memory / Megatron CE |"
+    header = (
+        "| TP | logits | method | fwd+bwd ms | peak extra MiB "
+        "| time / Megatron CE | memory / Megatron CE |"
+    )
     print(header)
     print("|---|---|---|---|---|---|---|")
     for w, d, n, s, e in rows:
         rs, re_ = ref.get((w, d), (float("nan"), float("nan")))
         time_ratio = s / rs if rs else float("nan")
-        # no ratio against ~0 extra bytes (tiny shapes; Megatron's in-place fp32 path as an intermediate)
+        # no ratio against ~0 extra bytes (tiny shapes; Megatron's in-place fp32 path as an
+        # intermediate)
         mem_ratio = e / re_ if re_ > 2**20 else float("nan")
         # RSS can end a hair below where it started: that is 0 extra, not "-0"
         print(
-            f"| {w} | {d} | {n} | {s * 1e3:.0f} | {max(e, 0) / 2**20:.0f} | {time_ratio:.2f} | {mem_ratio:.2f} |"
+            f"| {w} | {d} | {n} | {s * 1e3:.0f} | {max(e, 0) / 2**20:.0f} "
+            f"| {time_ratio:.2f} | {mem_ratio:.2f} |"
         )
 
 

@@ -233,8 +233,8 @@ def hf_to_megatron_full_state(
         return t
 
     return {
-        megatron_name(k, l): local_megatron_tensor(k, l, arch, read, 0, 1, padded_vocab)
-        for k, l in expected_megatron_kinds(arch)
+        megatron_name(k, layer): local_megatron_tensor(k, layer, arch, read, 0, 1, padded_vocab)
+        for k, layer in expected_megatron_kinds(arch)
     }
 
 

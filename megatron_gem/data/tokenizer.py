@@ -111,7 +111,8 @@ def _build_named(ns):
             raise
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise ValueError(
-            f"--tokenizer-model {model!r}: not a {ns.tokenizer_type} model (it did not load: {reason})"
+            f"--tokenizer-model {model!r}: not a {ns.tokenizer_type} model "
+            f"(it did not load: {reason})"
         ) from err
 
 
@@ -219,12 +220,13 @@ def train_sentencepiece(
     """Train a SentencePiece model; return the path of ``<model_prefix>.model``.
 
     ``text``: one file path (``str`` or ``PathLike``), a list of ``pathlib.Path`` files, or an
-    iterable of strings (one sentence or document each; a list of ``str`` is text, not paths). Special ids follow Llama's layout plus a real pad: unk 0, bos 1, eos 2
-    (Megatron's ``eod``), pad 3. Training is single-threaded, so the model is a deterministic
-    function of the text. Outputs are written under a temporary name and renamed when complete;
-    existing files are only replaced with ``overwrite=True``, and never when an output is,
-    contains or lies inside an input: the files of ``text``, or ``inputs`` (the files an
-    iterable ``text`` is read from, e.g. ``iter_training_text``'s).
+    iterable of strings (one sentence or document each; a list of ``str`` is text, not paths).
+    Special ids follow Llama's layout plus a real pad: unk 0, bos 1, eos 2 (Megatron's ``eod``),
+    pad 3. Training is single-threaded, so the model is a deterministic function of the text.
+    Outputs are written under a temporary name and renamed when complete; existing files are
+    only replaced with ``overwrite=True``, and never when an output is, contains or lies inside
+    an input: the files of ``text``, or ``inputs`` (the files an iterable ``text`` is read from,
+    e.g. ``iter_training_text``'s).
     """
     import sentencepiece as spm
 

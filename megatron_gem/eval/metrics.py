@@ -1,4 +1,5 @@
-"""Quality, diversity and forgetting metrics for SFT studies (pure Python; torch only for embeddings).
+"""Quality, diversity and forgetting metrics for SFT studies (pure Python; torch only for
+embeddings).
 
 Every function works on one prompt: its N sampled responses (strings, the response text only,
 never the prompt) and, where the prompt has an enumerable valid set, that set and the model's
@@ -66,7 +67,8 @@ def _check_logprobs(logprobs: Sequence[float], name: str) -> list[float]:
 
 
 def valid_mass(valid_logprobs: Sequence[float]) -> float:
-    """Probability the model puts on the valid set: sum of exp(log p(response)) over valid responses.
+    """Probability the model puts on the valid set: sum of exp(log p(response)) over valid
+    responses.
 
     Exact when each log-prob is that of the whole response including its end-of-response token
     and the valid responses are distinct token sequences.

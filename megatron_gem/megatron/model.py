@@ -119,7 +119,8 @@ class GemGPTModelBuilder(GPTModelBuilder):
 
 
 def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConfig:
-    """``GemGPTModelConfig`` from Megatron args (as ``gpt_config_from_args``, plus ``--loss``...)."""
+    """``GemGPTModelConfig`` from Megatron args (as ``gpt_config_from_args``, plus
+    ``--loss``...)."""
     from megatron.training.argument_utils import gpt_config_from_args
 
     cfg = gpt_config_from_args(args, transformer_config, model_config_cls=GemGPTModelConfig)

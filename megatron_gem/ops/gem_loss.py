@@ -94,12 +94,13 @@ def _validate(logits, target, beta, h, ignore_index) -> None:
         raise ValueError(f"target/labels must be an integer tensor, got dtype={dtype}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(
-            f"logits must have a non-empty last (vocabulary) dimension, got shape={tuple(logits.shape)}"
+            "logits must have a non-empty last (vocabulary) dimension, "
+            f"got shape={tuple(logits.shape)}"
         )
     if tuple(logits.shape[:-1]) != tuple(target.shape):
         raise ValueError(
-            f"target/labels shape {tuple(target.shape)} must equal logits shape without its vocabulary "
-            f"dimension, {tuple(logits.shape[:-1])} (logits shape={tuple(logits.shape)})"
+            f"target/labels shape {tuple(target.shape)} must equal logits shape without its "
+            f"vocabulary dimension, {tuple(logits.shape[:-1])} (logits shape={tuple(logits.shape)})"
         )
     if target.device != logits.device:
         raise ValueError(f"target/labels are on {target.device} but logits on {logits.device}")
@@ -209,8 +210,9 @@ class _VocabParallelGEM(torch.autograd.Function):
             any_bad, v_max, v_min_neg = packed[2 * n :].tolist()
             if v_max != -v_min_neg:
                 raise ValueError(
-                    f"vocab_parallel_logits: the vocabulary shard size differs across tensor-parallel ranks "
-                    f"(this rank has {v_local}, others up to {int(v_max)} / down to {int(-v_min_neg)}); "
+                    "vocab_parallel_logits: the vocabulary shard size differs across "
+                    f"tensor-parallel ranks (this rank has {v_local}, others up to {int(v_max)} "
+                    f"/ down to {int(-v_min_neg)}); "
                     "Megatron pads the vocabulary so every rank holds an equal shard"
                 )
             if any_bad:
@@ -219,7 +221,8 @@ class _VocabParallelGEM(torch.autograd.Function):
                     f"target/labels hold ids outside the vocabulary [0, {vocab}) that are not "
                     f"ignore_index={ignore_index}: e.g. {bad[:5].tolist()}"
                 )
-            # Guard rows that are fully -inf (m) and ignored rows (z_y = -inf): keep the math finite.
+            # Guard rows that are fully -inf (m) and ignored rows (z_y = -inf): keep the math
+            # finite.
             m = packed[:n]
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             return m, torch.where(valid, packed[n : 2 * n], m)
@@ -266,7 +269,8 @@ class _VocabParallelGEM(torch.autograd.Function):
         # sum e w (z - z_y) = beta * sum e w x + (m - z_y) * sum e w
         loss = torch.where(valid, (beta * u + (m - zy) * a) / s_safe, zero)
 
-        # Saved per row: m, z_y, 1/S and sum e w (both 0 on ignored rows, which zeroes their gradient).
+        # Saved per row: m, z_y, 1/S and sum e w (both 0 on ignored rows, which zeroes their
+        # gradient).
         ctx.save_for_backward(
             logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero)
         )
@@ -287,7 +291,8 @@ class _VocabParallelGEM(torch.autograd.Function):
         logits, t, m, zy, inv_s, sum_ew = ctx.saved_tensors
         start, inv_beta, beta, logsigmoid = ctx.meta
         with _nvtx("megatron_gem/gem_loss/backward"):
-            # grad = (e w - (sum e w) onehot(y)) * grad_output / S, with e recomputed from the logits
+            # grad = (e w - (sum e w) onehot(y)) * grad_output / S, with e recomputed from the
+            # logits
             z = logits.reshape(-1, logits.shape[-1])
             n, v_local = z.shape
             row_scale = (grad_loss.reshape(-1).float() * inv_s).unsqueeze(-1)  # 0 on ignored rows
@@ -369,7 +374,8 @@ def vocab_parallel_gem_loss(
 def gem_loss(
     logits, labels, beta: float = DEFAULT_BETA, h: str = DEFAULT_H, ignore_index: int = -100
 ):
-    """Single-device per-token GEM loss for logits ``[..., V]`` and labels ``[...]``, unreduced (fp32)."""
+    """Single-device per-token GEM loss for logits ``[..., V]`` and labels ``[...]``, unreduced
+    (fp32)."""
     _validate(logits, labels, beta, h, ignore_index)
     with _nvtx("megatron_gem/gem_loss/forward"):
         return _VocabParallelGEM.apply(logits, labels, float(beta), h, None, ignore_index, False)

@@ -337,7 +337,7 @@ def wait_slurm(
             capture_output=True,
             text=True,
         )
-        live = {l.strip().split("_")[0] for l in proc.stdout.splitlines() if l.strip()}
+        live = {line.strip().split("_")[0] for line in proc.stdout.splitlines() if line.strip()}
         ids &= live
         if ids:
             study.log(f"waiting for {len(ids)} job(s)")

@@ -212,16 +212,17 @@ def report_markdown(
         L += [f"* {n}" for n in notes] + [""]
     L += [
         f"{len(records)} evaluated checkpoints of {len(_runs(records))} runs "
-        f"({len(_sizes(records))} model size(s)). Every run and every saved checkpoint appears below and in "
-        f"[`{CSV_FILE}`]({CSV_FILE}); nothing is selected.",
+        f"({len(_sizes(records))} model size(s)). Every run and every saved checkpoint appears "
+        f"below and in [`{CSV_FILE}`]({CSV_FILE}); nothing is selected.",
         "",
-        "All metrics are computed on the **response text only** (the tokens generated after the prompt; "
-        "the prompt is never scored or compared). Quality = fraction of samples in the prompt's valid set; "
-        "valid-set mass = exact probability of the valid responses; effective valid answers = exp(entropy) "
-        "of the model's distribution restricted to the valid set; coverage = share of the valid set "
-        "sampled; n-gram diversity = distinct/total n-grams (n = 1..3) over a prompt's samples; self-BLEU "
-        "diversity = 1 - BLEU of each sample against all others; forgetting = held-out pre-training loss "
-        "after SFT minus before (lower is better). Means over prompts; ↑ higher is better, ↓ lower is better.",
+        "All metrics are computed on the **response text only** (the tokens generated after the "
+        "prompt; the prompt is never scored or compared). Quality = fraction of samples in the "
+        "prompt's valid set; valid-set mass = exact probability of the valid responses; effective "
+        "valid answers = exp(entropy) of the model's distribution restricted to the valid set; "
+        "coverage = share of the valid set sampled; n-gram diversity = distinct/total n-grams "
+        "(n = 1..3) over a prompt's samples; self-BLEU diversity = 1 - BLEU of each sample against "
+        "all others; forgetting = held-out pre-training loss after SFT minus before (lower is "
+        "better). Means over prompts; ↑ higher is better, ↓ lower is better.",
         "",
     ]
     # Equal steps.
@@ -243,7 +244,8 @@ def report_markdown(
     no_common = [z for z, st in steps.items() if st is None]
     if no_common:
         L += [
-            f"Runs of size(s) {', '.join(map(str, no_common))} share no step: their last checkpoints are shown.",
+            f"Runs of size(s) {', '.join(map(str, no_common))} share no step: "
+            "their last checkpoints are shown.",
             "",
         ]
     if SIZE_PNG in plots:
@@ -282,9 +284,9 @@ def report_markdown(
         L += [
             "## Quality-matched comparison",
             "",
-            "For the last checkpoint of each non-CE run, the CE checkpoint (same size and seed) with the "
-            "closest quality: a diversity or forgetting gain that disappears here came from training "
-            "less, not from the loss.",
+            "For the last checkpoint of each non-CE run, the CE checkpoint (same size and seed) "
+            "with the closest quality: a diversity or forgetting gain that disappears here came "
+            "from training less, not from the loss.",
             "",
         ]
         L += _table(

@@ -80,10 +80,10 @@ def _run_data(study: Study, s: Stage) -> None:
         elif cfg.pretrain_data:  # hold out every 50th document (not trained on)
             lines = [raw for _, raw in iter_lines(cfg.pretrain_data) if not is_blank(raw)]
             (tmp / W.HELDOUT_FILE).write_bytes(
-                b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 == 49)
+                b"".join(line + b"\n" for i, line in enumerate(lines) if i % 50 == 49)
             )
             (tmp / W.PRETRAIN_FILE).write_bytes(
-                b"".join(l + b"\n" for i, l in enumerate(lines) if i % 50 != 49)
+                b"".join(line + b"\n" for i, line in enumerate(lines) if i % 50 != 49)
             )
     _publish(tmp, s.out)
 

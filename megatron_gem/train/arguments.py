@@ -3,7 +3,8 @@
 ``add_gem_arguments(parser)`` is an ``extra_args_provider`` for Megatron's argument parser:
 
 * ``--loss {ce,gem}`` (default ``ce``): Megatron's cross-entropy, or GEM;
-* ``--gem-beta B`` (default ``DEFAULT_BETA``, 0.7), the temperature of GEM's ``q = softmax(z / B)``, in (0, 1];
+* ``--gem-beta B`` (default ``DEFAULT_BETA``, 0.7), the temperature of GEM's
+  ``q = softmax(z / B)``, in (0, 1];
 * ``--gem-h {linear,logsigmoid}`` (default ``linear``).
 
 ``parse_args(argv)`` returns Megatron's fully parsed and validated arguments for an argv
@@ -160,8 +161,8 @@ def validate_sft_packing_args(args: argparse.Namespace) -> None:
     if getattr(args, "transformer_impl", None) == "transformer_engine" and mbs != 1:
         _error(
             f"argument --micro-batch-size: packed --sft with --transformer-impl transformer_engine "
-            f"passes each packed sequence as THD (cu_seqlens) and needs --micro-batch-size 1, got {mbs}; "
-            "raise --seq-length or --global-batch-size instead"
+            "passes each packed sequence as THD (cu_seqlens) and needs --micro-batch-size 1, "
+            f"got {mbs}; raise --seq-length or --global-batch-size instead"
         )
 
 
@@ -175,9 +176,10 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
 
     Without CUDA or without Transformer Engine, Megatron's defaults ``--transformer-impl
     transformer_engine`` and RoPE fusion cannot run: use the local implementation and unfused
-    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend and no gradient-accumulation fusion. Without
-    CUDA or the fused softmax extension, the unfused attention softmax (so ``--bf16``/``--fp16``
-    run). Explicit flags win where Megatron has a flag for both choices.
+    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend and no
+    gradient-accumulation fusion. Without CUDA or the fused softmax extension, the unfused
+    attention softmax (so ``--bf16``/``--fp16`` run). Explicit flags win where Megatron has a
+    flag for both choices.
     """
     import torch
 

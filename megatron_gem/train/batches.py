@@ -127,8 +127,8 @@ def cu_seqlens_from_position_ids(position_ids):
     if position_ids.dim() == 2:
         if position_ids.shape[0] != 1:
             raise ValueError(
-                f"packed SFT with THD attention needs --micro-batch-size 1, got position_ids of shape "
-                f"{tuple(position_ids.shape)}"
+                "packed SFT with THD attention needs --micro-batch-size 1, got position_ids of "
+                f"shape {tuple(position_ids.shape)}"
             )
         position_ids = position_ids[0]
     if position_ids.dim() != 1 or position_ids.numel() == 0 or int(position_ids[0]) != 0:

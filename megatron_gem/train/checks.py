@@ -142,7 +142,8 @@ def check_checkpoint_dir(flag: str, load_dir: str, ckpt_step: int | None = None)
         else:  # e.g. empty: a save killed between opening and writing it
             last = _iterations(load_dir)
             raise InputError(
-                f"argument {flag}: {tracker} names no iteration (holds {text[:20]!r}; a save was cut off?)"
+                f"argument {flag}: {tracker} names no iteration "
+                f"(holds {text[:20]!r}; a save was cut off?)"
                 + (
                     _earlier_hint(load_dir, last[-1] + 1)
                     if last
@@ -166,7 +167,8 @@ def check_checkpoint_dir(flag: str, load_dir: str, ckpt_step: int | None = None)
 
 
 def check_load(args) -> None:
-    """``--load`` / ``--pretrained-checkpoint`` / ``--finetune`` as Megatron's load_checkpoint uses them."""
+    """``--load`` / ``--pretrained-checkpoint`` / ``--finetune`` as Megatron's load_checkpoint
+    uses them."""
     load, pretrained = getattr(args, "load", None), getattr(args, "pretrained_checkpoint", None)
     step = getattr(args, "ckpt_step", None)
     if pretrained is not None:
@@ -176,8 +178,8 @@ def check_load(args) -> None:
             return
         if not check_checkpoint_dir("--pretrained-checkpoint", pretrained, step):
             raise InputError(
-                f"argument --pretrained-checkpoint: {pretrained!r} holds no checkpoint (no {TRACKER}); "
-                "give the directory a training run saved to (--save)"
+                f"argument --pretrained-checkpoint: {pretrained!r} holds no checkpoint "
+                f"(no {TRACKER}); give the directory a training run saved to (--save)"
             )
         return
     if getattr(args, "finetune", False):
@@ -191,8 +193,9 @@ def check_load(args) -> None:
         )
         if not check_checkpoint_dir("--load", load, step) and not os.path.isdir(non_persistent):
             raise InputError(
-                f"argument --load: {load!r} holds no checkpoint (no {TRACKER}), so --finetune would "
-                "train from random weights; give the directory a training run saved to (--save)"
+                f"argument --load: {load!r} holds no checkpoint (no {TRACKER}), "
+                "so --finetune would train from random weights; give the directory a training "
+                "run saved to (--save)"
             )
         return
     if load is not None:
@@ -242,7 +245,8 @@ def _read_index_header(flag: str, prefix: str):
         head = f.read(len(_INDEX_HEADER) + 8 + 1 + 8)
     if len(head) < len(_INDEX_HEADER) + 17 or not head.startswith(_INDEX_HEADER):
         raise InputError(
-            f"argument {flag}: {idx} is not a Megatron index file (make it with tools/preprocess_data.py)"
+            f"argument {flag}: {idx} is not a Megatron index file "
+            "(make it with tools/preprocess_data.py)"
         )
     code = head[len(_INDEX_HEADER) + 8]
     (sequences,) = struct.unpack("<Q", head[len(_INDEX_HEADER) + 9 :])
@@ -280,16 +284,17 @@ def check_pretraining_data(args, padded_vocab: int) -> None:
     for flag, prefix, split_here in _data_prefixes(args):
         if not sft and os.path.isfile(prefix + META_SUFFIX):
             raise InputError(
-                f"argument {flag}: {prefix!r} is SFT data ({prefix}{META_SUFFIX}, from tools/prepare_sft_data.py): "
-                "pass --sft to fine-tune on it, or make pre-training data with tools/preprocess_data.py"
+                f"argument {flag}: {prefix!r} is SFT data ({prefix}{META_SUFFIX}, "
+                "from tools/prepare_sft_data.py): pass --sft to fine-tune on it, "
+                "or make pre-training data with tools/preprocess_data.py"
             )
         if sft:
             continue  # megatron_gem.data.sft checks its own format
         for ext in (".idx", ".bin"):
             if not os.path.isfile(prefix + ext):
                 raise InputError(
-                    f"argument {flag}: {prefix!r}: no {prefix}{ext} (give the prefix tools/preprocess_data.py "
-                    "printed, without .bin/.idx)"
+                    f"argument {flag}: {prefix!r}: no {prefix}{ext} "
+                    "(give the prefix tools/preprocess_data.py printed, without .bin/.idx)"
                 )
         dtype, sequences = _read_index_header(flag, prefix)
         bound_ok = dtype.kind == "u" and np.iinfo(dtype).max < padded_vocab
@@ -298,21 +303,22 @@ def check_pretraining_data(args, padded_vocab: int) -> None:
             if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= padded_vocab):
                 bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
                 raise InputError(
-                    f"argument {flag}: {prefix}.bin holds token id {bad}, outside the padded vocabulary "
-                    f"of {padded_vocab} (--tokenizer-type {args.tokenizer_type}): the data was made with "
-                    "another tokenizer; preprocess it with this one"
+                    f"argument {flag}: {prefix}.bin holds token id {bad}, outside the padded "
+                    f"vocabulary of {padded_vocab} (--tokenizer-type {args.tokenizer_type}): "
+                    "the data was made with another tokenizer; preprocess it with this one"
                 )
         if split_here:
             for part, bounds in zip(("train", "validation", "test"), _split_parts(args.split)):
                 if bounds is None:
                     continue
-                # the document range Megatron's builder gives this part (_build_megatron_dataset_splits)
+                # the document range Megatron's builder gives this part
+                # (_build_megatron_dataset_splits)
                 count = int(round(bounds[1] * sequences)) - int(round(bounds[0] * sequences))
                 if count <= 0:
                     raise InputError(
-                        f"argument --split: the {part} part of {prefix!r} gets no document ({sequences} "
-                        f"documents, --split {args.split!r}); give it a larger share, 0 to drop it, "
-                        "or use more documents"
+                        f"argument --split: the {part} part of {prefix!r} gets no document "
+                        f"({sequences} documents, --split {args.split!r}); give it a larger "
+                        "share, 0 to drop it, or use more documents"
                     )
 
 

@@ -9,7 +9,7 @@ line) and hands its full argument list over; all are then checked in this one pr
 (``megatron_gem.train.launch_check``: the entry's parser at the job's world size, the layout, the
 per-GPU memory estimate). ``DRY_RUN=1 bash SCRIPT`` checks a single script the same way.
 Exit status 1 when any launch fails, with what is wrong.
-"""
+"""  # noqa: E501 (the usage block is --help text, printed verbatim)
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Training entry: Megatron-LM's ``pretrain_gpt.py`` on ``megatron.training.pretrain``, with GEM.
 
-    torchrun --nproc-per-node N -m megatron_gem.train [Megatron-LM flags] [--loss gem --gem-beta 0.7]
+    torchrun --nproc-per-node N -m megatron_gem.train [Megatron-LM flags]
+        [--loss gem --gem-beta 0.7]
 
 Every Megatron-LM flag works (it is Megatron's parser, loop, checkpointing and logging); the
 additions are ``--loss {ce,gem}``, ``--gem-beta``, ``--gem-h`` (``megatron_gem.train.arguments``).

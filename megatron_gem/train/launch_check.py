@@ -512,12 +512,14 @@ def _check_train(spec: LaunchSpec, gpu_memory_gib: float | None) -> LaunchReport
                 raise LaunchCheckError(
                     f"estimated {total_gib:.1f} GiB per GPU (weights+optimizer "
                     f"{memory['weights_and_optimizer'] / 1024:.1f}, activations "
-                    f"{memory['activations'] / 1024:.1f}) exceeds the GPU's {gpu_memory_gib:.0f} GiB: "
+                    f"{memory['activations'] / 1024:.1f}) exceeds the GPU's "
+                    f"{gpu_memory_gib:.0f} GiB: "
                     "raise TP/PP, use the distributed optimizer, recompute activations or add nodes"
                 )
             if total_gib > 0.85 * gpu_memory_gib:
                 warns.append(
-                    f"estimated {total_gib:.1f} GiB is within 15% of the GPU's {gpu_memory_gib:.0f} GiB"
+                    f"estimated {total_gib:.1f} GiB is within 15% of the GPU's "
+                    f"{gpu_memory_gib:.0f} GiB"
                 )
     return LaunchReport(spec, _layout(args, num_microbatches), memory, warns)
 
@@ -647,9 +649,9 @@ def dry_run_script(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_gem.train.launch_check",
-        description="Check a launch's arguments without a GPU: parse them with the training entry's "
-        "parser for the job's world size, check the parallel layout, print it with Megatron's per-GPU "
-        "memory estimate. Usually called by launch scripts run with DRY_RUN=1.",
+        description="Check a launch's arguments without a GPU: parse them with the training "
+        "entry's parser for the job's world size, check the parallel layout, print it with "
+        "Megatron's per-GPU memory estimate. Usually called by launch scripts run with DRY_RUN=1.",
     )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)

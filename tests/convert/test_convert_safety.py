@@ -96,15 +96,19 @@ def _work(first, tmp_path) -> Path:
 # every (conversion, input args, --out, words of the error): output is / contains / lies inside
 # an input, directly or through a symlink
 def _overlap_cases(w: Path):
-    h2m = lambda hf, out: (
-        ["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--overwrite"],  # noqa: E731
-        lambda: hf_to_megatron(hf, out, overwrite=True),
-    )
-    m2h = lambda load, out, tok=None: (  # noqa: E731
-        ["megatron-to-hf", "--load", str(load), "--out", str(out), "--overwrite"]
-        + (["--tokenizer", str(tok)] if tok else []),
-        lambda: megatron_to_hf(load, out, tokenizer_dir=tok, overwrite=True),
-    )
+    def h2m(hf, out):
+        return (
+            ["hf-to-megatron", "--hf", str(hf), "--out", str(out), "--overwrite"],
+            lambda: hf_to_megatron(hf, out, overwrite=True),
+        )
+
+    def m2h(load, out, tok=None):
+        return (
+            ["megatron-to-hf", "--load", str(load), "--out", str(out), "--overwrite"]
+            + (["--tokenizer", str(tok)] if tok else []),
+            lambda: megatron_to_hf(load, out, tokenizer_dir=tok, overwrite=True),
+        )
+
     return [
         (*m2h(w / "ck", w / "ck"), f"--out {w / 'ck'} is --load {w / 'ck'}"),
         (*m2h(w / "ck", w / "ck" / "release"), "lies inside --load"),

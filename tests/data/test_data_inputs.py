@@ -337,7 +337,7 @@ def test_study_refuses_an_out_overlapping_its_data_or_an_hf_model(tmp_path, caps
     assert checksums(inp) == before and not (hf / "study").exists()
 
 
-# --------------------------------------------------------------------------- bad bytes, BOM, columns
+# -------------------------------------------------------------------------- bad bytes, BOM, columns
 
 
 def _bad_file(path: Path, good_rows, make=lambda r: r) -> Path:

@@ -205,8 +205,13 @@ def test_malformed_lines_are_named(line, reason):
 def test_prepare_reports_kept_truncated_skipped_with_line_numbers(tmp_path, hf):
     _, vocab, tok = hf
     S = 24  # a sample keeps at most 25 tokens; each message is 5 + words tokens
-    u = lambda s: {"role": "user", "content": s}
-    a = lambda s: {"role": "assistant", "content": s}
+
+    def u(s):
+        return {"role": "user", "content": s}
+
+    def a(s):
+        return {"role": "assistant", "content": s}
+
     long_answer = " ".join(["cat"] * 30)
     rows = [
         {"messages": [u("the cat"), a("a dog")]},  # 1 kept

@@ -70,7 +70,10 @@ def test_train_sentencepiece_is_deterministic_and_never_overwrites(tmp_path, sp_
     again = T.train_sentencepiece(text, tmp_path / "again", 64)
     a = spm.SentencePieceProcessor(model_file=sp_model)
     b = spm.SentencePieceProcessor(model_file=again)
-    pieces = lambda p: [(p.id_to_piece(i), p.get_score(i)) for i in range(p.get_piece_size())]
+
+    def pieces(p):
+        return [(p.id_to_piece(i), p.get_score(i)) for i in range(p.get_piece_size())]
+
     assert pieces(a) == pieces(b)
     before = open(again, "rb").read()
     with pytest.raises(ValueError, match="exists"):

@@ -221,7 +221,9 @@ def test_summarise_hand_example():
 
 
 def _write(path, lines):
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
     return path
 
 
@@ -544,7 +546,8 @@ def test_formats_match_sft_data_encoders():
 
 
 def test_embedded_world_pipeline_with_sentencepiece(tmp_path):
-    """The chain a study driver runs: world -> SentencePiece -> format -> evaluate -> report rows."""
+    """The chain a study driver runs: world -> SentencePiece -> format -> evaluate -> report
+    rows."""
     from megatron_gem.study import report as R
     from megatron_gem.study import world as W
     from megatron_gem.data.tokenizer import build_tokenizer, iter_training_text, train_sentencepiece

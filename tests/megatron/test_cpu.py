@@ -1,4 +1,5 @@
-"""megatron_gem.megatron.cpu: inert with CUDA, and what it does without (in-process, undone after)."""
+"""megatron_gem.megatron.cpu: inert with CUDA, and what it does without (in-process, undone
+after)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GemGPTModel's loss hook and the entry's loss_func, against float64 references (no process group)."""
+"""GemGPTModel's loss hook and the entry's loss_func, against float64 references (no process
+group)."""
 
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ from megatron_gem.megatron.cpu import enable_cpu_mode
 
 enable_cpu_mode()
 import torch.distributed as dist
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{int(sys.argv[1])}", rank=0, world_size=1)
+dist.init_process_group(
+    "gloo", init_method=f"tcp://127.0.0.1:{int(sys.argv[1])}", rank=0, world_size=1
+)
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -162,8 +165,10 @@ cfg = TransformerConfig(
     persist_layer_norm=False, gradient_accumulation_fusion=False, bias_activation_fusion=False,
     masked_softmax_fusion=False, bias_dropout_fusion=False,
 )
-model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=64, max_sequence_length=16,
-                 position_embedding_type="rope")
+model = GPTModel(
+    cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=64, max_sequence_length=16,
+    position_embedding_type="rope",
+)
 model = as_gem_model(model, "gem", GemConfig(0.7, "linear")).eval()
 g = torch.Generator().manual_seed(0)
 S = 16
@@ -183,10 +188,17 @@ a, b = torch.randint(0, 64, (5,), generator=g), torch.randint(0, 64, (7,), gener
 pad = torch.zeros(4, dtype=torch.long)
 with torch.no_grad():
     packed = model(torch.cat([a, b, pad]).view(1, S), positions([5, 7, 4]), block_mask([5, 7, 4]))
-    other = model(torch.cat([torch.randint(0, 64, (5,), generator=g), b, pad]).view(1, S), positions([5, 7, 4]), block_mask([5, 7, 4]))
-    alone = model(torch.cat([b, torch.zeros(9, dtype=torch.long)]).view(1, S), positions([7, 9]), block_mask([7, 9]))
+    other = model(
+        torch.cat([torch.randint(0, 64, (5,), generator=g), b, pad]).view(1, S),
+        positions([5, 7, 4]), block_mask([5, 7, 4]),
+    )
+    alone = model(
+        torch.cat([b, torch.zeros(9, dtype=torch.long)]).view(1, S), positions([7, 9]),
+        block_mask([7, 9]),
+    )
     causal = model(torch.cat([a, b, pad]).view(1, S), positions([16]), block_mask([16]))
-print("RESULT", (packed[0, 5:12] - alone[0, :7]).abs().max().item(), (packed[0, 5:12] - other[0, 5:12]).abs().max().item(),
+print("RESULT", (packed[0, 5:12] - alone[0, :7]).abs().max().item(),
+      (packed[0, 5:12] - other[0, 5:12]).abs().max().item(),
       (packed[0, 5:12] - causal[0, 5:12]).abs().max().item())
 """
 

@@ -1,4 +1,5 @@
-"""megatron_gem.ops.gem_loss on one device, against a float64 reference written from the paper's formula.
+"""megatron_gem.ops.gem_loss on one device, against a float64 reference written from the
+paper's formula.
 
 The reference never uses the closed form the op implements: it evaluates
 ``L = -sum_v q_v w_v (log p_y - log p_v)`` with log-softmax, and gets its gradient from float64

@@ -84,7 +84,8 @@ def test_markdown_shows_every_run_and_checkpoint():
     # Quality-matched: GEM's last checkpoint on s1 has quality 0.7 -> CE step 20 (quality 0.65).
     qm = md.split("## Quality-matched comparison")[1]
     assert re.search(
-        r"\| s1 \| 0 \| GEM β=0.7 \| 30 \| 0.700 \| 4.000 \| 0.150 \| 20 \| 0.650 \| 3.000 \| 0.200 \|",
+        r"\| s1 \| 0 \| GEM β=0.7 \| 30 \| 0.700 \| 4.000 \| 0.150 "
+        r"\| 20 \| 0.650 \| 3.000 \| 0.200 \|",
         qm,
     )
     assert re.search(
@@ -108,7 +109,8 @@ def test_write_report_files_and_plots(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp*"))
     with pytest.raises(FileExistsError, match="overwrite=True"):
         R.write_report(study(), tmp_path / "out")
-    # Without forgetting or valid sets: the plots that cannot be drawn are neither written nor linked.
+    # Without forgetting or valid sets: the plots that cannot be drawn are neither written nor
+    # linked.
     recs = [
         {
             k: v

@@ -95,8 +95,10 @@ def test_ci_study_runs_every_stage_and_writes_the_report(ci_study):
     # report.md: the equal-steps table has one row per run (at the last common step, 6)
     md = (rep / "report.md").read_text()
     unseen = md.split("### Prompt set `unseen`")[1].split("###")[0]
-    body = [l for l in unseen.splitlines() if l.startswith("| ") and "model size" not in l]
-    assert sorted(l.split(" | ")[:4] for l in body) == sorted(
+    body = [
+        line for line in unseen.splitlines() if line.startswith("| ") and "model size" not in line
+    ]
+    assert sorted(line.split(" | ")[:4] for line in body) == sorted(
         [f"| {z}", lab, "1234", "6"] for z in ("xs", "s") for lab in ("CE", "GEM β=1")
     )
     assert "Trade-offs across checkpoints" in md and "Base model `xs`" in md
@@ -117,8 +119,9 @@ SCORED = ("valid_mass", "effective_valid")
 def test_gem_beta1_equals_ce(ci_study):
     """GEM at beta = 1 (linear) has CE's gradient: same seed, same data order, so the weights
     agree up to float rounding (test_train: lm loss within 1e-5 per iteration). Scored metrics
-    are smooth functions of the weights: they agree to 1e-4 (relative; seen: <= 2e-7). Sampled metrics use the
-    same random numbers; a sample can only change where a token's cumulative probability lies
+    are smooth functions of the weights: they agree to 1e-4 (relative; seen: <= 2e-7). Sampled
+    metrics use the same random numbers; a sample can only change where a token's cumulative
+    probability lies
     within ~1e-5 of the uniform draw, which none of the few hundred draws here does: they agree
     exactly (a flip would change quality by 1/(N x prompts) ~ 0.003, far above 1e-9)."""
     study, _ = ci_study
@@ -210,7 +213,7 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     study = S.Study(S.preset("ci"), tmp_path / "study", log=lambda m: None)
     jobs = S.run_slurm(study, SLURM)
-    subs = [json.loads(l) for l in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
+    subs = [json.loads(line) for line in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
     assert list(jobs) == [s.name for s in study.stages] and len(subs) == len(jobs)
     assert jobs == {s.name: str(101 + i) for i, s in enumerate(study.stages)}
     by = dict(zip(jobs, subs))
@@ -288,7 +291,7 @@ def test_slurm_needs_the_launch_scripts_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("GEM_LAUNCH_SCRIPTS", str(REPO / "launch_scripts"))
     assert S.main(run) == 0
-    subs = [json.loads(l) for l in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
+    subs = [json.loads(line) for line in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
     assert len(subs) == len(S.plan(S.preset("ci"), out))
     assert {sub["env"]["GEM_REPO"] for sub in subs} == {str(REPO)}
 
@@ -303,7 +306,7 @@ def test_slurm_resubmits_only_what_is_missing_and_collects(ci_study, tmp_path, m
     shutil.rmtree(study.by_name["eval:s:ce:3"].out)
     jobs = S.run_slurm(S.Study(study.cfg, study.out, log=lambda m: None), SLURM)
     assert jobs == {"eval:s:ce:3": "101", "report": "102"}
-    subs = [json.loads(l) for l in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
+    subs = [json.loads(line) for line in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
     assert _flag(subs[1]["argv"], "--dependency") == "afterok:101"
     for name in jobs:
         assert S.main(["run-stage", "--out", str(study.out), "--stage", name]) == 0

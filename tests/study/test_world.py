@@ -109,7 +109,7 @@ def test_heldout_disjoint_and_text_small():
 
 def test_write_world_files_and_no_overwrite(tmp_path):
     files = W.write_world(tmp_path / "w", SMALL)
-    recs = [json.loads(l) for l in files.eval.read_text().splitlines()]
+    recs = [json.loads(line) for line in files.eval.read_text().splitlines()]
     assert recs == W.generate(SMALL)["eval"]
     assert sum(1 for _ in files.pretrain.open()) == 300
     assert W.read_config(files.facts) == SMALL

@@ -206,7 +206,8 @@ def killed(tmp_path_factory):
         while not flag.exists():
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(
-                    f"the run did not reach the held save:\n{(d / 'killed.log').read_text()[-4000:]}"
+                    "the run did not reach the held save:\n"
+                    f"{(d / 'killed.log').read_text()[-4000:]}"
                 )
             time.sleep(0.1)
     finally:
@@ -344,7 +345,7 @@ def test_damaged_checkpoint_is_named_with_the_earlier_one(killed, resumed, tmp_p
     assert "model_optim_rng.pt is not a whole torch file" in msg
 
 
-# --------------------------------------------------------------------------------------- 1. finetune
+# ------------------------------------------------------------------------------------- 1. finetune
 def test_finetune_needs_a_checkpoint(killed, tmp_path):
     _, snapshot, _ = killed
     base = MODEL + MOCK + ["--train-iters", "8"]  # TP=1: the checks do not depend on it
@@ -365,7 +366,7 @@ def test_finetune_needs_a_checkpoint(killed, tmp_path):
         check_inputs(parse_args(base + extra))
 
 
-# --------------------------------------------------------------------------------------- 4. tokenizer
+# ------------------------------------------------------------------------------------ 4. tokenizer
 def test_tokenizer_model_that_is_not_one_is_named(data, tmp_path):
     base = MODEL + ["--mock-data", "--eval-iters", "0", "--train-iters", "2"]
     for kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
@@ -486,7 +487,8 @@ def test_bf16_trains_on_cpu(killed):
         r"^  params_dtype \.+ torch.bfloat16$", out, re.M
     )
     assert re.search(r"^  masked_softmax_fusion \.+ False$", out, re.M)  # what makes it run
-    # same weights, data and seed as the fp32 killed run: bf16 rounding moves the first loss a little
+    # same weights, data and seed as the fp32 killed run: bf16 rounding moves the first loss a
+    # little
     first = log["train"][1]["lm loss"]
     assert first != fp32["train"][1]["lm loss"] and first == pytest.approx(
         fp32["train"][1]["lm loss"], abs=0.05

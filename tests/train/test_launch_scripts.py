@@ -363,8 +363,10 @@ esac
     _stub(bin_dir / "squeue", "echo 3:59:30\n")
     _stub(
         bin_dir / "python",
-        f"""{{ echo "cwd=$PWD"; echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE"
-  echo "MASTER=$MASTER_ADDR:$MASTER_PORT CDMC=$CUDA_DEVICE_MAX_CONNECTIONS"; printf '%s\\n' "$@"; }} > {log}/python
+        f"""{{ echo "cwd=$PWD"
+  echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE"
+  echo "MASTER=$MASTER_ADDR:$MASTER_PORT CDMC=$CUDA_DEVICE_MAX_CONNECTIONS"
+  printf '%s\\n' "$@"; }} > {log}/python
 """,
     )
     env = dict(CLEAN_ENV)

@@ -232,13 +232,20 @@ def take_cpu_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 def print_entry_help() -> None:
     """The entry's ``--help``: Megatron's arguments and the GEM ones. Megatron 0.19.2's own
-    ``--help`` raises (a help text with a bare ``%``, ``--moe-paged-stash-buffer-size-factor-cuda``),
-    so the parser is built here and such texts are escaped in this copy only."""
+    ``--help`` raises (a bare ``%`` in the help of
+    ``--moe-paged-stash-buffer-size-factor-cuda``), so the parser is built here and such texts
+    are escaped in this copy only."""
     from megatron.training.arguments import add_megatron_arguments
 
-    parser = add_gem_arguments(add_megatron_arguments(
-        argparse.ArgumentParser(prog=PROG, description="Megatron-LM arguments, plus the GEM loss",
-                                allow_abbrev=False)))
+    parser = add_gem_arguments(
+        add_megatron_arguments(
+            argparse.ArgumentParser(
+                prog=PROG,
+                description="Megatron-LM arguments, plus the GEM loss",
+                allow_abbrev=False,
+            )
+        )
+    )
     for action in parser._actions:
         if action.help and "%" in action.help:
             try:

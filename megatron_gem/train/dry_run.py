@@ -1,6 +1,6 @@
 """Dry-run launch scripts: check every launch they would make, without a GPU or slurm.
 
-    megatron-gem-dry-run                                           # every script in ./launch_scripts
+    megatron-gem-dry-run                                   # every script in ./launch_scripts
     megatron-gem-dry-run launch_scripts/llama3_70b_sft.sbatch --set NODES=16
     megatron-gem-dry-run --set PRECISION=fp8 launch_scripts/llama3_8b_sft.sbatch
 
@@ -9,7 +9,7 @@ line) and hands its full argument list over; all are then checked in this one pr
 (``megatron_gem.train.launch_check``: the entry's parser at the job's world size, the layout, the
 per-GPU memory estimate). ``DRY_RUN=1 bash SCRIPT`` checks a single script the same way.
 Exit status 1 when any launch fails, with what is wrong.
-"""  # noqa: E501 (the usage block is --help text, printed verbatim)
+"""
 
 from __future__ import annotations
 

@@ -391,8 +391,6 @@ def checkpoint_model_problems(
         comment = " ".join(x for x in lines if x.lstrip().startswith("#"))
         found = re.search(r"--tensor-model-parallel-size (\d+)", comment)
         if found and vocab_size:
-            from megatron_gem.convert import padded_vocab_size
-
             div = args.make_vocab_size_divisible_by
             ckpt_tp, tp = int(found.group(1)), args.tensor_model_parallel_size
             if padded_vocab_size(vocab_size, div, ckpt_tp) != padded_vocab_size(
@@ -405,6 +403,20 @@ def checkpoint_model_problems(
                 )
         break
     return problems
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
+    """Megatron's own padding (``vocab_size_with_padding``) for a vocabulary at TP ``tp``."""
+    from types import SimpleNamespace
+
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+
+    layout = SimpleNamespace(
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        tensor_model_parallel_size=tp,
+        rank=0,
+    )
+    return vocab_size_with_padding(vocab_size, layout, logging_enabled=False)
 
 
 def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:

@@ -155,7 +155,13 @@ def test_entry_help_lists_megatron_and_gem_flags(capsys):
     main(["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: megatron-gem-train")
-    for flag in ("--gem-beta", "--gem-h", "--loss", "--cpu", "--tensor-model-parallel-size",
-                 "--moe-paged-stash-buffer-size-factor-cuda"):
+    for flag in (
+        "--gem-beta",
+        "--gem-h",
+        "--loss",
+        "--cpu",
+        "--tensor-model-parallel-size",
+        "--moe-paged-stash-buffer-size-factor-cuda",
+    ):
         assert flag in out
     assert "10%)" in out  # the escaped help text reads as written

@@ -11,6 +11,7 @@ from megatron_gem.ops import (
     GEM_H_CHOICES,
     GemConfig,
     gem_loss,
+    raise_deferred_errors,
     vocab_parallel_gem_loss,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "GEM_H_CHOICES",
     "GemConfig",
     "gem_loss",
+    "raise_deferred_errors",
     "vocab_parallel_gem_loss",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,13 @@ collective 1 (``logsigmoid`` needs ``z_y`` inside the pass, so it reduces first)
 needs no collective: it recomputes ``e`` from the saved logits (in their own dtype) with the
 saved per-row ``m``, ``1/S`` and ``A``, so no fp32 copy of the logits is kept alive between
 forward and backward. Work is done in row chunks with reused fp32 scratch.
+
+Host synchronisation: with ``sync_checks=True`` (the default) the forward copies its shard check to
+the device and reads the checks back, so bad input raises at once. With ``sync_checks=False`` the
+forward and backward never wait for the device (what a training step wants: the host queues
+ahead, CUDA graphs can capture it): the cross-rank shard-size check runs once per
+``(V_local, group)`` and is cached, and an out-of-vocabulary target is only recorded on the device;
+``raise_deferred_errors()`` (one sync, e.g. at a log line) raises it as the same ValueError.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import torch.distributed as dist
 
 from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, check_beta, check_h
 
-__all__ = ["gem_loss", "vocab_parallel_gem_loss", "GEM_H_CHOICES"]
+__all__ = ["gem_loss", "vocab_parallel_gem_loss", "raise_deferred_errors", "GEM_H_CHOICES"]
 
 LOGSIGMOID_SCALE = 0.01  # the authors' weight: sigmoid(0.01 * (z_v - z_y))
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -78,6 +85,48 @@ def _group_rank_size(group) -> tuple[int, int]:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+# (V_local, group) pairs whose equal shard sizes across the group were checked (sync_checks=False
+# checks each pair once, with a sync, then trusts it).
+_CHECKED_SHARDS: set = set()
+# (device, vocab, ignore_index) -> int64 [bad target seen (0/1), first bad id seen]: written by
+# sync-free calls on the device, read (and cleared) by raise_deferred_errors.
+_DEFERRED_BAD_TARGETS: dict = {}
+
+
+def _bad_target_message(vocab, ignore_index, examples) -> str:
+    return (
+        f"target/labels hold ids outside the vocabulary [0, {vocab}) that are not "
+        f"ignore_index={ignore_index}: e.g. {examples}"
+    )
+
+
+def _record_bad_targets(t, bad_target, vocab, ignore_index) -> None:
+    """Remember on the device, without a sync, whether `t` holds a bad target, and the first one
+    (argmax of the mask: its first True)."""
+    if t.numel() == 0:
+        return
+    key = (t.device, vocab, ignore_index)
+    state = _DEFERRED_BAD_TARGETS.get(key)
+    if state is None:
+        state = _DEFERRED_BAD_TARGETS[key] = torch.zeros(2, dtype=torch.long, device=t.device)
+    seen = bad_target.any().long()
+    example = t.gather(0, bad_target.to(torch.uint8).argmax().view(1)).squeeze(0)
+    first = (state[0] == 0) & (seen == 1)
+    state.copy_(torch.stack([state[0] | seen, torch.where(first, example, state[1])]))
+
+
+def raise_deferred_errors() -> None:
+    """Raise the ValueError a ``sync_checks=False`` call deferred (an out-of-vocabulary target
+    since the last call of this function), and reset. One host sync per vocabulary size seen:
+    call it where the host waits anyway (a log line), not per step."""
+    pending = list(_DEFERRED_BAD_TARGETS.items())
+    _DEFERRED_BAD_TARGETS.clear()
+    for (_, vocab, ignore_index), state in pending:
+        seen, example = state.tolist()
+        if seen:
+            raise ValueError(_bad_target_message(vocab, ignore_index, [example]))
 
 
 def _validate(logits, target, beta, h, ignore_index) -> None:
@@ -181,7 +230,7 @@ def _rescale_to_max(sums, shift, m, beta):
 
 class _VocabParallelGEM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, beta, h, group, ignore_index, with_stats):
+    def forward(ctx, logits, target, beta, h, group, ignore_index, with_stats, sync_checks):
         rank, world = _group_rank_size(group)
         z = logits.reshape(-1, logits.shape[-1])
         t = target.reshape(-1)
@@ -197,17 +246,21 @@ class _VocabParallelGEM(torch.autograd.Function):
         zy_local = zy_local.masked_fill(~in_shard, float("-inf"))
         vocab = v_local * world
         bad_target = ((t < 0) | (t >= vocab)) & (t != ignore_index)
-        checks = torch.tensor([0.0, v_local, -v_local], dtype=torch.float32, device=z.device)
-        checks[0] = bad_target.any()
         valid = t != ignore_index
+        shard_key = (v_local, group)
+        check_now = sync_checks or (world > 1 and shard_key not in _CHECKED_SHARDS)
+        if check_now:
+            # [any bad target, v_local, -v_local], built on the device (a tensor from Python
+            # data would be a host-to-device copy: a sync)
+            checks = torch.full((3,), float(v_local), dtype=torch.float32, device=z.device)
+            checks[2:].neg_()
+            checks[0] = bad_target.any()
+        if not sync_checks:
+            _record_bad_targets(t, bad_target, vocab, ignore_index)
 
-        def reduce_max(m_local):
-            """Collective 1 (MAX) of [row max, target logit, shard checks], then the op's one
-            host sync, for the checks."""
-            packed = torch.cat([m_local, zy_local, checks])
-            if world > 1:
-                dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-            any_bad, v_max, v_min_neg = packed[2 * n :].tolist()
+        def raise_on_checks(reduced_checks):
+            """The shard check (cached once it passed) and, with sync_checks, the targets."""
+            any_bad, v_max, v_min_neg = reduced_checks.tolist()
             if v_max != -v_min_neg:
                 raise ValueError(
                     "vocab_parallel_logits: the vocabulary shard size differs across "
@@ -215,12 +268,20 @@ class _VocabParallelGEM(torch.autograd.Function):
                     f"/ down to {int(-v_min_neg)}); "
                     "Megatron pads the vocabulary so every rank holds an equal shard"
                 )
-            if any_bad:
-                bad = t[bad_target]
+            _CHECKED_SHARDS.add(shard_key)
+            if any_bad and sync_checks:
                 raise ValueError(
-                    f"target/labels hold ids outside the vocabulary [0, {vocab}) that are not "
-                    f"ignore_index={ignore_index}: e.g. {bad[:5].tolist()}"
+                    _bad_target_message(vocab, ignore_index, t[bad_target][:5].tolist())
                 )
+
+        def reduce_max(m_local):
+            """Collective 1 (MAX) of [row max, target logit (, shard checks)]; with the checks
+            packed, the op's one host sync reads them."""
+            packed = torch.cat([m_local, zy_local, checks] if check_now else [m_local, zy_local])
+            if world > 1:
+                dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+            if check_now:
+                raise_on_checks(packed[2 * n :])
             # Guard rows that are fully -inf (m) and ignored rows (z_y = -inf): keep the math
             # finite.
             m = packed[:n]
@@ -333,7 +394,7 @@ class _VocabParallelGEM(torch.autograd.Function):
                     torch.mul(x, row_scale_c, out=grad_c)
                 else:
                     grad_c.copy_(x.mul_(row_scale_c))
-        return grad.view_as(logits), None, None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None, None
 
 
 def vocab_parallel_gem_loss(
@@ -344,6 +405,7 @@ def vocab_parallel_gem_loss(
     tp_group=None,
     ignore_index: int = -100,
     return_stats: bool = False,
+    sync_checks: bool = True,
 ):
     """Per-token GEM loss over a vocabulary sharded across tensor-parallel ranks.
 
@@ -357,6 +419,10 @@ def vocab_parallel_gem_loss(
             tensor-model-parallel group when it is initialised, else no reduction.
         return_stats: also return per-token cross-entropy and entropy of ``p = softmax(z)``,
             from the same reductions, for logging (no gradient).
+        sync_checks: ``True``: bad targets and unequal shards raise here, at the cost of a host
+            sync per call. ``False``: no host sync in forward or backward; the shard check runs
+            once per (shard size, group), and an out-of-vocabulary target raises the same
+            ValueError from the next ``raise_deferred_errors()``.
 
     Returns:
         fp32 loss of ``target``'s shape (0 at ignored positions); with ``return_stats``,
@@ -366,16 +432,30 @@ def vocab_parallel_gem_loss(
     group = _default_tp_group() if tp_group is None else tp_group
     with _nvtx("megatron_gem/gem_loss/forward"):
         out = _VocabParallelGEM.apply(
-            vocab_parallel_logits, target, float(beta), h, group, ignore_index, bool(return_stats)
+            vocab_parallel_logits,
+            target,
+            float(beta),
+            h,
+            group,
+            ignore_index,
+            bool(return_stats),
+            bool(sync_checks),
         )
     return out
 
 
 def gem_loss(
-    logits, labels, beta: float = DEFAULT_BETA, h: str = DEFAULT_H, ignore_index: int = -100
+    logits,
+    labels,
+    beta: float = DEFAULT_BETA,
+    h: str = DEFAULT_H,
+    ignore_index: int = -100,
+    sync_checks: bool = True,
 ):
     """Single-device per-token GEM loss for logits ``[..., V]`` and labels ``[...]``, unreduced
-    (fp32)."""
+    (fp32). ``sync_checks``: as in ``vocab_parallel_gem_loss``."""
     _validate(logits, labels, beta, h, ignore_index)
     with _nvtx("megatron_gem/gem_loss/forward"):
-        return _VocabParallelGEM.apply(logits, labels, float(beta), h, None, ignore_index, False)
+        return _VocabParallelGEM.apply(
+            logits, labels, float(beta), h, None, ignore_index, False, bool(sync_checks)
+        )

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 
 from megatron_gem.megatron.model import LOSS_CHOICES, unwrap_gem_model
+from megatron_gem.ops import raise_deferred_errors
 
 __all__ = ["SPIKY_LOSS_FACTOR", "reduce_token_losses"]
 
@@ -41,7 +42,8 @@ def reduce_token_losses(
     divides: ``lm loss`` (cross-entropy), and with ``loss="gem"`` also ``gem loss`` and
     ``entropy``, which the ``GemGPTModel`` (``model``, any wrapper around it) computed in the
     same loss call. ``check_nan`` / ``check_spiky``: Megatron's rerun-state-machine checks
-    (``--check-for-nan-in-loss-and-grad``, ``--check-for-spiky-loss``).
+    (``--check-for-nan-in-loss-and-grad``, ``--check-for-spiky-loss``); with ``check_nan`` and
+    ``loss="gem"`` the GEM op's deferred errors (``raise_deferred_errors``) are raised first.
     """
     if loss not in LOSS_CHOICES:
         raise ValueError(f"loss must be one of {LOSS_CHOICES}, got loss={loss!r}")
@@ -71,6 +73,10 @@ def reduce_token_losses(
     else:
         report = {"lm loss": pair(total)}
 
+    if check_nan and loss == "gem":
+        # Megatron's checks below wait for the device anyway: an out-of-vocabulary label (which
+        # makes the loss inf) raises its own ValueError first, not "found Inf".
+        raise_deferred_errors()
     if check_nan or check_spiky:
         from megatron.core.rerun_state_machine import get_rerun_state_machine
 

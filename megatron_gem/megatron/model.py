@@ -7,9 +7,12 @@ this rank's vocabulary shard (``vocab_parallel_gem_loss`` reduces over the tenso
 with sequence parallelism the output layer has already gathered the sequence, with context
 parallelism the logits and labels are this rank's slice (the loss is per token, so that is exact).
 
-With ``loss="gem"`` the same call also returns the per-token cross-entropy and entropy of
-``p = softmax(z)`` (no extra collective); the main head's are stashed on the model for the entry's
-``loss_func`` to report (``pop_token_stats``).
+With ``loss="gem"`` the main head's call also returns the per-token cross-entropy and entropy of
+``p = softmax(z)`` (no extra collective), stashed on the model for the entry's ``loss_func`` to
+report (``pop_token_stats``); the MTP depths compute only their loss. The op runs with
+``sync_checks=False``: no host synchronisation in the step; an out-of-vocabulary label raises from
+``megatron_gem.ops.raise_deferred_errors()``, which the training entry calls where Megatron syncs
+anyway.
 
 Models are built through Megatron's own builder (``GemGPTModelConfig`` / ``GemGPTModelBuilder``,
 the ``PretrainConfigContainer`` path of megatron.training 0.19), which picks the Transformer Engine
@@ -46,6 +49,9 @@ class GemGPTModel(GPTModel):
     # Class defaults so that a GPTModel converted with ``as_gem_model`` (no __init__) is valid.
     gem_loss_type: str = "ce"
     gem: GemConfig = GemConfig()
+    # Loss calls since this forward's _postprocess began: GPTModel 0.19.2 calls
+    # compute_language_model_loss once per MTP depth (process_mtp_loss) and then for the main head.
+    _gem_loss_calls: int = 0
 
     def __init__(self, *args, loss: str = "ce", gem: GemConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,20 +65,35 @@ class GemGPTModel(GPTModel):
         self.gem_loss_type, self.gem = loss, gem or GemConfig()
         self._gem_token_stats = None
 
+    def _postprocess(self, *args, **kwargs):
+        self._gem_loss_calls = 0
+        return super()._postprocess(*args, **kwargs)
+
+    def _is_main_head_call(self) -> bool:
+        """Whether this loss call is the main head's: the MTP depths come first. (Called outside
+        a forward, or without MTP, every call is the main head's.)"""
+        mtp_depths = getattr(getattr(self, "config", None), "mtp_num_layers", None) or 0
+        calls, self._gem_loss_calls = self._gem_loss_calls, self._gem_loss_calls + 1
+        return calls >= mtp_depths
+
     def compute_language_model_loss(self, labels, logits):
         """Per-token loss ``[b, s]`` (fp32) for labels ``[b, s]`` and logits ``[s, b, V/tp]``."""
         if self.gem_loss_type == "ce":
             return super().compute_language_model_loss(labels, logits)
         target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], Megatron's layout
-        loss, ce, entropy = vocab_parallel_gem_loss(
+        main_head = self._is_main_head_call()
+        out = vocab_parallel_gem_loss(
             logits,
             target,
             beta=self.gem.beta,
             h=self.gem.h,
             tp_group=self.tp_group,
-            return_stats=True,
+            return_stats=main_head,
+            sync_checks=False,
         )
-        # MTP depths call this first and the main head last, so the main head's stats stay.
+        if not main_head:
+            return out.transpose(0, 1).contiguous()
+        loss, ce, entropy = out
         self._gem_token_stats = (ce.transpose(0, 1), entropy.transpose(0, 1))
         return loss.transpose(0, 1).contiguous()
 

@@ -58,7 +58,10 @@ KNOWN = {
             "negative-loss-logging",
             "training_log prints a loss only if its average is >= 0; the "
             "GEM loss E_q[z] - z_y is negative once the model fits: append the negative averages "
-            "to the same iteration line (tensorboard/wandb get every value anyway)",
+            "to the same iteration line (tensorboard/wandb get every value anyway); on those "
+            "log iterations, before the line, raise the GEM op's deferred errors (an "
+            "out-of-vocabulary label: megatron_gem.ops.raise_deferred_errors), where the host "
+            "waits for the device anyway",
         ),
         Patch(
             "device-arch",
@@ -136,8 +139,11 @@ def prebuilt_dataset_helpers() -> bool:
 
 def negative_loss_logging() -> None:
     """Apply ``negative-loss-logging`` (for ``--loss gem``): the same running averages over the
-    same iterations as Megatron's, the negative ones appended to its iteration line."""
+    same iterations as Megatron's, the negative ones appended to its iteration line; a bad
+    label seen by the sync-free GEM op since the last log line raises before the next one."""
     import megatron.training.training as mtraining
+
+    from megatron_gem.ops import raise_deferred_errors
 
     if is_applied("negative-loss-logging"):
         return
@@ -166,6 +172,7 @@ def negative_loss_logging() -> None:
         first = kwargs.get("is_first_iteration", False)
         extra = ""
         if iteration % get_args().log_interval == 0 or first:
+            raise_deferred_errors()
             for key, total in sums.items():
                 avg = float(total) / max(1, state["count"])
                 if avg < 0.0:

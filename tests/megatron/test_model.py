@@ -233,3 +233,132 @@ def test_packed_samples_do_not_attend_to_each_other(tmp_path):
     vs_alone, vs_other_a, vs_causal = map(float, lines[-1].split()[1:])
     assert vs_alone < 1e-5 and vs_other_a < 1e-6
     assert vs_causal > 1e-3
+
+
+def test_bad_label_raises_its_error_before_megatrons_inf_check():
+    """The layer's op is sync-free, so a label outside the vocabulary (loss inf) is deferred:
+    with Megatron's NaN check (which waits for the device anyway) reduce_token_losses raises it by
+    name instead of "found Inf"; without, raise_deferred_errors does (the log-line hook)."""
+    from megatron_gem.megatron.loss import reduce_token_losses
+    from megatron_gem.ops import raise_deferred_errors
+
+    model = _bare_model()
+    logits = torch.randn(5, 2, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    mask = torch.ones(2, 5)
+    raise_deferred_errors()
+    reduce_token_losses(
+        mask,
+        model.compute_language_model_loss(labels, logits),
+        model=model,
+        loss="gem",
+        check_nan=False,
+    )
+    raise_deferred_errors()  # clean: nothing pending
+    labels[1, 2] = 11
+    out = model.compute_language_model_loss(labels, logits)  # no error here: no sync
+    assert torch.isinf(out[1, 2])
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 11\).*e\.g\. \[11\]"):
+        reduce_token_losses(mask, out, model=model, loss="gem", check_nan=True)
+    out = model.compute_language_model_loss(labels, logits)
+    total, _, _ = reduce_token_losses(mask, out, model=model, loss="gem", check_nan=False)
+    assert torch.isinf(total)
+    with pytest.raises(ValueError, match=r"e\.g\. \[11\]"):
+        raise_deferred_errors()
+
+
+# A real tiny GPT with one MTP depth: which loss calls compute statistics, and whose they are.
+_MTP_SCRIPT = r"""
+import sys
+import torch
+import torch.nn.functional as F
+from megatron_gem.megatron.cpu import enable_cpu_mode
+
+enable_cpu_mode()
+import torch.distributed as dist
+dist.init_process_group(
+    "gloo", init_method=f"tcp://127.0.0.1:{int(sys.argv[1])}", rank=0, world_size=1
+)
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec, get_gpt_mtp_block_spec,
+)
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
+import megatron_gem.megatron.model as gem_model
+from megatron_gem import GemConfig
+
+parallel_state.initialize_model_parallel(1, 1)
+model_parallel_cuda_manual_seed(7)
+cfg = TransformerConfig(
+    num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, mtp_num_layers=1,
+    normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+    use_cpu_initialization=True, apply_rope_fusion=False, persist_layer_norm=False,
+    gradient_accumulation_fusion=False, bias_activation_fusion=False,
+    masked_softmax_fusion=False, bias_dropout_fusion=False,
+)
+spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+model = GPTModel(
+    cfg, spec, vocab_size=64, max_sequence_length=16, position_embedding_type="rope",
+    mtp_block_spec=get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False),
+)
+model = gem_model.as_gem_model(model, "gem", GemConfig(0.7, "linear")).eval()
+calls = []
+original = gem_model.vocab_parallel_gem_loss
+
+def recording(logits, target, **kw):
+    calls.append((kw["return_stats"], kw["sync_checks"], logits.detach().clone(), target.clone()))
+    return original(logits, target, **kw)
+
+gem_model.vocab_parallel_gem_loss = recording
+g = torch.Generator().manual_seed(0)
+tokens = torch.randint(0, 64, (2, 16), generator=g)
+labels = torch.randint(0, 64, (2, 16), generator=g)
+positions = torch.arange(16).expand(2, 16)
+with torch.no_grad():
+    for _ in range(2):  # the count restarts with every forward
+        model(tokens, positions, None, labels=labels, loss_mask=torch.ones(2, 16))
+print("FLAGS", [(stats, sync) for stats, sync, _, _ in calls])
+ce, _ = model.pop_token_stats()
+main_logits, main_target = calls[-1][2].double(), calls[-1][3]
+ref = torch.logsumexp(main_logits, -1) - main_logits.gather(-1, main_target[..., None])[..., 0]
+mtp_logits = calls[-2][2].double()
+print("RESULT", (ce.T.double() - ref).abs().max().item(),
+      (mtp_logits - main_logits).abs().max().item())
+"""
+
+
+def test_statistics_only_for_the_main_head_with_mtp(tmp_path):
+    """GPTModel 0.19.2 calls the loss for each MTP depth (process_mtp_loss) before the main head:
+    only the main head's call computes the statistics, every call is sync-free, and the stats
+    popped are the main head's cross-entropy (float64, from the logits it was given)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "mtp.py"
+    script.write_text(_MTP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(port)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=300,
+    )
+    flags = [line for line in proc.stdout.splitlines() if line.startswith("FLAGS")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-4000:]
+    assert flags[-1] == "FLAGS " + str([(False, False), (True, False)] * 2)
+    ce_error, mtp_vs_main = map(float, lines[-1].split()[1:])
+    assert ce_error < 1e-5
+    assert mtp_vs_main > 1e-3  # the depths' logits differ: the check can tell them apart

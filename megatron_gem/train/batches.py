@@ -183,6 +183,7 @@ def get_sft_batch(data_iterator, vp_stage=None):
     src, group = mpu.get_tensor_model_parallel_src_rank(), mpu.get_tensor_model_parallel_group()
 
     batch = {}
+    host_max_seqlen = None  # THD on TP rank 0: known on the host before the broadcast
     if tp_rank == 0:
         if data_iterator is None:
             raise RuntimeError(
@@ -190,14 +191,13 @@ def get_sft_batch(data_iterator, vp_stage=None):
             )
         raw = next(data_iterator)
         if thd:
-            cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(
-                raw["position_ids"]
-            )  # on the host: no sync
+            # from the loader's host tensors: no device sync
+            cu_seqlens, host_max_seqlen = cu_seqlens_from_position_ids(raw["position_ids"])
             raw = dict(
                 raw,
                 attention_mask=None,
                 cu_seqlens=cu_seqlens,
-                max_seqlen=torch.tensor([max_seqlen], dtype=torch.int32),
+                max_seqlen=torch.tensor([host_max_seqlen], dtype=torch.int32),
             )
         elif raw.get("attention_mask") is None:
             raise ValueError("SFT batches must carry 'attention_mask' (packed samples)")
@@ -232,9 +232,12 @@ def get_sft_batch(data_iterator, vp_stage=None):
     packed_seq_params = None
     if thd:
         out[BATCH_KEYS.index("attention_mask")] = None
-        packed_seq_params = packed_seq_params_from_cu_seqlens(
-            batch["cu_seqlens"], int(batch["max_seqlen"].max().item())
-        )
+        # PackedSeqParams takes max_seqlen as a host int (TE sizes its kernels and picks its
+        # backend with it; every TP rank must pass the same). TP rank 0 has it; the others got it
+        # on the device in the broadcast, and reading it back is a sync they cannot avoid.
+        if host_max_seqlen is None:
+            host_max_seqlen = int(batch["max_seqlen"].max().item())
+        packed_seq_params = packed_seq_params_from_cu_seqlens(batch["cu_seqlens"], host_max_seqlen)
     elif out[BATCH_KEYS.index("attention_mask")] is not None:
         out[BATCH_KEYS.index("attention_mask")] = out[BATCH_KEYS.index("attention_mask")].bool()
     return (*out, packed_seq_params)

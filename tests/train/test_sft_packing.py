@@ -249,9 +249,25 @@ class _RecordingModel:
         return torch.zeros(tokens.shape)
 
 
+class _DeviceOnly:
+    """Stands for the broadcast ``max_seqlen`` on the device: reading it would be a host sync."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"TP rank 0 read the broadcast max_seqlen back (.{name})")
+
+
 @pytest.mark.parametrize("impl", ["transformer_engine", "local"])
-def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl):
+def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl, monkeypatch):
+    import megatron_gem.train.batches as batches
     from megatron_gem.train.entry import forward_step
+
+    broadcast = batches._broadcast_over_tp
+
+    def broadcast_device_max_seqlen(batch, *a, **k):
+        out = broadcast(batch, *a, **k)
+        return dict(out, max_seqlen=_DeviceOnly()) if "max_seqlen" in out else out
+
+    monkeypatch.setattr(batches, "_broadcast_over_tp", broadcast_device_max_seqlen)
 
     item = next(it for it in sft_items if len(_cu_from_mask(it["attention_mask"])) > 3)
     one_rank["args"] = types.SimpleNamespace(
@@ -271,9 +287,10 @@ def test_forward_step_hands_the_packing_to_attention(one_rank, sft_items, impl):
     if impl == "transformer_engine":
         assert call["attention_mask"] is None
         psp = call["packed_seq_params"]
-        assert psp.qkv_format == "thd" and psp.cu_seqlens_q.tolist() == _cu_from_mask(
-            item["attention_mask"]
-        )
+        cu = _cu_from_mask(item["attention_mask"])
+        assert psp.qkv_format == "thd" and psp.cu_seqlens_q.tolist() == cu
+        # TP rank 0 takes max_seqlen from the host (no sync)
+        assert psp.max_seqlen_q == psp.max_seqlen_kv == max(b - a for a, b in zip(cu, cu[1:]))
     else:
         assert "packed_seq_params" not in call
         assert torch.equal(call["attention_mask"], item["attention_mask"].unsqueeze(0))

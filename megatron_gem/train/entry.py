@@ -7,7 +7,9 @@ Every Megatron-LM flag works (it is Megatron's parser, loop, checkpointing and l
 additions are ``--loss {ce,gem}``, ``--gem-beta``, ``--gem-h`` (``megatron_gem.train.arguments``).
 Logged each ``--log-interval`` by Megatron (stdout, tensorboard): ``lm loss`` = cross-entropy
 (comparable between CE and GEM runs), and with ``--loss gem`` also ``gem loss`` (the optimised
-loss) and ``entropy`` (mean token entropy of ``p = softmax(z)``).
+loss) and ``entropy`` (mean token entropy of ``p = softmax(z)``). The GEM loss makes no host sync;
+a label outside the vocabulary stops the run with its ValueError at once under Megatron's NaN check
+(``reduce_token_losses``), else before the next log line (the ``negative-loss-logging`` patch).
 
 Data: Megatron's GPT datasets from ``--data-path`` (``--mock-data`` for smoke tests); with
 ``--sft``, ``megatron_gem.data.sft.build_sft_datasets`` (prompt-masked, packed samples), read on

@@ -143,6 +143,30 @@ def test_bad_target_deferred_to_raise_deferred_errors(bad):
         gem_loss(logits.float(), labels)  # sync_checks=True: at once, as before
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real syncs)")
+def test_cuda_sync_debug_mode_sees_no_sync():
+    """On a GPU, torch's own detector: sync_checks=False runs under set_sync_debug_mode("error");
+    sync_checks=True trips it (so the check can fail)."""
+    logits, labels, grad_out = _full_case(seed=12)
+    z = logits.float().cuda()
+    labels, grad_out = labels.cuda(), grad_out.float().cuda()
+    for h in ("linear", "logsigmoid"):
+        for stats in (False, True):
+            kw = dict(h=h, return_stats=stats)
+            _forward_backward(z.clone().requires_grad_(), labels, grad_out, **kw)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                _forward_backward(
+                    z.clone().requires_grad_(), labels, grad_out, sync_checks=False, **kw
+                )
+                with pytest.raises(RuntimeError, match="synchroniz"):
+                    _forward_backward(z.clone().requires_grad_(), labels, grad_out, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    raise_deferred_errors()
+
+
 def _run_checks(rank, tp2):
     checks = {}
 

@@ -83,4 +83,6 @@ def test_out_of_vocabulary_label_stops_the_run_at_the_next_log_line(tmp_path):
     assert "ValueError: target/labels hold ids outside the vocabulary [0, 256)" in out, out[-4000:]
     assert "e.g. [256]" in out
     # iteration 1 is logged (Megatron logs a run's first iteration), iteration 2's line never is
-    assert sorted(parse_megatron_log(out)["train"]) == [1], out[-4000:]
+    log = parse_megatron_log(out)["train"]
+    assert sorted(log) == [1], out[-4000:]
+    assert {"lm loss", "gem loss", "entropy"} <= set(log[1])  # the GEM run's statistics

@@ -101,8 +101,15 @@ if wanted setup; then
     shopt -u nullglob
     if (( ${#wheels[@]} )); then
         [[ "$GPU_CHECK_DRY_RUN" == 1 ]] || rm -rf "$SCRATCH/site"
-        run_step setup 90 "$PYTHON" -m pip install --no-index --no-deps --quiet \
-            --target "$SCRATCH/site" "${wheels[@]}"
+        # pip where the machine has it, else unpack the wheels (zip files) with Python itself
+        # shellcheck disable=SC2016  # $1, $2, $@: the inner shell's arguments
+        run_step setup 90 bash -c 'py=$1 site=$2; shift 2
+            if "$py" -m pip --version > /dev/null 2>&1; then
+                exec "$py" -m pip install --no-index --no-deps --quiet --target "$site" "$@"
+            fi
+            echo "no pip here: unpacking the wheels with zipfile"
+            for wheel in "$@"; do "$py" -m zipfile -e "$wheel" "$site" || exit 1; done
+        ' _ "$PYTHON" "$SCRATCH/site" "${wheels[@]}"
     else
         echo "no wheels in $REPO/.whl: megatron-core must already import here"
         run_step setup 30 "$PYTHON" -c "import megatron.core; print(megatron.core.__version__)"

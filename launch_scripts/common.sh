@@ -298,13 +298,9 @@ gem_launch() {
         torchrun)
             (cd "$GEM_REPO" && "$python" -m torch.distributed.run --standalone --nnodes 1 \
                 --nproc-per-node "$GPUS_PER_NODE" -m megatron_gem.train "${GEM_ARGS[@]}") ;;
-        cpu)
-            if (( ${NPROC:-1} > 1 )); then
-                (cd "$GEM_REPO" && "$python" -m torch.distributed.run --standalone --nnodes 1 \
-                    --nproc-per-node "$NPROC" -m megatron_gem.train "${GEM_ARGS[@]}")
-            else
-                (cd "$GEM_REPO" && "$python" -m megatron_gem.train "${GEM_ARGS[@]}")
-            fi ;;
+        cpu)  # torchrun for one process too: Megatron reads MASTER_ADDR/PORT from it
+            (cd "$GEM_REPO" && "$python" -m torch.distributed.run --standalone --nnodes 1 \
+                --nproc-per-node "${NPROC:-1}" -m megatron_gem.train "${GEM_ARGS[@]}") ;;
         tool)
             if [[ -n "${SLURM_JOB_ID:-}" ]]; then
                 # shellcheck disable=SC2016  # $1, $@: the task's shell expands them

@@ -176,7 +176,8 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
 
     Without CUDA or without Transformer Engine, Megatron's defaults ``--transformer-impl
     transformer_engine`` and RoPE fusion cannot run: use the local implementation and unfused
-    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend and no
+    RoPE (and non-persistent norms without Apex). Without CUDA, use the gloo backend; without
+    Apex's or TE's fused weight-gradient kernel (a GPU node with neither, too), no
     gradient-accumulation fusion. Without CUDA or the fused softmax extension, the unfused
     attention softmax (so ``--bf16``/``--fp16`` run). Explicit flags win where Megatron has a
     flag for both choices.
@@ -198,8 +199,9 @@ def adapt_argv_to_host(argv: list[str]) -> list[str]:
         argv += ["--no-persist-layer-norm"]  # persistent LayerNorm needs Apex or TE
     if not has_cuda and not _has_flag(argv, "--distributed-backend"):
         argv += ["--distributed-backend", "gloo"]
-    if not has_cuda and not _has_flag(argv, "--no-gradient-accumulation-fusion"):
-        argv += ["--no-gradient-accumulation-fusion"]  # a fused CUDA kernel (Apex/TE)
+    fused_wgrad = has_te or importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    if not fused_wgrad and not _has_flag(argv, "--no-gradient-accumulation-fusion"):
+        argv += ["--no-gradient-accumulation-fusion"]  # a fused CUDA kernel of Apex or TE
     if (
         not has_cuda or importlib.util.find_spec("scaled_masked_softmax_cuda") is None
     ) and not _has_flag(argv, "--no-masked-softmax-fusion"):

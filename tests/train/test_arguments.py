@@ -79,7 +79,7 @@ def test_world_size_without_distributed_init():
         parse_args(BASE + ["--tensor-model-parallel-size", "3"], world_size=4)
 
 
-def test_host_adaptation_only_fills_unset_flags():
+def test_host_adaptation_only_fills_unset_flags(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("host without CUDA expected")
     adapted = adapt_argv_to_host(["--transformer-impl", "transformer_engine"])
@@ -94,6 +94,11 @@ def test_host_adaptation_only_fills_unset_flags():
         "--no-gradient-accumulation-fusion",
     } <= set(adapted)
     assert parse_args(BASE).transformer_impl == "local"
+    # a CUDA node without Apex or TE has no fused weight-gradient kernel either
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        on_bare_gpu = adapt_argv_to_host([])
+    assert "--no-gradient-accumulation-fusion" in on_bare_gpu and "gloo" not in on_bare_gpu
     as_written = parse_args(BASE, adapt_to_host=False)
     assert (
         as_written.transformer_impl == "transformer_engine"

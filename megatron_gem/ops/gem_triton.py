@@ -11,18 +11,19 @@ fp32 sums, ``k = 5`` with statistics, 3 without: ``S = sum e``, ``A = sum e w``,
 ``e = exp(x)``, ``p = exp(z - shift)``, ``w = 1`` (linear) or ``sigmoid(0.01 (z - z_y))``
 (logsigmoid). Without a given shift, the shift is each row's max over this shard, found in the
 same pass by an online rescale: when a block raises the running max from ``m`` to ``m'``, the
-sums so far are re-expressed with ``d = (m - m') / beta``: ``S <- c S``, ``A <- c A``,
-``U <- c (U + d A)``, ``c = exp(d)`` (``exp(beta d)`` and ``S1`` for ``S1``, ``U1``); the caller
-rescales to the global max after its MAX reduction, as today. The weights depend on ``z_y``,
-not on the shift, so logsigmoid can take this path too (today it reads the logits once more
-for the global max first; that pass is still supported by passing ``shift``). The statistics
-(cross-entropy and entropy of ``p``) come from the same pass because ``p = exp(beta x)`` is
-formed from the ``x`` already in registers (``p = e`` at ``beta = 1``): they cost arithmetic,
-not bandwidth, where a separate pass would read the logits again.
+sums so far are re-expressed with ``d = (m - m') / beta`` and ``c = exp(d)``: ``S <- c S``,
+``A <- c A``, ``U <- c (U + d A)`` (``S1``, ``U1`` likewise with ``exp(beta d)`` and ``S1`` for
+``A``); the caller rescales to the global max after its MAX reduction, as today. The
+weights depend on ``z_y``, not on the shift, so logsigmoid can take this path too (today it
+reads the logits once more for the global max first; passing ``shift`` still does that). The
+statistics (cross-entropy and entropy of ``p``) come from the same pass because
+``p = exp(beta x)`` is formed from the ``x`` already in registers (``p = e`` at ``beta = 1``):
+they cost arithmetic, not bandwidth, where a separate pass would read the logits again.
 
 ``gem_grad`` (backward) reads each logit once more and writes the gradient once (2 + 2 bytes per
 element for bf16): ``grad = (e w - sum_ew onehot(y)) * row_scale``, ``e`` recomputed from the
-saved logits, in fp32 until ``row_scale`` (``grad_output / S``) is applied, then one cast.
+saved logits, in fp32 until ``row_scale`` (``grad_output / S``) is applied, then one cast
+(rounded to nearest even; under the interpreter, whose own bf16 cast truncates, by hand).
 Forward and backward together move the 6 bytes per element of the physical limit (read, read,
 write) against ~118 for the eager torch op with statistics. Rows with ``row_scale == 0``
 (ignored) do not read their logits (their loads are masked off) and get zeros. The gradient

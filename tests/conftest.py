@@ -9,6 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The Triton kernels (megatron_gem/ops/gem_triton.py) take CPU tensors only under Triton's
+# interpreter, which triton reads when a kernel is defined: decide it here, before any test
+# module imports them, and only where CUDA is absent. run_train's children do not inherit it.
+_TRITON_INTERPRET_SET_HERE = "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available()
+if _TRITON_INTERPRET_SET_HERE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +51,6 @@ def parse_megatron_log(stdout: str) -> dict:
 
 def cpu_flag() -> list[str]:
     """``["--cpu"]`` where CUDA is absent: the entry's CPU mode is opt-in."""
-    import torch
-
     return [] if torch.cuda.is_available() else ["--cpu"]
 
 
@@ -71,6 +77,8 @@ def run_train(nproc: int, argv: list[str], timeout: float = 300, env: dict | Non
         OMP_NUM_THREADS="1",
         PYTHONWARNINGS="ignore",
     )
+    if _TRITON_INTERPRET_SET_HERE:
+        full_env.pop("TRITON_INTERPRET")
     full_env.update(env or {})
     proc = subprocess.run(
         cmd,

@@ -376,12 +376,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.smoke and not cuda:
+        # Triton kernels run in Triton's CPU interpreter (read when triton is first imported:
+        # before torch._dynamo, which imports it)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch._dynamo.config.suppress_errors = False
     if args.smoke and not cuda:
-        # no inductor build of the fused CE on a CPU (tens of seconds): its code runs eagerly;
-        # Triton kernels run in Triton's CPU interpreter (read when the kernels are defined)
+        # no inductor build of the fused CE on a CPU (tens of seconds): its code runs eagerly
         torch._dynamo.config.disable = True
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_gbps or (peak_gbps_for(name) if cuda else None)

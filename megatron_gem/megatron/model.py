@@ -90,6 +90,10 @@ class GemGPTModel(GPTModel):
             tp_group=self.tp_group,
             return_stats=main_head,
             sync_checks=False,
+            impl=self.gem.impl,
+            # the output layer's logits are read by nothing after the loss (its backward needs
+            # only its input and weight): the gradient can take their memory, as Megatron's CE's
+            inplace_backward=logits.grad_fn is not None,
         )
         if not main_head:
             return out.transpose(0, 1).contiguous()
@@ -150,7 +154,7 @@ def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConf
     cfg.rope_scaling_factor = getattr(args, "rope_scaling_factor", cfg.rope_scaling_factor)
     cfg.loss = getattr(args, "loss", "ce")
     if cfg.loss == "gem":
-        cfg.gem = GemConfig(args.gem_beta, args.gem_h)
+        cfg.gem = GemConfig(args.gem_beta, args.gem_h, getattr(args, "gem_impl", None) or "auto")
     return cfg
 
 

@@ -9,11 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["GEM_H_CHOICES", "DEFAULT_BETA", "DEFAULT_H", "GemConfig", "check_beta", "check_h"]
+__all__ = [
+    "GEM_H_CHOICES",
+    "IMPL_CHOICES",
+    "DEFAULT_BETA",
+    "DEFAULT_H",
+    "GemConfig",
+    "check_beta",
+    "check_h",
+]
 
 GEM_H_CHOICES = ("linear", "logsigmoid")
 DEFAULT_BETA = 0.7  # the authors' default (their recipes' --gem_beta)
 DEFAULT_H = "linear"  # the authors' current default (it was logsigmoid)
+IMPL_CHOICES = ("auto", "torch", "triton")  # auto: Triton on CUDA where it imports, else torch
 
 
 def check_beta(beta, name: str = "beta") -> float:
@@ -38,11 +47,15 @@ def check_h(h, name: str = "h") -> str:
 @dataclasses.dataclass(frozen=True)
 class GemConfig:
     """GEM's settings: ``q = softmax(z / beta)``, weights ``h`` (``linear``: 1; ``logsigmoid``:
-    ``sigmoid(0.01 (z_v - z_y))``). Validated on construction."""
+    ``sigmoid(0.01 (z_v - z_y))``), and the implementation ``impl`` (see ``IMPL_CHOICES``).
+    Validated on construction."""
 
     beta: float = DEFAULT_BETA
     h: str = DEFAULT_H
+    impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "beta", check_beta(self.beta))
         check_h(self.h)
+        if self.impl not in IMPL_CHOICES:
+            raise ValueError(f"impl must be one of {IMPL_CHOICES}, got impl={self.impl!r}")

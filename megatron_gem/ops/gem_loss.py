@@ -39,7 +39,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, check_beta, check_h
+from megatron_gem.ops.config import (
+    DEFAULT_BETA,
+    DEFAULT_H,
+    GEM_H_CHOICES,
+    IMPL_CHOICES,
+    check_beta,
+    check_h,
+)
 
 __all__ = ["gem_loss", "vocab_parallel_gem_loss", "raise_deferred_errors", "GEM_H_CHOICES"]
 
@@ -230,7 +237,9 @@ def _rescale_to_max(sums, shift, m, beta):
 
 class _VocabParallelGEM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, beta, h, group, ignore_index, with_stats, sync_checks):
+    def forward(
+        ctx, logits, target, beta, h, group, ignore_index, with_stats, sync_checks, impl, inplace
+    ):
         rank, world = _group_rank_size(group)
         z = logits.reshape(-1, logits.shape[-1])
         t = target.reshape(-1)
@@ -297,27 +306,49 @@ class _VocabParallelGEM(torch.autograd.Function):
         else:
             zy = None
             shift = torch.empty(n, dtype=torch.float32, device=z.device)
-        sums = torch.empty(5 if with_stats else 3, n, dtype=torch.float32, device=z.device)
-        step = _chunk_rows(z)
-        x, e = torch.empty(2, min(step, n), v_local, dtype=torch.float32, device=z.device)
-        chunks = zip(
-            z.split(step),
-            shift.split(step),
-            sums.split(step, dim=1),
-            zy.split(step) if logsigmoid else itertools.repeat(None),
-        )
-        for z_c, shift_c, sums_c, zy_c in chunks:
-            r = z_c.shape[0]
-            _chunk_sums(
-                z_c, shift_c, zy_c, inv_beta, beta, logsigmoid, with_stats, x[:r], e[:r], sums_c
+        if impl == "triton":  # one kernel pass; the sums come back completed (A = S, beta 1)
+            from megatron_gem.ops import gem_triton
+
+            sums, shift = gem_triton.local_row_sums(
+                z.contiguous(),
+                beta=beta,
+                logsigmoid=logsigmoid,
+                with_stats=with_stats,
+                shift=shift if logsigmoid else None,
+                zy=zy,
             )
-        del x, e
-        if with_stats and beta == 1.0:  # p = q
-            sums[3] = sums[0]
+        else:
+            sums = torch.empty(5 if with_stats else 3, n, dtype=torch.float32, device=z.device)
+            step = _chunk_rows(z)
+            x, e = torch.empty(2, min(step, n), v_local, dtype=torch.float32, device=z.device)
+            chunks = zip(
+                z.split(step),
+                shift.split(step),
+                sums.split(step, dim=1),
+                zy.split(step) if logsigmoid else itertools.repeat(None),
+            )
+            for z_c, shift_c, sums_c, zy_c in chunks:
+                r = z_c.shape[0]
+                _chunk_sums(
+                    z_c,
+                    shift_c,
+                    zy_c,
+                    inv_beta,
+                    beta,
+                    logsigmoid,
+                    with_stats,
+                    x[:r],
+                    e[:r],
+                    sums_c,
+                )
+            del x, e
+            if with_stats and beta == 1.0:  # p = q
+                sums[3] = sums[0]
+                if not logsigmoid:
+                    sums[4] = sums[2]
             if not logsigmoid:
-                sums[4] = sums[2]
+                sums[1] = sums[0]  # A = S
         if not logsigmoid:
-            sums[1] = sums[0]  # A = S
             m, zy = reduce_max(shift)
             _rescale_to_max(sums, shift, m, beta)
 
@@ -335,7 +366,7 @@ class _VocabParallelGEM(torch.autograd.Function):
         ctx.save_for_backward(
             logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero)
         )
-        ctx.meta = (start, inv_beta, beta, logsigmoid)
+        ctx.meta = (start, inv_beta, beta, logsigmoid, impl, inplace)
 
         shape = target.shape
         if not with_stats:
@@ -350,7 +381,7 @@ class _VocabParallelGEM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
         logits, t, m, zy, inv_s, sum_ew = ctx.saved_tensors
-        start, inv_beta, beta, logsigmoid = ctx.meta
+        start, inv_beta, beta, logsigmoid, impl, inplace = ctx.meta
         with _nvtx("megatron_gem/gem_loss/backward"):
             # grad = (e w - (sum e w) onehot(y)) * grad_output / S, with e recomputed from the
             # logits
@@ -358,12 +389,27 @@ class _VocabParallelGEM(torch.autograd.Function):
             n, v_local = z.shape
             row_scale = (grad_loss.reshape(-1).float() * inv_s).unsqueeze(-1)  # 0 on ignored rows
             local_t = t - start
+            if impl == "triton":  # one read of the logits, one write of the gradient
+                from megatron_gem.ops import gem_triton
+
+                grad = gem_triton.gem_grad(
+                    z.contiguous(),
+                    local_t,
+                    row_scale.view(-1),
+                    sum_ew,
+                    beta=beta,
+                    logsigmoid=logsigmoid,
+                    m=m,
+                    zy=zy if logsigmoid else None,
+                    out=z if inplace and z.is_contiguous() else None,
+                )
+                return grad.view_as(logits), None, None, None, None, None, None, None, None, None
             own = (local_t >= 0) & (local_t < v_local)
             target_col = local_t.clamp(0, v_local - 1).unsqueeze(-1)
             target_add = torch.where(own, -sum_ew, torch.zeros_like(sum_ew)).unsqueeze(-1)
             # logsigmoid: w = sigmoid(0.01 (z - z_y)), with z - z_y = beta x + (m - z_y)
             w_col = (LOGSIGMOID_SCALE * (m - zy)).unsqueeze(-1) if logsigmoid else None
-            grad = torch.empty_like(z)
+            grad = z if inplace else torch.empty_like(z)  # in place: each chunk is read first
             step = _chunk_rows(z)
             fp32 = grad.dtype == torch.float32
             # fp32 scratch, reused across chunks (it stays in cache; fresh gradient memory does not)
@@ -394,7 +440,7 @@ class _VocabParallelGEM(torch.autograd.Function):
                     torch.mul(x, row_scale_c, out=grad_c)
                 else:
                     grad_c.copy_(x.mul_(row_scale_c))
-        return grad.view_as(logits), None, None, None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_gem_loss(
@@ -406,6 +452,8 @@ def vocab_parallel_gem_loss(
     ignore_index: int = -100,
     return_stats: bool = False,
     sync_checks: bool = True,
+    impl: str = "auto",
+    inplace_backward: bool = False,
 ):
     """Per-token GEM loss over a vocabulary sharded across tensor-parallel ranks.
 
@@ -423,6 +471,13 @@ def vocab_parallel_gem_loss(
             sync per call. ``False``: no host sync in forward or backward; the shard check runs
             once per (shard size, group), and an out-of-vocabulary target raises the same
             ValueError from the next ``raise_deferred_errors()``.
+        impl: ``"torch"`` (chunked eager torch: the CPU path and the reference), ``"triton"``
+            (``megatron_gem.ops.gem_triton``: one read of the logits forward, one read and one
+            write backward; on CPU only under ``TRITON_INTERPRET=1``), or ``"auto"``: Triton
+            for CUDA logits where it is available, torch otherwise.
+        inplace_backward: write the gradient over the logits (as Megatron's cross-entropy
+            does), saving a logits-sized buffer; only where the caller never reads the logits
+            after the backward (``GemGPTModel`` does so for the output layer's logits).
 
     Returns:
         fp32 loss of ``target``'s shape (0 at ignored positions); with ``return_stats``,
@@ -440,6 +495,8 @@ def vocab_parallel_gem_loss(
             ignore_index,
             bool(return_stats),
             bool(sync_checks),
+            resolve_impl(impl, vocab_parallel_logits),
+            bool(inplace_backward),
         )
     return out
 
@@ -451,11 +508,41 @@ def gem_loss(
     h: str = DEFAULT_H,
     ignore_index: int = -100,
     sync_checks: bool = True,
+    impl: str = "auto",
 ):
     """Single-device per-token GEM loss for logits ``[..., V]`` and labels ``[...]``, unreduced
-    (fp32). ``sync_checks``: as in ``vocab_parallel_gem_loss``."""
+    (fp32). ``sync_checks``, ``impl``: as in ``vocab_parallel_gem_loss``."""
     _validate(logits, labels, beta, h, ignore_index)
+    impl = resolve_impl(impl, logits)
     with _nvtx("megatron_gem/gem_loss/forward"):
         return _VocabParallelGEM.apply(
-            logits, labels, float(beta), h, None, ignore_index, False, bool(sync_checks)
+            logits,
+            labels,
+            float(beta),
+            h,
+            None,
+            ignore_index,
+            False,
+            bool(sync_checks),
+            impl,
+            False,
         )
+
+
+def resolve_impl(impl: str, logits: torch.Tensor) -> str:
+    """``"torch"`` or ``"triton"`` for ``impl`` on these logits (``"auto"``: Triton on CUDA where
+    it imports); a ValueError names an unknown value or a Triton that cannot run here."""
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"impl must be one of {IMPL_CHOICES}, got impl={impl!r}")
+    if impl == "torch":
+        return impl
+    from megatron_gem.ops import gem_triton
+
+    if impl == "auto":
+        return "triton" if logits.is_cuda and gem_triton.available() else "torch"
+    if not gem_triton.available() or not (logits.is_cuda or gem_triton._INTERPRETED):
+        raise ValueError(
+            f"impl='triton': Triton cannot run on these {logits.device.type} logits here (it "
+            "needs CUDA, or TRITON_INTERPRET=1 set before megatron_gem.ops.gem_triton is imported)"
+        )
+    return impl

@@ -5,7 +5,8 @@
 * ``--loss {ce,gem}`` (default ``ce``): Megatron's cross-entropy, or GEM;
 * ``--gem-beta B`` (default ``DEFAULT_BETA``, 0.7), the temperature of GEM's
   ``q = softmax(z / B)``, in (0, 1];
-* ``--gem-h {linear,logsigmoid}`` (default ``linear``).
+* ``--gem-h {linear,logsigmoid}`` (default ``linear``);
+* ``--gem-impl {auto,torch,triton}`` (default ``auto``: the Triton kernels on CUDA, torch on CPU).
 
 ``parse_args(argv)`` returns Megatron's fully parsed and validated arguments for an argv
 without initialising torch.distributed, building a tokenizer or touching any device: the
@@ -20,7 +21,7 @@ import importlib.util
 import sys
 
 from megatron_gem.megatron import patches
-from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, check_beta
+from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H, GEM_H_CHOICES, IMPL_CHOICES, check_beta
 
 __all__ = [
     "add_gem_arguments",
@@ -77,6 +78,14 @@ def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help=f"GEM weighting h (default {DEFAULT_GEM_H}); needs --loss gem. 'logsigmoid' weights "
         "each term by sigmoid(0.01 (z_v - z_y)) as in the authors' code.",
     )
+    group.add_argument(
+        "--gem-impl",
+        choices=IMPL_CHOICES,
+        default=None,
+        help="GEM implementation (default auto): 'triton' = the fused kernels (one read of the "
+        "logits forward, one read and one write backward), 'torch' = chunked eager torch, "
+        "'auto' = Triton on CUDA where it imports, torch otherwise; needs --loss gem.",
+    )
     # Taken out of argv before Megatron parses it (take_cpu_flag): listed here for --help and
     # so that the launch dry run accepts the flags a CPU script passes.
     parser.add_argument_group(title="CPU mode (megatron-gem)").add_argument(
@@ -102,7 +111,13 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject invalid combinations with an argparse-style error; fill the GEM defaults."""
     if args.loss == "ce":
         given = [
-            f for f, v in (("--gem-beta", args.gem_beta), ("--gem-h", args.gem_h)) if v is not None
+            f
+            for f, v in (
+                ("--gem-beta", args.gem_beta),
+                ("--gem-h", args.gem_h),
+                ("--gem-impl", args.gem_impl),
+            )
+            if v is not None
         ]
         if given:
             _error(f"argument {', '.join(given)}: only applies with --loss gem (got --loss ce)")
@@ -121,6 +136,8 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
             args.gem_beta = DEFAULT_GEM_BETA
         if args.gem_h is None:
             args.gem_h = DEFAULT_GEM_H
+        if args.gem_impl is None:
+            args.gem_impl = "auto"
     # Megatron 0.19 has no --eval-interval default but evaluates by default (--eval-iters 100),
     # and sizes its validation set with train_iters // eval_interval whenever it trains, so a
     # missing interval fails deep in the data setup (int // None), even with --eval-iters 0.

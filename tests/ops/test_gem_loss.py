@@ -6,10 +6,24 @@ The reference never uses the closed form the op implements: it evaluates
 autograd with ``q`` and ``w`` detached (the paper's "held constant").
 """
 
+import functools
+
 import pytest
 import torch
 
+import megatron_gem
 from megatron_gem import gem_loss, vocab_parallel_gem_loss
+
+IMPLS = ("torch", "triton")  # Triton under its CPU interpreter where CUDA is absent (conftest)
+
+
+@pytest.fixture(autouse=True, params=IMPLS)
+def impl(request, monkeypatch):
+    """Every check of this file runs on both implementations of the op."""
+    for name in ("gem_loss", "vocab_parallel_gem_loss"):
+        op = getattr(megatron_gem, name)
+        monkeypatch.setitem(globals(), name, functools.partial(op, impl=request.param))
+    return request.param
 
 
 def reference_gem(logits, labels, beta, h, ignore_index=-100):
@@ -120,6 +134,19 @@ def test_caller_logits_are_never_modified(dtype):
     loss, _, _ = vocab_parallel_gem_loss(z, labels, beta=0.6, return_stats=True)
     loss.sum().backward()
     assert torch.equal(z.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_writes_the_same_gradient_over_the_logits(dtype):
+    logits64, labels, grad_out = random_case((3, 5), 37, seed=12)
+    fresh = logits64.to(dtype).requires_grad_()
+    (vocab_parallel_gem_loss(fresh, labels, beta=0.7, h="logsigmoid") * grad_out).sum().backward()
+    base = logits64.to(dtype).requires_grad_()
+    logits = base * 1  # an intermediate, as the output layer's logits are
+    loss = vocab_parallel_gem_loss(logits, labels, beta=0.7, h="logsigmoid", inplace_backward=True)
+    (loss * grad_out).sum().backward()
+    assert torch.equal(base.grad, fresh.grad)
+    assert torch.equal(logits.detach(), fresh.grad)  # the gradient took the logits' memory
 
 
 def test_gradient_is_multiplied_by_grad_output_before_the_cast():

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from test_gem_loss import reference_grad
 
 WORLD = 4
+IMPLS = ("torch", "triton")  # Triton under its CPU interpreter where CUDA is absent (conftest)
 VOCAB = 4 * 13  # odd shards: 26 per rank at TP=2, 13 at TP=4
 SHAPE = (7, 3)  # [s, b]
 
@@ -96,10 +97,15 @@ def _close(a, b, tol=1e-6):
     assert err <= tol * scale, f"max abs error {err:.3e} > {tol:.0e} * {scale:.3g}"
 
 
-def _run_checks(rank, tp2, tp4):
+def _run_checks(rank, tp2, tp4, impl):
+    from functools import partial
+
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_gem import gem_loss, vocab_parallel_gem_loss
+    import megatron_gem
+
+    gem_loss = partial(megatron_gem.gem_loss, impl=impl)
+    vocab_parallel_gem_loss = partial(megatron_gem.vocab_parallel_gem_loss, impl=impl)
 
     tp2_rank = rank % 2  # initialize_model_parallel(2) groups ranks {0,1} and {2,3}
     checks = {}
@@ -108,9 +114,9 @@ def _run_checks(rank, tp2, tp4):
         def deco(fn):
             try:
                 fn()
-                checks[name] = None
+                checks[f"{impl}:{name}"] = None
             except Exception:
-                checks[name] = traceback.format_exc()
+                checks[f"{impl}:{name}"] = traceback.format_exc()
 
         return deco
 
@@ -284,7 +290,11 @@ def _worker(rank, port, out_dir):
     tp4 = dist.new_group(list(range(WORLD)))
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     try:
-        checks = _run_checks(rank, parallel_state.get_tensor_model_parallel_group(), tp4)
+        checks = {}
+        for impl in IMPLS:  # both implementations in the one spawn
+            checks.update(
+                _run_checks(rank, parallel_state.get_tensor_model_parallel_group(), tp4, impl)
+            )
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(checks if "checks" in locals() else {"spawn": traceback.format_exc()}, f)
@@ -314,8 +324,10 @@ CHECKS = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", CHECKS)
-def test_multi_rank(rank_results, name):
+def test_multi_rank(rank_results, name, impl):
+    name = f"{impl}:{name}"
     for rank, checks in enumerate(rank_results):
         assert name in checks, f"rank {rank} did not run {name}: {checks.get('spawn', '')}"
         assert checks[name] is None, f"rank {rank}:\n{checks[name]}"

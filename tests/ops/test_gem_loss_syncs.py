@@ -9,6 +9,7 @@ with and without statistics); ``sync_checks=True`` makes some (so the counter ca
 out-of-vocabulary target then surfaces from ``raise_deferred_errors()``.
 """
 
+import functools
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import megatron_gem
 from megatron_gem import gem_loss, raise_deferred_errors, vocab_parallel_gem_loss
 from test_gem_loss import reference_grad
 from test_gem_loss_parallel import VOCAB, _close, _CollectiveCounter, _free_port, _full_case, _shard
@@ -84,6 +86,18 @@ class SyncCounter:
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)
+
+
+IMPLS = ("torch", "triton")  # Triton under its CPU interpreter where CUDA is absent (conftest)
+
+
+@pytest.fixture(autouse=True, params=IMPLS)
+def impl(request, monkeypatch):
+    """The single-device checks run on both implementations of the op."""
+    for name in ("gem_loss", "vocab_parallel_gem_loss"):
+        op = getattr(megatron_gem, name)
+        monkeypatch.setitem(globals(), name, functools.partial(op, impl=request.param))
+    return request.param
 
 
 def _forward_backward(z, labels, grad_out, **kw):
@@ -167,16 +181,19 @@ def test_cuda_sync_debug_mode_sees_no_sync():
     raise_deferred_errors()
 
 
-def _run_checks(rank, tp2):
+def _run_checks(rank, tp2, impl):
+    import megatron_gem
+
+    vocab_parallel_gem_loss = functools.partial(megatron_gem.vocab_parallel_gem_loss, impl=impl)
     checks = {}
 
     def check(name):
         def deco(fn):
             try:
                 fn()
-                checks[name] = None
+                checks[f"{impl}:{name}"] = None
             except Exception:
-                checks[name] = traceback.format_exc()
+                checks[f"{impl}:{name}"] = traceback.format_exc()
 
         return deco
 
@@ -245,7 +262,9 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        checks = _run_checks(rank, dist.new_group([0, 1]))
+        group, checks = dist.new_group([0, 1]), {}
+        for impl in IMPLS:  # both implementations in the one spawn
+            checks.update(_run_checks(rank, group, impl))
     except Exception:
         checks = {"spawn": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -269,7 +288,9 @@ def rank_results(tmp_path_factory):
         "shard_mismatch_raises_on_first_sync_free_call",
     ],
 )
-def test_multi_rank(rank_results, name):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_rank(rank_results, name, impl):
+    name = f"{impl}:{name}"
     for rank, checks in enumerate(rank_results):
         assert name in checks, f"rank {rank} did not run {name}: {checks.get('spawn', '')}"
         assert checks[name] is None, f"rank {rank}:\n{checks[name]}"

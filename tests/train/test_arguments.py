@@ -28,6 +28,12 @@ def test_defaults_and_gem_values():
     gem = parse_args(BASE + ["--loss", "gem", "--gem-beta", "1", "--gem-h", "logsigmoid"])
     assert (gem.gem_beta, gem.gem_h) == (1.0, "logsigmoid")
     assert parse_args(BASE + ["--loss", "gem", "--gem-beta=0.05"]).gem_beta == 0.05
+    assert ce.gem_impl is None and gem.gem_impl == "auto"
+    assert parse_args(BASE + ["--loss", "gem", "--gem-impl", "torch"]).gem_impl == "torch"
+    from megatron_gem.megatron.model import gem_model_config_from_args
+
+    cfg = gem_model_config_from_args(parse_args(BASE + ["--loss", "gem", "--gem-impl", "triton"]))
+    assert cfg.gem.impl == "triton"  # the flag reaches the model's GemConfig
 
 
 @pytest.mark.parametrize(
@@ -38,9 +44,11 @@ def test_defaults_and_gem_values():
         (["--loss", "gem", "--gem-beta", "nan"], "argument --gem-beta: must be in (0, 1]"),
         (["--loss", "gem", "--gem-beta", "x"], "argument --gem-beta: must be a number"),
         (["--loss", "gem", "--gem-h", "tanh"], "argument --gem-h: invalid choice: 'tanh'"),
+        (["--loss", "gem", "--gem-impl", "cuda"], "argument --gem-impl: invalid choice: 'cuda'"),
         (["--loss", "mse"], "argument --loss: invalid choice: 'mse'"),
         (["--gem-beta", "0.5"], "argument --gem-beta: only applies with --loss gem"),
         (["--loss", "ce", "--gem-h", "linear"], "argument --gem-h: only applies with --loss gem"),
+        (["--gem-impl", "torch"], "argument --gem-impl: only applies with --loss gem"),
         (["--loss", "gem", "--cross-entropy-loss-fusion"], "argument --cross-entropy-loss-fusion"),
         (["--loss", "gem", "--fp16-lm-cross-entropy"], "argument --fp16-lm-cross-entropy"),
         (

@@ -19,6 +19,24 @@ if _TRITON_INTERPRET_SET_HERE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+IMPLS = ("torch", "triton")  # the op's implementations (Triton under the interpreter on CPU)
+
+
+@pytest.fixture(params=IMPLS)
+def each_impl(request, monkeypatch):
+    """Run a test module's checks on both implementations: its ``gem_loss`` and
+    ``vocab_parallel_gem_loss`` are rebound to the op with ``impl=`` set. Use it with
+    ``pytestmark = pytest.mark.usefixtures("each_impl")``."""
+    import functools
+
+    import megatron_gem
+
+    for name in ("gem_loss", "vocab_parallel_gem_loss"):
+        if name in vars(request.module):
+            op = functools.partial(getattr(megatron_gem, name), impl=request.param)
+            monkeypatch.setattr(request.module, name, op)
+    return request.param
+
 
 # Megatron's stdout: " [time] iteration    3/   10 | ... | lm loss: 6.24E+00 | gem loss: ... |"
 _ITER = re.compile(r"\biteration\s+(\d+)/\s*\d+ \|(.*)$")

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import IMPLS
 from test_gem_loss import reference_grad
 
 WORLD = 4
-IMPLS = ("torch", "triton")  # Triton under its CPU interpreter where CUDA is absent (conftest)
 VOCAB = 4 * 13  # odd shards: 26 per rank at TP=2, 13 at TP=4
 SHAPE = (7, 3)  # [s, b]
 

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import megatron_gem
 from megatron_gem import gem_loss, raise_deferred_errors, vocab_parallel_gem_loss
+from conftest import IMPLS
 from test_gem_loss import reference_grad
 from test_gem_loss_parallel import VOCAB, _close, _CollectiveCounter, _free_port, _full_case, _shard
 
@@ -88,16 +89,7 @@ class SyncCounter:
                 setattr(owner, name, value)
 
 
-IMPLS = ("torch", "triton")  # Triton under its CPU interpreter where CUDA is absent (conftest)
-
-
-@pytest.fixture(autouse=True, params=IMPLS)
-def impl(request, monkeypatch):
-    """The single-device checks run on both implementations of the op."""
-    for name in ("gem_loss", "vocab_parallel_gem_loss"):
-        op = getattr(megatron_gem, name)
-        monkeypatch.setitem(globals(), name, functools.partial(op, impl=request.param))
-    return request.param
+pytestmark = pytest.mark.usefixtures("each_impl")  # every check on both impls
 
 
 def _forward_backward(z, labels, grad_out, **kw):
@@ -182,7 +174,6 @@ def test_cuda_sync_debug_mode_sees_no_sync():
 
 
 def _run_checks(rank, tp2, impl):
-    import megatron_gem
 
     vocab_parallel_gem_loss = functools.partial(megatron_gem.vocab_parallel_gem_loss, impl=impl)
     checks = {}

@@ -20,7 +20,10 @@ over this shard while the sums are taken, and the sums are rescaled to the globa
 collective 1 (``logsigmoid`` needs ``z_y`` inside the pass, so it reduces first). The backward
 needs no collective: it recomputes ``e`` from the saved logits (in their own dtype) with the
 saved per-row ``m``, ``1/S`` and ``A``, so no fp32 copy of the logits is kept alive between
-forward and backward. Work is done in row chunks with reused fp32 scratch.
+forward and backward. The two passes over the logits have two implementations (``impl``):
+``"torch"`` works in row chunks with reused fp32 scratch (the CPU path and the reference);
+``"triton"`` runs the fused kernels of ``megatron_gem.ops.gem_triton`` (one read of the logits
+forward, one read and one write backward). The reductions around them are the same code.
 
 Host synchronisation: with ``sync_checks=True`` (the default) the forward copies its shard check to
 the device and reads the checks back, so bad input raises at once. With ``sync_checks=False`` the
@@ -48,7 +51,13 @@ from megatron_gem.ops.config import (
     check_h,
 )
 
-__all__ = ["gem_loss", "vocab_parallel_gem_loss", "raise_deferred_errors", "GEM_H_CHOICES"]
+__all__ = [
+    "gem_loss",
+    "vocab_parallel_gem_loss",
+    "raise_deferred_errors",
+    "resolve_impl",
+    "GEM_H_CHOICES",
+]
 
 LOGSIGMOID_SCALE = 0.01  # the authors' weight: sigmoid(0.01 * (z_v - z_y))
 _FP32_MAX = torch.finfo(torch.float32).max

@@ -13,6 +13,7 @@ from megatron_gem.ops import (
     gem_loss,
     raise_deferred_errors,
     vocab_parallel_gem_loss,
+    vocab_parallel_linear_gem_loss,
 )
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "gem_loss",
     "raise_deferred_errors",
     "vocab_parallel_gem_loss",
+    "vocab_parallel_linear_gem_loss",
 ]
 __version__ = "0.1.0"

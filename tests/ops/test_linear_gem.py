@@ -127,6 +127,25 @@ def test_tied_weight_gradients_accumulate():
     _close(emb.grad, ref_dw, 1e-6)
 
 
+def test_saves_no_logits_sized_tensor():
+    """What the forward keeps for the backward: hidden, weight and per-row vectors, nothing of
+    [tokens, V] (here V > H, so the logits are the largest tensor the op could keep)."""
+    hidden, weight, labels, grad_out = _case((TOKENS,), HIDDEN, VOCAB, seed=2)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    x, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    for h in ("linear", "logsigmoid"):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            vocab_parallel_linear_gem_loss(x, w, labels, h=h, chunk_tokens=8)
+        assert (TOKENS, HIDDEN) in saved and (VOCAB, HIDDEN) in saved, saved
+        assert all(torch.Size(s).numel() < TOKENS * VOCAB for s in saved), saved
+
+
 def test_bad_input_raises_value_error():
     hidden, weight, labels, _ = _case((TOKENS,), HIDDEN, VOCAB, seed=1)
     x, w = hidden.float(), weight.float()
@@ -164,17 +183,30 @@ def _tp_checks(rank, tp2, tp4):
                 for group, r, size in ((tp2, rank % 2, 2), (tp4, rank, 4)):
                     width = TP_VOCAB // size
                     shard = weight[r * width : (r + 1) * width]
-                    loss, dx, dw = _run(
-                        hidden,
-                        shard,
-                        labels,
-                        grad_out,
-                        torch.float32,
-                        beta=beta,
-                        h=h,
-                        tp_group=group,
-                        chunk_tokens=4,
-                    )
+                    calls = []
+                    orig = dist.all_reduce
+
+                    def counted(*a, _orig=orig, **k):
+                        calls.append(k.get("op"))
+                        return _orig(*a, **k)
+
+                    dist.all_reduce = counted
+                    try:
+                        loss, dx, dw = _run(
+                            hidden,
+                            shard,
+                            labels,
+                            grad_out,
+                            torch.float32,
+                            beta=beta,
+                            h=h,
+                            tp_group=group,
+                            chunk_tokens=4,
+                        )
+                    finally:
+                        dist.all_reduce = orig
+                    # the op's two collectives (MAX, then SUM) for all chunks; none backward
+                    assert calls == [dist.ReduceOp.MAX, dist.ReduceOp.SUM], calls
                     _close(loss, ref_loss, 1e-6)
                     # dhidden is this rank's partial sum: the ranks' sum is the full gradient
                     dist.all_reduce(dx, group=group)

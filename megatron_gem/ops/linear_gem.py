@@ -240,7 +240,18 @@ def vocab_parallel_linear_gem_loss(
         As ``vocab_parallel_gem_loss``. The gradient wrt ``hidden`` is this rank's partial sum
         (reduce it over the tensor-parallel group, as ColumnParallelLinear's backward does).
     """
-    _validate(hidden, target, beta, h, ignore_index)  # hidden plays the logits' part here
+    # the op's checks, with hidden in the logits' place; first the ones that should name hidden
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise ValueError(
+            "hidden must be a floating-point [..., H] tensor, got "
+            f"dtype={getattr(hidden, 'dtype', type(hidden).__name__)}"
+        )
+    if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal hidden shape without its last "
+            f"dimension, {tuple(hidden.shape[:-1])}"
+        )
+    _validate(hidden, target, beta, h, ignore_index)
     if (
         not isinstance(weight, torch.Tensor)
         or weight.dim() != 2

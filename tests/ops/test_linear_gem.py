@@ -149,6 +149,12 @@ def test_saves_no_logits_sized_tensor():
 def test_bad_input_raises_value_error():
     hidden, weight, labels, _ = _case((TOKENS,), HIDDEN, VOCAB, seed=1)
     x, w = hidden.float(), weight.float()
+    with pytest.raises(ValueError, match="hidden must be"):
+        vocab_parallel_linear_gem_loss(x.long(), w, labels)
+    with pytest.raises(ValueError, match="target shape"):
+        vocab_parallel_linear_gem_loss(x, w, labels[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        vocab_parallel_linear_gem_loss(x, w, labels.float())
     with pytest.raises(ValueError, match="weight must be"):
         vocab_parallel_linear_gem_loss(x, w[:, :-1], labels)
     with pytest.raises(ValueError, match="weight .* must match"):

@@ -244,6 +244,52 @@ def _rescale_to_max(sums, shift, m, beta):
         s1.mul_(c1)
 
 
+def _reduce_max(m_local, zy_local, checks, valid, group, world):
+    """Collective 1 (MAX) of ``[row max, target logit (-inf off its shard)(, checks)]``.
+    Returns ``(m, z_y, reduced checks or None)``; rows fully -inf (m) and ignored rows
+    (z_y = -inf) are guarded to keep the math finite."""
+    n = m_local.shape[0]
+    packed = torch.cat([m_local, zy_local] if checks is None else [m_local, zy_local, checks])
+    if world > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    m = packed[:n]
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    reduced = None if checks is None else packed[2 * n :]
+    return m, torch.where(valid, packed[n : 2 * n], m), reduced
+
+
+def _complete_sums(sums, with_stats, beta, logsigmoid) -> None:
+    """The sums the chunk passes leave implicit: at beta = 1, p = q (S1 = S, and U1 = U for
+    linear); for linear, A = S."""
+    if with_stats and beta == 1.0:
+        sums[3] = sums[0]
+        if not logsigmoid:
+            sums[4] = sums[2]
+    if not logsigmoid:
+        sums[1] = sums[0]
+
+
+def _finish(sums, m, zy, valid, beta, group, world, with_stats):
+    """Collective 2 (SUM) of the packed per-row sums, then per row: the loss, what the backward
+    saves (1/S and sum e w, both 0 on ignored rows, which zeroes their gradient) and, with
+    stats, cross-entropy and entropy. Returns ``(loss, inv_s, sum_ew, ce, entropy)``."""
+    if world > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    s, a, u = sums[0], sums[1], sums[2]
+    s_safe = torch.where(valid, s, torch.ones_like(s))
+    zero = torch.zeros_like(s)
+    # sum e w (z - z_y) = beta * sum e w x + (m - z_y) * sum e w
+    loss = torch.where(valid, (beta * u + (m - zy) * a) / s_safe, zero)
+    inv_s, sum_ew = torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero)
+    if not with_stats:
+        return loss, inv_s, sum_ew, None, None
+    s1, u1 = sums[3], beta * sums[4]
+    s1_safe = torch.where(valid, s1, torch.ones_like(s1))
+    ce = torch.where(valid, torch.log(s1_safe) + (m - zy), zero)
+    entropy = torch.where(valid, torch.log(s1_safe) - u1 / s1_safe, zero)
+    return loss, inv_s, sum_ew, ce, entropy
+
+
 class _VocabParallelGEM(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -293,18 +339,13 @@ class _VocabParallelGEM(torch.autograd.Function):
                 )
 
         def reduce_max(m_local):
-            """Collective 1 (MAX) of [row max, target logit (, shard checks)]; with the checks
-            packed, the op's one host sync reads them."""
-            packed = torch.cat([m_local, zy_local, checks] if check_now else [m_local, zy_local])
-            if world > 1:
-                dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+            """Collective 1; with the checks packed, the op's one host sync reads them."""
+            m, zy, reduced = _reduce_max(
+                m_local, zy_local, checks if check_now else None, valid, group, world
+            )
             if check_now:
-                raise_on_checks(packed[2 * n :])
-            # Guard rows that are fully -inf (m) and ignored rows (z_y = -inf): keep the math
-            # finite.
-            m = packed[:n]
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            return m, torch.where(valid, packed[n : 2 * n], m)
+                raise_on_checks(reduced)
+            return m, zy
 
         # logsigmoid weights need the global max and z_y inside the pass, so they are reduced
         # first (an extra read of the logits, for the max). linear shifts each row by its shard
@@ -351,39 +392,20 @@ class _VocabParallelGEM(torch.autograd.Function):
                     sums_c,
                 )
             del x, e
-            if with_stats and beta == 1.0:  # p = q
-                sums[3] = sums[0]
-                if not logsigmoid:
-                    sums[4] = sums[2]
-            if not logsigmoid:
-                sums[1] = sums[0]  # A = S
+            _complete_sums(sums, with_stats, beta, logsigmoid)
         if not logsigmoid:
             m, zy = reduce_max(shift)
             _rescale_to_max(sums, shift, m, beta)
 
-        # Collective 2 (SUM): the packed per-row sums.
-        if world > 1:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        s, a, u = sums[0], sums[1], sums[2]
-        s_safe = torch.where(valid, s, torch.ones_like(s))
-        zero = torch.zeros_like(s)
-        # sum e w (z - z_y) = beta * sum e w x + (m - z_y) * sum e w
-        loss = torch.where(valid, (beta * u + (m - zy) * a) / s_safe, zero)
-
-        # Saved per row: m, z_y, 1/S and sum e w (both 0 on ignored rows, which zeroes their
-        # gradient).
-        ctx.save_for_backward(
-            logits, t, m, zy, torch.where(valid, 1.0 / s_safe, zero), torch.where(valid, a, zero)
+        loss, inv_s, sum_ew, ce, entropy = _finish(
+            sums, m, zy, valid, beta, group, world, with_stats
         )
+        ctx.save_for_backward(logits, t, m, zy, inv_s, sum_ew)
         ctx.meta = (start, inv_beta, beta, logsigmoid, impl, inplace)
 
         shape = target.shape
         if not with_stats:
             return loss.view(shape)
-        s1, u1 = sums[3], beta * sums[4]
-        s1_safe = torch.where(valid, s1, torch.ones_like(s1))
-        ce = torch.where(valid, torch.log(s1_safe) + (m - zy), zero)
-        entropy = torch.where(valid, torch.log(s1_safe) - u1 / s1_safe, zero)
         ctx.mark_non_differentiable(ce, entropy)
         return loss.view(shape), ce.view(shape), entropy.view(shape)
 

@@ -20,7 +20,6 @@ Tied embeddings are the caller's business: pass the embedding weight and autogra
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_gem.ops.config import DEFAULT_BETA, DEFAULT_H
 from megatron_gem.ops.gem_loss import (
@@ -28,10 +27,13 @@ from megatron_gem.ops.gem_loss import (
     LOGSIGMOID_SCALE,
     _bad_target_message,
     _chunk_sums,
+    _complete_sums,
     _default_tp_group,
+    _finish,
     _group_rank_size,
     _neg_scaled_shift,
     _nvtx,
+    _reduce_max,
     _rescale_to_max,
     _validate,
 )
@@ -85,14 +87,13 @@ class _LinearGEM(torch.autograd.Function):
         def reduce_max():
             """The op's collective 1 (MAX) of [row max, target logit, shard checks]; as the op
             with sync_checks=True, its one host sync reads the checks.
-            (gem_loss.py has this as a closure inside _VocabParallelGEM.forward.)"""
+            (the pack, collective and guards are the op's _reduce_max.)"""
             checks = torch.full((3,), float(v_local), dtype=torch.float32, device=dev)
             checks[2:].neg_()
             checks[0] = bad_target.any()
-            packed = torch.cat([shift, zy_local.masked_fill(~in_shard, float("-inf")), checks])
-            if world > 1:
-                dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-            any_bad, v_max, v_min_neg = packed[2 * n :].tolist()
+            zy_shard = zy_local.masked_fill(~in_shard, float("-inf"))
+            m, zy, reduced = _reduce_max(shift, zy_shard, checks, valid, group, world)
+            any_bad, v_max, v_min_neg = reduced.tolist()
             if v_max != -v_min_neg:
                 raise ValueError(
                     "weight: the vocabulary shard size differs across tensor-parallel ranks "
@@ -104,9 +105,7 @@ class _LinearGEM(torch.autograd.Function):
                 raise ValueError(
                     _bad_target_message(vocab, ignore_index, t[bad_target][:5].tolist())
                 )
-            m = packed[:n]
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            return m, torch.where(valid, packed[n : 2 * n], m)
+            return m, zy
 
         if logsigmoid:  # the weights need the global max and z_y inside the pass: a first pass
             for rows in spans:
@@ -133,41 +132,21 @@ class _LinearGEM(torch.autograd.Function):
                 sums[:, rows],
             )
         del x, e
-        if with_stats and beta == 1.0:  # p = q
-            sums[3] = sums[0]
-            if not logsigmoid:
-                sums[4] = sums[2]
+        _complete_sums(sums, with_stats, beta, logsigmoid)
         if not logsigmoid:
-            sums[1] = sums[0]  # A = S
             m, zy = reduce_max()
             _rescale_to_max(sums, shift, m, beta)
 
         # The op's collective 2 (SUM): all rows' sums, packed, once.
-        if world > 1:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        s, a, u = sums[0], sums[1], sums[2]
-        s_safe = torch.where(valid, s, torch.ones_like(s))
-        zero = torch.zeros_like(s)
-        loss = torch.where(valid, (beta * u + (m - zy) * a) / s_safe, zero)
-
-        ctx.save_for_backward(
-            hidden,
-            weight,
-            t,
-            m,
-            zy,
-            torch.where(valid, 1.0 / s_safe, zero),
-            torch.where(valid, a, zero),
+        loss, inv_s, sum_ew, ce, entropy = _finish(
+            sums, m, zy, valid, beta, group, world, with_stats
         )
+        ctx.save_for_backward(hidden, weight, t, m, zy, inv_s, sum_ew)
         ctx.meta = (start, inv_beta, beta, logsigmoid, chunk)
 
         shape = target.shape
         if not with_stats:
             return loss.view(shape)
-        s1, u1 = sums[3], beta * sums[4]
-        s1_safe = torch.where(valid, s1, torch.ones_like(s1))
-        ce = torch.where(valid, torch.log(s1_safe) + (m - zy), zero)
-        entropy = torch.where(valid, torch.log(s1_safe) - u1 / s1_safe, zero)
         ctx.mark_non_differentiable(ce, entropy)
         return loss.view(shape), ce.view(shape), entropy.view(shape)
 

@@ -130,3 +130,18 @@ def main(argv=None) -> None:
         if args.rank == 0:  # every rank stops; one prints
             print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    _destroy_process_groups()
+
+
+def _destroy_process_groups() -> None:
+    """Tear the process groups down before the interpreter does.
+
+    Megatron's ``pretrain`` returns with its groups alive; left to interpreter shutdown, gloo's
+    worker threads are destroyed while joinable and now and then abort a rank that finished
+    cleanly ("terminate called without an active exception", SIGABRT, rc 1 from torchrun).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks
+        dist.destroy_process_group()

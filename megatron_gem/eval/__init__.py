@@ -5,6 +5,7 @@ formats.py   ChatFormat: prompts/responses/documents -> ids (templates: megatron
 sampling.py  load_hf, SamplingConfig, sample (HF transformers, KV cache)
 scoring.py   sequence_logprobs, score_valid, heldout_loss (exact, teacher forcing)
 metrics.py   the metrics themselves (quality, valid mass, diversity, forgetting)
+testtime.py  test-time scaling over N samples: pass@k, maj@k, best-of-k (exact expectations)
 api.py       prompt_metrics, summarise, evaluate, flat_metrics
 cli.py       the CLI (tools/evaluate.py, python -m megatron_gem.eval)
 """
@@ -27,9 +28,14 @@ from megatron_gem.eval.formats import (
 from megatron_gem.eval.prompts import EvalPrompt, read_generations, read_prompts, read_texts
 from megatron_gem.eval.sampling import SamplingConfig, load_hf, sample
 from megatron_gem.eval.scoring import heldout_loss, score_valid, sequence_logprobs
+from megatron_gem.eval.testtime import best_of_k, maj_at_k, majority_answer, pass_at_k
 
 __all__ = [
     "EvalPrompt",
+    "best_of_k",
+    "maj_at_k",
+    "majority_answer",
+    "pass_at_k",
     "SamplingConfig",
     "evaluate",
     "flat_metrics",

@@ -19,7 +19,9 @@ one op, ``vocab_parallel_linear_gem_loss``: the ``[s, b, V/tp]`` logits are neve
 (the backward recomputes them chunk by chunk). It is wired through GPTModel 0.19.2's
 ``output_processor`` hook, which ``_postprocess`` calls after the MTP depths, on the last
 pipeline stage only, instead of the output layer + loss; the MTP depths stay unfused. Without
-labels (generation, logits wanted) and in inference mode the normal output layer runs.
+labels (generation, logits wanted) and in inference mode the normal output layer runs. The
+fused op is called with ``sync_checks=False`` where it has that option; otherwise it checks the
+labels with one host sync per call and raises an out-of-vocabulary label at once.
 
 Models are built through Megatron's own builder (``GemGPTModelConfig`` / ``GemGPTModelBuilder``,
 the ``PretrainConfigContainer`` path of megatron.training 0.19), which picks the Transformer Engine

@@ -39,6 +39,7 @@ from typing import ClassVar
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
@@ -48,6 +49,7 @@ from megatron_gem.ops import GemConfig, vocab_parallel_gem_loss, vocab_parallel_
 
 LOSS_CHOICES = ("ce", "gem")
 _LOG = logging.getLogger(__name__)
+_POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
 
 # The fused op is sync-free as the unfused one where its version takes sync_checks (a bad
 # label is then deferred to raise_deferred_errors); where it does not, it checks at once.
@@ -107,9 +109,11 @@ class GemGPTModel(GPTModel):
         self.gem_linear_fusion = linear_fusion
         self._gem_token_stats = None
 
-    def _postprocess(self, **kwargs):
-        # GPTModel.forward (and the combined-1F1B schedule) call _postprocess by keyword only.
+    def _postprocess(self, *args, **kwargs):
         self._gem_loss_calls = 0
+        if args:  # GPTModel.forward and the combined-1F1B schedule pass keywords; others may not
+            kwargs = dict(_POSTPROCESS_SIGNATURE.bind(self, *args, **kwargs).arguments)
+            del kwargs["self"]
         if (
             self.gem_linear_fusion
             and kwargs.get("labels") is not None
@@ -212,8 +216,16 @@ def _check_linear_fusion(model, loss: str) -> None:
             "linear_fusion=True computes the output weight's gradient in its own backward: "
             "it cannot be combined with defer_embedding_wgrad_compute=True"
         )
-    if getattr(getattr(model, "output_layer", None), "bias", None) is not None:
+    output_layer = getattr(model, "output_layer", None)  # absent before the last stage
+    if getattr(output_layer, "bias", None) is not None:
         raise ValueError("linear_fusion=True: the output layer has a bias, the fused op has none")
+    if output_layer is not None and not isinstance(output_layer, ColumnParallelLinear):
+        # e.g. TELMHeadColumnParallelLinear for an MXFP8 output projection: its GEMM would
+        # not be the op's
+        raise ValueError(
+            "linear_fusion=True replaces a ColumnParallelLinear output layer, got "
+            f"{type(output_layer).__name__}"
+        )
 
 
 def as_gem_model(

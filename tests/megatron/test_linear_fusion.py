@@ -268,6 +268,8 @@ def _bare_model(**attrs):
 def test_set_loss_refuses_what_the_fused_head_cannot_do():
     from types import SimpleNamespace
 
+    import torch
+
     from megatron_gem import GemConfig
 
     with pytest.raises(ValueError, match="it needs loss='gem', got loss='ce'"):
@@ -283,8 +285,36 @@ def test_set_loss_refuses_what_the_fused_head_cannot_do():
     biased = SimpleNamespace(bias=object())
     with pytest.raises(ValueError, match="the output layer has a bias"):
         _bare_model(output_layer=biased).set_loss("gem", linear_fusion=True)
+    with pytest.raises(ValueError, match="ColumnParallelLinear output layer, got Linear"):
+        _bare_model(output_layer=torch.nn.Linear(2, 2, bias=False)).set_loss(
+            "gem", linear_fusion=True
+        )
     model = _bare_model(config=SimpleNamespace(use_mup=True, mup_output_mult=1.0))
     model.set_loss("gem", GemConfig(0.5), linear_fusion=True)  # MuP without an output mult: fine
     assert model.gem_linear_fusion is True and model.gem.beta == 0.5
     model.set_loss("gem")
     assert model.gem_linear_fusion is False  # set_loss sets every setting
+
+
+def test_postprocess_routes_only_labelled_calls_through_the_fused_head(monkeypatch):
+    """Positional or keyword, with labels the main head gets the fused output_processor; a
+    caller's own output_processor and labels=None (logits wanted) are left alone."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_gem import GemConfig
+
+    seen = []
+    monkeypatch.setattr(GPTModel, "_postprocess", lambda self, **kw: seen.append(kw))
+    model = _bare_model()
+    model.set_loss("gem", GemConfig(), linear_fusion=True)
+    labels, mine = object(), object()
+    model._postprocess("hidden", "ids", "pos", labels, None, None, None)  # positional
+    model._postprocess(hidden_states="h", labels=labels, output_processor=mine)
+    model._postprocess(hidden_states="h", labels=None)
+    assert seen[0]["labels"] is labels and seen[0]["hidden_states"] == "hidden"
+    assert seen[0]["output_processor"] == model._fused_main_head
+    assert seen[1]["output_processor"] is mine
+    assert seen[2].get("output_processor") is None
+    model.set_loss("gem", GemConfig())  # fusion off
+    model._postprocess(hidden_states="h", labels=labels)
+    assert seen[3].get("output_processor") is None

@@ -24,6 +24,12 @@ when ``torch.cuda.is_available()`` is true. What it patches (all reversible, see
 * ``megatron.training.training.initialize_megatron`` gets ``allow_no_cuda=True``.
 * ``torch._dynamo`` is disabled: Megatron's ``@jit_fuser`` helpers would otherwise spend ~15 s
   per process compiling inductor kernels for a CPU smoke run.
+* Sequence parallelism with torch norms (the local spec's ``WrappedTorchNorm``, which asserts
+  "sequence parallel not supported by torch LayerNorm" without Apex/TE): the norm is built as
+  without sequence parallelism and its parameters get ``sequence_parallel = True``, as Apex's
+  ``FusedLayerNorm`` marks them. That attribute is all sequence parallelism needs from a norm:
+  each TP rank normalises its own sequence shard (a norm is per token) and Megatron's
+  ``finalize_model_grads`` sums the marked parameters' gradients over the TP group.
 
 Not here on purpose: the dataset-helper ``make`` at start-up is not CPU-specific (it breaks the
 PyPI wheel on GPU hosts too); ``megatron_gem.train`` handles it. Choosing the local (non-TE)
@@ -31,9 +37,8 @@ transformer implementation is an argument default, also set by ``megatron_gem.tr
 
 Known CPU limits: fp32 is the tested precision; ``--bf16`` runs (the entry adds
 ``--no-masked-softmax-fusion``: the fused softmax is a CUDA extension) but is slow and not
-bit-compatible with GPU runs;
-``--sequence-parallel`` needs Apex/TE norms; Transformer Engine, fused kernels and CUDA graphs
-are unavailable.
+bit-compatible with GPU runs; Transformer Engine, fused kernels and CUDA graphs are
+unavailable.
 """
 
 from __future__ import annotations
@@ -266,6 +271,33 @@ def _distinct(value):
     return functools.wraps(value)(lambda *args, **kwargs: value(*args, **kwargs))
 
 
+class _WithoutSequenceParallel:
+    """A read-only view of a TransformerConfig with ``sequence_parallel=False``."""
+
+    sequence_parallel = False
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+def _sequence_parallel_torch_norm(original_new):
+    """``WrappedTorchNorm.__new__`` that builds the torch norm under sequence parallelism and
+    marks its parameters for Megatron's TP gradient sum (see the module docstring)."""
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not getattr(config, "sequence_parallel", False):
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        norm = original_new(cls, _WithoutSequenceParallel(config), hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return __new__
+
+
 # --------------------------------------------------------------------------- enable / disable
 def enable_cpu_mode() -> bool:
     """Apply the CPU workarounds when CUDA is absent. Idempotent.
@@ -285,6 +317,7 @@ def enable_cpu_mode() -> bool:
         importlib.import_module("torch._dynamo").trace_rules.get_torch_obj_rule_map()
         import megatron.core.tensor_parallel.random as mrandom
         import megatron.training.training as mtraining
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         cuda = torch.cuda
         for name, value in {
@@ -327,6 +360,8 @@ def enable_cpu_mode() -> bool:
         _patch(iter_base, "__init__", _keep_default_rng(iter_base.__init__))
 
         _patch(dynamo_config, "disable", True)
+        # every spec module holds the class itself (``from ... import``): patch the class
+        _patch(WrappedTorchNorm, "__new__", _sequence_parallel_torch_norm(WrappedTorchNorm.__new__))
         _patch(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state)
         _patch(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state)
         _patch(

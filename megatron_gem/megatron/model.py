@@ -14,6 +14,15 @@ report (``pop_token_stats``); the MTP depths compute only their loss. The op run
 ``megatron_gem.ops.raise_deferred_errors()``, which the training entry calls where Megatron syncs
 anyway.
 
+With ``linear_fusion=True`` (``--gem-linear-fusion``) the main head's output layer and GEM run as
+one op, ``vocab_parallel_linear_gem_loss``: the ``[s, b, V/tp]`` logits are never materialised
+(the backward recomputes them chunk by chunk). It is wired through GPTModel 0.19.2's
+``output_processor`` hook, which ``_postprocess`` calls after the MTP depths, on the last
+pipeline stage only, instead of the output layer + loss; the MTP depths stay unfused. Without
+labels (generation, logits wanted) and in inference mode the normal output layer runs. The
+fused op is called with ``sync_checks=False`` where it has that option; otherwise it checks the
+labels with one host sync per call and raises an out-of-vocabulary label at once.
+
 Models are built through Megatron's own builder (``GemGPTModelConfig`` / ``GemGPTModelBuilder``,
 the ``PretrainConfigContainer`` path of megatron.training 0.19), which picks the Transformer Engine
 layer spec when ``--transformer-impl transformer_engine`` and the local spec otherwise.
@@ -23,14 +32,33 @@ layer spec when ``--transformer-impl transformer_engine`` and the local spec oth
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 from typing import ClassVar
 
+from megatron.core.inference.utils import InferenceMode
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-from megatron_gem.ops import GemConfig, vocab_parallel_gem_loss
+from megatron_gem.ops import GemConfig, vocab_parallel_gem_loss, vocab_parallel_linear_gem_loss
 
 LOSS_CHOICES = ("ce", "gem")
+_LOG = logging.getLogger(__name__)
+_POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
+
+# The fused op is sync-free as the unfused one where its version takes sync_checks (a bad
+# label is then deferred to raise_deferred_errors); where it does not, it checks at once.
+# TODO(fuse-op): drop the check once the op's sync_checks option is merged.
+_LINEAR_SYNC_FREE = (
+    {"sync_checks": False}
+    if "sync_checks" in inspect.signature(vocab_parallel_linear_gem_loss).parameters
+    else {}
+)
 
 __all__ = [
     "GemGPTModel",
@@ -49,25 +77,88 @@ class GemGPTModel(GPTModel):
     # Class defaults so that a GPTModel converted with ``as_gem_model`` (no __init__) is valid.
     gem_loss_type: str = "ce"
     gem: GemConfig = GemConfig()
+    gem_linear_fusion: bool = False
     # Loss calls since this forward's _postprocess began: GPTModel 0.19.2 calls
     # compute_language_model_loss once per MTP depth (process_mtp_loss) and then for the main head.
     _gem_loss_calls: int = 0
+    _gem_fusion_logged: bool = False
 
-    def __init__(self, *args, loss: str = "ce", gem: GemConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss: str = "ce",
+        gem: GemConfig | None = None,
+        linear_fusion: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.set_loss(loss, gem)
+        self.set_loss(loss, gem, linear_fusion)
 
-    def set_loss(self, loss: str, gem: GemConfig | None = None) -> None:
+    def set_loss(
+        self, loss: str, gem: GemConfig | None = None, linear_fusion: bool = False
+    ) -> None:
         if loss not in LOSS_CHOICES:
             raise ValueError(f"loss must be one of {LOSS_CHOICES}, got loss={loss!r}")
         if gem is not None and not isinstance(gem, GemConfig):
             raise ValueError(f"gem must be a GemConfig, got gem={gem!r}")
+        if not isinstance(linear_fusion, bool):
+            raise ValueError(f"linear_fusion must be a bool, got linear_fusion={linear_fusion!r}")
+        if linear_fusion:
+            _check_linear_fusion(self, loss)
         self.gem_loss_type, self.gem = loss, gem or GemConfig()
+        self.gem_linear_fusion = linear_fusion
         self._gem_token_stats = None
 
     def _postprocess(self, *args, **kwargs):
         self._gem_loss_calls = 0
-        return super()._postprocess(*args, **kwargs)
+        if args:  # GPTModel.forward and the combined-1F1B schedule pass keywords; others may not
+            kwargs = dict(_POSTPROCESS_SIGNATURE.bind(self, *args, **kwargs).arguments)
+            del kwargs["self"]
+        if (
+            self.gem_linear_fusion
+            and kwargs.get("labels") is not None
+            and kwargs.get("output_processor") is None
+            and not InferenceMode.is_active()
+        ):
+            # GPTModel 0.19.2 calls output_processor in place of output layer + loss, after
+            # the MTP depths and only where post_process: what the fused op replaces, exactly.
+            kwargs["output_processor"] = self._fused_main_head
+        return super()._postprocess(**kwargs)
+
+    def _fused_main_head(self, *, hidden_states, output_layer, output_weight, labels, **unused):
+        """The ``output_processor``: per-token GEM ``[b, s]`` of the main head, from its input
+        ``hidden_states`` ``[s(/tp with SP), b, H]`` and this rank's output weight.
+
+        The input goes through what ColumnParallelLinear's forward does before its GEMM: under
+        sequence parallelism the all-gather of the sequence (backward: reduce-scatter of
+        dhidden), otherwise the copy whose backward all-reduces dhidden over TP; the op's
+        dhidden is this rank's partial sum, so either reduction completes it."""
+        weight = output_layer.weight if output_weight is None else output_weight
+        group = self.tp_group
+        if getattr(output_layer, "sequence_parallel", self.config.sequence_parallel):
+            hidden = gather_from_sequence_parallel_region(hidden_states, group=group)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden_states, group=group)
+        loss, ce, entropy = vocab_parallel_linear_gem_loss(
+            hidden,
+            weight,
+            labels.transpose(0, 1).contiguous(),  # [b, s] -> [s, b], the hidden's layout
+            beta=self.gem.beta,
+            h=self.gem.h,
+            tp_group=group,
+            return_stats=True,
+            **_LINEAR_SYNC_FREE,
+        )
+        self._gem_token_stats = (ce.transpose(0, 1), entropy.transpose(0, 1))
+        if not self._gem_fusion_logged:  # once per model: the run's log shows the fusion is on
+            self._gem_fusion_logged = True
+            _LOG.info(
+                "megatron_gem: main head fused with the GEM loss (vocab_parallel_linear_gem_loss, "
+                "no [s, b, V/tp] logits), hidden %s, output weight %s",
+                tuple(hidden.shape),
+                tuple(weight.shape),
+            )
+        return loss.transpose(0, 1).contiguous()
 
     def _is_main_head_call(self) -> bool:
         """Whether this loss call is the main head's: the MTP depths come first. (Called outside
@@ -107,7 +198,42 @@ class GemGPTModel(GPTModel):
         return stats
 
 
-def as_gem_model(model: GPTModel, loss: str = "ce", gem: GemConfig | None = None) -> GemGPTModel:
+def _check_linear_fusion(model, loss: str) -> None:
+    """One-line ValueErrors for what the fused output layer + GEM cannot do."""
+    if loss != "gem":
+        raise ValueError(
+            f"linear_fusion=True fuses the output layer with GEM: it needs loss='gem', got "
+            f"loss={loss!r}"
+        )
+    config = getattr(model, "config", None)
+    if getattr(config, "use_mup", False) and getattr(config, "mup_output_mult", 1.0) != 1.0:
+        raise ValueError(
+            "linear_fusion=True does not apply MuP's output multiplier "
+            f"(mup_output_mult={config.mup_output_mult}); turn one of them off"
+        )
+    if getattr(config, "defer_embedding_wgrad_compute", False):
+        raise ValueError(
+            "linear_fusion=True computes the output weight's gradient in its own backward: "
+            "it cannot be combined with defer_embedding_wgrad_compute=True"
+        )
+    output_layer = getattr(model, "output_layer", None)  # absent before the last stage
+    if getattr(output_layer, "bias", None) is not None:
+        raise ValueError("linear_fusion=True: the output layer has a bias, the fused op has none")
+    if output_layer is not None and not isinstance(output_layer, ColumnParallelLinear):
+        # e.g. TELMHeadColumnParallelLinear for an MXFP8 output projection: its GEMM would
+        # not be the op's
+        raise ValueError(
+            "linear_fusion=True replaces a ColumnParallelLinear output layer, got "
+            f"{type(output_layer).__name__}"
+        )
+
+
+def as_gem_model(
+    model: GPTModel,
+    loss: str = "ce",
+    gem: GemConfig | None = None,
+    linear_fusion: bool = False,
+) -> GemGPTModel:
     """Turn a built ``GPTModel`` into a ``GemGPTModel`` in place.
 
     Megatron's ``GPTModelBuilder.build_model`` hard-codes ``GPTModel(...)``; rather than copying
@@ -119,7 +245,7 @@ def as_gem_model(model: GPTModel, loss: str = "ce", gem: GemConfig | None = None
         raise ValueError(f"expected a megatron GPTModel, got {type(model).__name__}")
     if not isinstance(model, GemGPTModel):
         model.__class__ = GemGPTModel
-    model.set_loss(loss, gem)
+    model.set_loss(loss, gem, linear_fusion)
     return model
 
 
@@ -130,6 +256,7 @@ class GemGPTModelConfig(GPTModelConfig):
     builder: ClassVar[str] = "megatron_gem.megatron.model.GemGPTModelBuilder"
     loss: str = "ce"
     gem: GemConfig = GemConfig()
+    gem_linear_fusion: bool = False
 
 
 class GemGPTModelBuilder(GPTModelBuilder):
@@ -140,7 +267,12 @@ class GemGPTModelBuilder(GPTModelBuilder):
             pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
         )
         cfg = self._model_config
-        return as_gem_model(model, getattr(cfg, "loss", "ce"), getattr(cfg, "gem", None))
+        return as_gem_model(
+            model,
+            getattr(cfg, "loss", "ce"),
+            getattr(cfg, "gem", None),
+            getattr(cfg, "gem_linear_fusion", False),
+        )
 
 
 def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConfig:
@@ -155,6 +287,7 @@ def gem_model_config_from_args(args, transformer_config=None) -> GemGPTModelConf
     cfg.loss = getattr(args, "loss", "ce")
     if cfg.loss == "gem":
         cfg.gem = GemConfig(args.gem_beta, args.gem_h, getattr(args, "gem_impl", None) or "auto")
+        cfg.gem_linear_fusion = bool(getattr(args, "gem_linear_fusion", False))
     return cfg
 
 

@@ -6,7 +6,8 @@
 * ``--gem-beta B`` (default ``DEFAULT_BETA``, 0.7), the temperature of GEM's
   ``q = softmax(z / B)``, in (0, 1];
 * ``--gem-h {linear,logsigmoid}`` (default ``linear``);
-* ``--gem-impl {auto,torch,triton}`` (default ``auto``: the Triton kernels on CUDA, torch on CPU).
+* ``--gem-impl {auto,torch,triton}`` (default ``auto``: the Triton kernels on CUDA, torch on CPU);
+* ``--gem-linear-fusion``: the main head's output layer and GEM in one op, without the logits.
 
 ``parse_args(argv)`` returns Megatron's fully parsed and validated arguments for an argv
 without initialising torch.distributed, building a tokenizer or touching any device: the
@@ -86,6 +87,14 @@ def add_gem_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "logits forward, one read and one write backward), 'torch' = chunked eager torch, "
         "'auto' = Triton on CUDA where it imports, torch otherwise; needs --loss gem.",
     )
+    group.add_argument(
+        "--gem-linear-fusion",
+        action="store_true",
+        help="Fuse the main head's output layer with GEM (vocab_parallel_linear_gem_loss): the "
+        "[s, b, V/tp] logits are never materialised, at the price of one extra output-layer "
+        "GEMM (the backward recomputes them). For large vocabularies and long sequences; the "
+        "MTP depths stay unfused; needs --loss gem.",
+    )
     # Taken out of argv before Megatron parses it (take_cpu_flag): listed here for --help and
     # so that the launch dry run accepts the flags a CPU script passes.
     parser.add_argument_group(title="CPU mode (megatron-gem)").add_argument(
@@ -116,6 +125,7 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
                 ("--gem-beta", args.gem_beta),
                 ("--gem-h", args.gem_h),
                 ("--gem-impl", args.gem_impl),
+                ("--gem-linear-fusion", getattr(args, "gem_linear_fusion", False) or None),
             )
             if v is not None
         ]
@@ -132,6 +142,8 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
                 "argument --cross-entropy-loss-fusion: selects Megatron's fused cross-entropy, "
                 "which --loss gem replaces; drop one of them"
             )
+        if getattr(args, "gem_linear_fusion", False):
+            validate_linear_fusion_args(args)
         if args.gem_beta is None:
             args.gem_beta = DEFAULT_GEM_BETA
         if args.gem_h is None:
@@ -157,6 +169,21 @@ def validate_gem_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     validate_sft_packing_args(args)
     return args
+
+
+def validate_linear_fusion_args(args: argparse.Namespace) -> None:
+    """``--gem-linear-fusion`` beside flags the fused output layer cannot honour."""
+    if getattr(args, "defer_embedding_wgrad_compute", False):
+        _error(
+            "argument --defer-embedding-wgrad-compute: not supported with --gem-linear-fusion "
+            "(the fused op computes the output weight's gradient in its own backward); drop "
+            "one of them"
+        )
+    if getattr(args, "use_mup", False):
+        _error(
+            "argument --use-mup: not supported with --gem-linear-fusion (the fused op applies "
+            "no MuP output multiplier to the logits); drop one of them"
+        )
 
 
 def validate_sft_packing_args(args: argparse.Namespace) -> None:

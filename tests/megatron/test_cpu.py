@@ -28,7 +28,11 @@ def test_inert_when_cuda_is_present(monkeypatch):
         for name in ("current_device", "device_count", "get_rng_state", "Stream")
     }
     tensor_type, tensor_cuda = torch.Tensor.type, torch.Tensor.cuda
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    norm_new = WrappedTorchNorm.__new__
     assert cpu_mode.enable_cpu_mode() is False
+    assert WrappedTorchNorm.__new__ is norm_new
     assert cpu_mode.patched_names() == [] and not cpu_mode.is_cpu_mode_enabled()
     for name, value in before.items():
         assert getattr(torch.cuda, name) is value
@@ -89,3 +93,37 @@ def test_megatron_rng_tracker_forks_on_the_cpu_generator(cpu_mode_on):
     c = torch.rand(3)
     torch.cuda.set_rng_state(state)
     assert torch.equal(torch.rand(3), c)
+
+
+def _norm_config(sequence_parallel, normalization="RMSNorm"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        layernorm_zero_centered_gamma=False,
+        persist_layer_norm=False,
+        sequence_parallel=sequence_parallel,
+        memory_efficient_layer_norm=False,
+        normalization=normalization,
+    )
+
+
+def test_torch_norms_under_sequence_parallel_are_marked_for_the_tp_sum(cpu_mode_on):
+    """Megatron's torch-norm wrapper asserts under sequence parallelism without Apex/TE; CPU
+    mode builds the same torch norm and marks its parameters ``sequence_parallel`` (what
+    finalize_model_grads sums over TP; the sums are checked in tests/megatron/
+    test_linear_fusion.py::test_cpu_sequence_parallel_norm_standin_gives_the_dense_gradients)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    config = _norm_config(True)
+    rms = WrappedTorchNorm(config=config, hidden_size=6, eps=1e-6)
+    assert type(rms) is torch.nn.RMSNorm and rms.eps == 1e-6 and rms.weight.shape == (6,)
+    assert rms.weight.sequence_parallel is True and config.sequence_parallel is True
+    ln = WrappedTorchNorm(_norm_config(True, "LayerNorm"), 4)
+    assert type(ln) is torch.nn.LayerNorm
+    assert ln.weight.sequence_parallel is True and ln.bias.sequence_parallel is True
+    plain = WrappedTorchNorm(config=_norm_config(False), hidden_size=6)
+    assert not hasattr(plain.weight, "sequence_parallel")
+    cpu_mode.disable_cpu_mode()
+    with pytest.raises(AssertionError, match="sequence parallel not supported"):
+        WrappedTorchNorm(config=config, hidden_size=6)
+    assert type(WrappedTorchNorm(config=_norm_config(False), hidden_size=6)) is torch.nn.RMSNorm

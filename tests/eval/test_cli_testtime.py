@@ -90,7 +90,10 @@ def test_cli_gsm8k_and_humaneval_with_generations(tmp_path, capsys):
     header = list(row)
     assert header.index("pass@1") < header.index("pass@2") < header.index("pass@4")
     assert header.index("pass@4") < header.index("maj@1")
-    assert "pass@k (all): pass@1=0.6250" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pass@k (all): pass@1=0.6250  pass@2=0.9167  pass@4=1.0000\n" in printed
+    assert "maj@k (all): maj@1=0.6250  maj@2=0.8333  maj@4=1.0000\n" in printed
+    assert "n_pass" not in printed
 
     args = ["--prompts", _write(tmp_path / "he.jsonl", HUMANEVAL)]
     args += ["--generations", _write(tmp_path / "he_g.jsonl", HUMANEVAL_GENS)]

@@ -38,6 +38,7 @@ __all__ = [
     "ExecResult",
     "SandboxConfig",
     "humaneval_program",
+    "run_many",
     "run_program",
     "run_tests",
 ]
@@ -204,8 +205,16 @@ def run_tests(
     task: CodeTask, completions: Sequence[str], cfg: SandboxConfig = SandboxConfig()
 ) -> list[ExecResult]:
     """Each completion of one task run against the task's tests (``cfg.workers`` at a time)."""
-    programs = [humaneval_program(task, c) for c in completions]
-    if cfg.workers == 1 or len(programs) == 1:
+    return run_many([(task, c) for c in completions], cfg)
+
+
+def run_many(
+    pairs: Sequence[tuple[CodeTask, str]], cfg: SandboxConfig = SandboxConfig()
+) -> list[ExecResult]:
+    """``(task, completion)`` pairs of any tasks, ``cfg.workers`` at a time (threads: each
+    only waits for its subprocess), results in order."""
+    programs = [humaneval_program(t, c) for t, c in pairs]
+    if cfg.workers == 1 or len(programs) <= 1:
         return [run_program(p, cfg) for p in programs]
     with ThreadPoolExecutor(cfg.workers) as pool:
         return list(pool.map(lambda p: run_program(p, cfg), programs))

@@ -122,3 +122,18 @@ def test_prompt_shapes_and_errors(tmp_path):
     for rec, match in bad:
         with pytest.raises(ValueError, match=f"p2.jsonl:2: .*{match}"):
             E.read_prompts(_write(tmp_path / "p2.jsonl", [lines[0], rec]))
+
+
+def test_humaneval_samples_file_reads_as_generations(tmp_path):
+    ps = [E.EvalPrompt("HumanEval/0", U), E.EvalPrompt("HumanEval/1", U)]
+    lines = [
+        {"task_id": "HumanEval/0", "completion": "a"},
+        {"task_id": "HumanEval/1", "completion": "b"},
+        {"task_id": "HumanEval/0", "completion": "c"},
+    ]
+    assert E.read_generations(_write(tmp_path / "s.jsonl", lines), ps) == [["a", "c"], ["b"]]
+    bad = [{"task_id": "HumanEval/0", "completion": 3}]
+    with pytest.raises(ValueError, match="s2.jsonl:1: 'completion' must be a string, got 3"):
+        E.read_generations(_write(tmp_path / "s2.jsonl", bad), ps)
+    with pytest.raises(ValueError, match="prompt_id 'HumanEval/9' is not in the prompts file"):
+        E.read_generations(_write(tmp_path / "s3.jsonl", [{"task_id": "HumanEval/9"}]), ps)

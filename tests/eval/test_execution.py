@@ -43,6 +43,8 @@ def test_pass_fail_loop_and_memory_hog_leave_nothing_behind(cfg):
     assert [r.status for r in res] == ["passed", "failed", "memory", "passed"]
     assert "AssertionError" in res[1].stderr
     assert "MemoryError" in res[2].stderr
+    # the limit is what stopped it: with room for 1 GiB the same sample passes
+    assert run_tests(TASK, [samples[2]], replace(cfg, memory_mb=4096))[0].passed
     # an endless loop, killed at the wall-time limit
     loop = run_tests(TASK, ["    while True:\n        pass\n"], replace(cfg, timeout=1.0))[0]
     assert loop.status == "timeout" and loop.returncode is None

@@ -273,3 +273,39 @@ def test_cp_argument_limits(capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "argument --context-parallel-size" in err
     assert "transformer_engine" in err
+
+
+@pytest.mark.parametrize(
+    "impl, cp", [("transformer_engine", 2), ("transformer_engine", 1), ("local", 1)]
+)
+def test_build_sft_datasets_selects_the_thd_layout_from_args(monkeypatch, impl, cp):
+    """The TE path is chosen by --transformer-impl (no TE needed to build the data): no dense
+    mask and per-sample padding to 2*cp; the local spec keeps the mask."""
+    from megatron_gem.data.sft import PackedSFTDataset, build_sft_datasets
+
+    data = _Samples(LENGTHS)
+    monkeypatch.setattr(
+        PackedSFTDataset, "build_low_level_dataset", staticmethod(lambda path, config: data)
+    )
+    args = types.SimpleNamespace(
+        seq_length=S,
+        seed=3,
+        data_path=["mem"],
+        split="100,0,0",
+        tokenizer_type=None,
+        transformer_impl=impl,
+        context_parallel_size=cp,
+    )
+    train, _, _ = build_sft_datasets(args, [4, 0, 0])
+    item = train[0]
+    if impl == "local":
+        assert item["attention_mask"].shape == (1, S, S) and "cu_seqlens" not in item
+        return
+    assert "attention_mask" not in item
+    padded = (item["cu_seqlens_padded"][1:] - item["cu_seqlens_padded"][:-1]).tolist()
+    assert all(p % (2 * cp if cp > 1 else 1) == 0 for p in padded)
+    if cp == 1:
+        assert torch.equal(item["cu_seqlens"], item["cu_seqlens_padded"])
+    else:
+        items = [train[i] for i in range(len(train))]
+        assert any(not torch.equal(it["cu_seqlens"], it["cu_seqlens_padded"]) for it in items)

@@ -143,29 +143,30 @@ def cu_seqlens_from_position_ids(position_ids):
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def packed_seq_params_from_cu_seqlens(cu_seqlens, max_seqlen: int, cu_seqlens_padded=None):
+def packed_seq_params_from_cu_seqlens(cu_seqlens, max_seqlen: int, padded: bool = False):
     """Megatron's ``PackedSeqParams`` (THD) for self-attention over one packed sequence.
 
-    ``cu_seqlens``: cumulative real lengths; ``cu_seqlens_padded`` (context parallelism): the
-    sub-sequence boundaries with their padding; ``max_seqlen``: the longest padded sub-sequence.
-    All global (the whole packed sequence, not one CP rank's part): TE's CP attention and
-    Megatron's THD RoPE divide them by the CP size themselves.
+    ``cu_seqlens``: the sub-sequence boundaries; ``max_seqlen``: the longest sub-sequence.
+    ``padded`` (context parallelism): the boundaries include each sample's padding to a multiple
+    of 2*cp, and are also passed as ``cu_seqlens_*_padded`` (how TE and Megatron's THD RoPE find
+    each rank's chunks). As upstream ``pretrain_gpt.py`` (0.19) does, attention then treats the
+    padding as part of its sample: it comes after the sample's real tokens, so under the causal
+    mask no real token sees it, and its loss mask is 0 (TE's separate real-length path,
+    ``pad_between_seqs``, is avoided: upstream notes a bug there). All values are global (the
+    whole packed sequence): TE's CP attention and the RoPE divide them by the CP size.
     """
     import torch
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu_seqlens = cu_seqlens.reshape(-1).to(torch.int32)
-    padded = {}
-    if cu_seqlens_padded is not None:
-        cu_seqlens_padded = cu_seqlens_padded.reshape(-1).to(torch.int32)
-        padded = dict(cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded)
+    extra = dict(cu_seqlens_q_padded=cu_seqlens, cu_seqlens_kv_padded=cu_seqlens) if padded else {}
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_seqlens,
         cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=int(max_seqlen),
         max_seqlen_kv=int(max_seqlen),
-        **padded,
+        **extra,
     )
 
 
@@ -201,8 +202,8 @@ def get_sft_batch(data_iterator, vp_stage=None):
     ``attention_mask`` is None and ``packed_seq_params`` is set; Megatron's broadcast already
     sends THD metadata to middle stages). With context parallelism (THD only; arguments
     refuse it for the local spec) each CP rank then keeps its two chunks of every packed
-    sub-sequence (``megatron_gem.train.context_parallel``) and attention gets the global
-    ``cu_seqlens`` / ``cu_seqlens_padded``.
+    sub-sequence (``megatron_gem.train.context_parallel``) and attention gets the global padded
+    boundaries (``packed_seq_params_from_cu_seqlens``).
     """
     import torch
     from megatron.core import mpu
@@ -284,11 +285,14 @@ def get_sft_batch(data_iterator, vp_stage=None):
         # on the device in the broadcast, and reading it back is a sync they cannot avoid.
         if host_max_seqlen is None:
             host_max_seqlen = int(batch["max_seqlen"].max().item())
-        packed_seq_params = packed_seq_params_from_cu_seqlens(
-            batch["cu_seqlens"],
-            host_max_seqlen,
-            cu_seqlens_padded=batch.get("cu_seqlens_padded") if cp > 1 else None,
-        )
+        if cp > 1:  # the padded boundaries (see packed_seq_params_from_cu_seqlens)
+            packed_seq_params = packed_seq_params_from_cu_seqlens(
+                batch["cu_seqlens_padded"], host_max_seqlen, padded=True
+            )
+        else:
+            packed_seq_params = packed_seq_params_from_cu_seqlens(
+                batch["cu_seqlens"], host_max_seqlen
+            )
     elif out[BATCH_KEYS.index("attention_mask")] is not None:
         out[BATCH_KEYS.index("attention_mask")] = out[BATCH_KEYS.index("attention_mask")].bool()
     return (*out, packed_seq_params)

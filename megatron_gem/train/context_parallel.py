@@ -12,9 +12,11 @@ batches with ``cu_seqlens``; TE's ``get_cu_seqlens_on_cp_rank`` for what each ra
   CP rank ``r`` keeps chunks ``r`` and ``2 cp - 1 - r`` (causal load balance: an early and a late
   chunk), and its local sequence is, sub-sequence after sub-sequence, chunk ``r`` then chunk
   ``2 cp - 1 - r``: ``T / cp`` tokens, sub-sequence ``i`` at ``[P_i / cp, P_{i+1} / cp)``;
-* attention gets the GLOBAL ``cu_seqlens``, ``cu_seqlens_padded`` and ``max_seqlen`` on every CP
-  rank (TE divides them by ``cp`` itself, and Megatron's THD RoPE divides ``cu_seqlens_padded``
-  by ``cp``); ``cu_seqlens_on_cp_rank`` gives what they mean on one rank.
+* attention gets GLOBAL metadata on every CP rank (TE divides ``cu_seqlens*`` and
+  ``max_seqlen`` by ``cp`` itself, Megatron's THD RoPE ``cu_seqlens_padded``): the entry passes
+  the padded boundaries (``megatron_gem.train.batches.packed_seq_params_from_cu_seqlens``);
+  ``cu_seqlens_on_cp_rank`` gives what the metadata means on one rank, including how many of
+  each sub-sequence's real tokens the rank holds.
 
 Why not Megatron's ``get_batch_on_this_cp_rank``: it needs ``transformer_engine_torch`` for the
 index, so it cannot run (or be tested) without TE; this index is the same, built from torch ops

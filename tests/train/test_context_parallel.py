@@ -256,11 +256,13 @@ def test_get_sft_batch_gives_each_cp_rank_its_chunks_and_global_metadata(one_ran
         for got, key in ((tokens, "tokens"), (labels, "labels"), (loss_mask, "loss_mask")):
             assert got[0].tolist() == item[key][want_pos[r]].tolist(), (key, r)
         assert position_ids[0].tolist() == item["position_ids"][want_pos[r]].tolist()
+        # global metadata: the padded boundaries, as upstream pretrain_gpt.py passes them
         assert psp.qkv_format == "thd"
-        assert psp.cu_seqlens_q.tolist() == psp.cu_seqlens_kv.tolist() == _cumsum(real)
-        assert psp.cu_seqlens_q_padded.tolist() == psp.cu_seqlens_kv_padded.tolist()
-        assert psp.cu_seqlens_q_padded.tolist() == _cumsum(padded)
+        for cu in (psp.cu_seqlens_q, psp.cu_seqlens_kv, psp.cu_seqlens_q_padded):
+            assert cu.dtype == torch.int32 and cu.tolist() == _cumsum(padded)
+        assert psp.cu_seqlens_kv_padded.tolist() == _cumsum(padded)
         assert psp.max_seqlen_q == psp.max_seqlen_kv == max(padded)
+        assert _cumsum(padded) != _cumsum(real)  # the item has padding: the check means it
 
 
 def test_cp_argument_limits(capsys):

@@ -30,7 +30,28 @@ import functools
 
 from megatron_gem.ops import GemConfig
 
-__all__ = ["gem_pre_wrap_hook", "loss_function", "gem_forward_step", "use_gem"]
+__all__ = [
+    "gem_pre_wrap_hook",
+    "loss_function",
+    "gem_forward_step",
+    "use_gem",
+    "AUTOBRIDGE_FAMILIES",
+    "conversion_path",
+    "import_hf_checkpoint",
+    "export_hf_checkpoint",
+]
+
+# HF model_type -> family, for the families docs/bridge.md lists as AutoBridge-only (Bridge 0.6
+# registers their *ForCausalLM as GPTModel targets). Not "gemma3" (Gemma3ForConditionalGeneration:
+# Bridge builds a multimodal Gemma3VLModel, which the GEM hook refuses). Llama and Qwen2 also
+# convert with the project's converter.
+AUTOBRIDGE_FAMILIES = {
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text: Gemma3ForCausalLM)",
+}
 
 
 def gem_pre_wrap_hook(gem: GemConfig | None = None, loss: str = "gem"):
@@ -161,3 +182,47 @@ def use_gem(model_provider, gem: GemConfig | None = None, loss: str = "gem"):
         )
     register(gem_pre_wrap_hook(gem, loss))
     return functools.partial(gem_forward_step, loss=loss)
+
+
+# ----------------------------------------------------------------------------- conversion
+def conversion_path(hf_config: dict) -> str:
+    """Which converter an HF model takes: ``"project"`` (``megatron-gem-convert``: Llama, Qwen2;
+    CPU, Megatron-LM checkpoints) or ``"autobridge"`` (``import_hf_checkpoint``: the families of
+    ``AUTOBRIDGE_FAMILIES``; needs Bridge, i.e. a GPU node with TE). ``hf_config``: the
+    model's ``config.json`` as a dict. Other model types raise ``ValueError``."""
+    from megatron_gem.convert.arch import SUPPORTED_MODEL_TYPES
+
+    model_type = hf_config.get("model_type")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return "project"
+    if model_type in AUTOBRIDGE_FAMILIES:
+        return "autobridge"
+    raise ValueError(
+        f"HF config: model_type={model_type!r} has no documented path: the project's converter "
+        f"takes {', '.join(SUPPORTED_MODEL_TYPES)}; Megatron-Bridge's AutoBridge "
+        f"{', '.join(sorted(AUTOBRIDGE_FAMILIES))} (docs/bridge.md)"
+    )
+
+
+def _auto_bridge():
+    try:
+        from megatron.bridge import AutoBridge
+    except (ImportError, RuntimeError) as err:  # absent, or without a working TE (RuntimeError)
+        raise RuntimeError(
+            f"megatron.bridge does not import ({err}): AutoBridge needs megatron-bridge with "
+            "Transformer Engine (pip install 'megatron-gem[bridge]' on a GPU node); Llama and "
+            "Qwen2 convert without it: megatron-gem-convert"
+        ) from err
+    return AutoBridge
+
+
+def import_hf_checkpoint(hf_model, megatron_path, **kwargs) -> None:
+    """HF model (hub id or directory) -> a Megatron checkpoint in Bridge's format:
+    ``AutoBridge.import_ckpt(hf_model, megatron_path, **kwargs)``."""
+    _auto_bridge().import_ckpt(hf_model, megatron_path, **kwargs)
+
+
+def export_hf_checkpoint(hf_model, megatron_path, hf_out, **kwargs) -> None:
+    """A Bridge-trained Megatron checkpoint -> an HF directory, with ``hf_model``'s config and
+    tokenizer: ``AutoBridge.from_hf_pretrained(hf_model).export_ckpt(megatron_path, hf_out)``."""
+    _auto_bridge().from_hf_pretrained(hf_model).export_ckpt(megatron_path, hf_out, **kwargs)

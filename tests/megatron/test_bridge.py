@@ -250,6 +250,40 @@ def test_gem_forward_step_keeps_bridges_batch_and_swaps_the_loss(monkeypatch):
         bridge.gem_forward_step(state, "it", model)
 
 
+def test_conversion_path_per_family_and_autobridge_absent_is_one_clear_error():
+    from megatron_gem.bridge import (
+        conversion_path,
+        export_hf_checkpoint,
+        import_hf_checkpoint,
+    )
+
+    want = {
+        "llama": "project",
+        "qwen2": "project",
+        "qwen3": "autobridge",
+        "mistral": "autobridge",
+        "gemma": "autobridge",
+        "gemma2": "autobridge",
+        "gemma3_text": "autobridge",
+    }
+    assert {t: conversion_path({"model_type": t}) for t in want} == want
+    for other in ("gemma3", "mixtral", None):
+        with pytest.raises(ValueError, match="has no documented path"):
+            conversion_path({"model_type": other})
+    try:
+        import megatron.bridge  # noqa: F401
+
+        pytest.skip("megatron.bridge imports here: the error path is not reachable")
+    except (ImportError, RuntimeError):
+        pass
+    for call in (
+        lambda: import_hf_checkpoint("Qwen/Qwen3-8B", "/nonexistent/x"),
+        lambda: export_hf_checkpoint("Qwen/Qwen3-8B", "/nonexistent/x", "/nonexistent/y"),
+    ):
+        with pytest.raises(RuntimeError, match="megatron.bridge does not import .*megatron-gem"):
+            call()
+
+
 def test_bridge_module_imports_without_megatron_bridge():
     code = (
         "import sys, megatron_gem.bridge; "

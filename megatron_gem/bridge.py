@@ -18,10 +18,14 @@ and every MTP depth), and returns ``gem_forward_step``: Bridge's own ``gpt_step.
 ``megatron_gem.megatron.loss.reduce_token_losses`` (``loss_function``), so Bridge logs
 ``lm loss`` (the cross-entropy, comparable with a CE run), ``gem loss`` and ``entropy``.
 
+Conversion for the model families Bridge has and the project's converter lacks (Qwen3,
+Mistral, Gemma): ``conversion_path`` says which converter an HF config takes, and
+``import_hf_checkpoint`` / ``export_hf_checkpoint`` call Bridge's ``AutoBridge``.
+
 Nothing here imports ``megatron.bridge`` at module import (it imports Transformer Engine
 unconditionally): only ``gem_forward_step`` does, when called. The hook and the loss function
-need megatron-core alone and are tested on its ``GPTModel``; Bridge's own loop was not run by
-this project (no Transformer Engine on its machines): see docs/bridge.md.
+need megatron-core alone and are tested on its ``GPTModel``; Bridge's own loop and AutoBridge
+were not run by this project (no Transformer Engine on its machines): see docs/bridge.md.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ gem_model_args() {
         --rotary-percent 1.0 --normalization RMSNorm --norm-epsilon 1e-05 --swiglu
         --disable-bias-linear --untie-embeddings-and-output-weights
         --attention-dropout 0.0 --hidden-dropout 0.0 --make-vocab-size-divisible-by 128
-        --max-position-embeddings 8192 --kv-channels 128 --group-query-attention
+        --kv-channels 128 --group-query-attention
     )
     local -a gpt=(
         --position-embedding-type rope --no-position-embedding --rotary-base 10000
@@ -116,11 +116,16 @@ gem_model_args() {
     case "$preset" in
         llama3-8b)
             MODEL_ARGS=("${llama3[@]}" --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336
-                        --num-attention-heads 32 --num-query-groups 8)
+                        --num-attention-heads 32 --num-query-groups 8 --max-position-embeddings 8192)
             GEM_VOCAB_SIZE=128256 ;;
         llama3-70b)
             MODEL_ARGS=("${llama3[@]}" --num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672
-                        --num-attention-heads 64 --num-query-groups 8)
+                        --num-attention-heads 64 --num-query-groups 8 --max-position-embeddings 8192)
+            GEM_VOCAB_SIZE=128256 ;;
+        llama31-70b)  # Llama-3.1 70B: 128k context through Llama-3 RoPE scaling
+            MODEL_ARGS=("${llama3[@]}" --num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672
+                        --num-attention-heads 64 --num-query-groups 8
+                        --max-position-embeddings 131072 --use-rope-scaling --rope-scaling-factor 8.0)
             GEM_VOCAB_SIZE=128256 ;;
         gpt-125m)
             MODEL_ARGS=("${gpt[@]}" --num-layers 12 --hidden-size 768 --ffn-hidden-size 2048
@@ -139,7 +144,7 @@ gem_model_args() {
             MODEL_ARGS=("${gpt[@]}" --num-layers 2 --hidden-size 64 --ffn-hidden-size 128
                         --num-attention-heads 4 --max-position-embeddings 256)
             GEM_VOCAB_SIZE=${TOKENIZER_VOCAB_SIZE:-1024} ;;
-        *) gem_die "MODEL=$preset: choose llama3-8b, llama3-70b, gpt-125m, gpt-350m, gpt-1b or tiny" ;;
+        *) gem_die "MODEL=$preset: choose llama3-8b, llama3-70b, llama31-70b, gpt-125m, gpt-350m, gpt-1b or tiny" ;;
     esac
 }
 

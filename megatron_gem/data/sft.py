@@ -26,7 +26,10 @@ Two halves:
   restart at 0 per sample; ``attention_mask`` (``[1, S, S]`` bool, True = masked, Megatron's
   convention) is block-diagonal causal, so packed samples never see each other and no
   Transformer Engine is needed. The padding tail is its own block (it must attend to
-  something, or softmax rows would be NaN) with loss 0.
+  something, or softmax rows would be NaN) with loss 0. On Transformer Engine's THD path
+  (``create_attention_mask=False``) no S x S mask is built: samples carry ``cu_seqlens`` (real
+  lengths) and ``cu_seqlens_padded`` (block boundaries) instead, and with context parallelism
+  each sample is padded to a multiple of ``2 * cp`` (``megatron_gem.train.context_parallel``).
 """
 
 from __future__ import annotations
@@ -511,7 +514,16 @@ def pack_next_fit(sizes: np.ndarray, capacity: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class SFTDatasetConfig(BlendedMegatronDatasetConfig):
-    """Megatron's dataset config; ``tokenizer`` (optional) is checked against the data."""
+    """Megatron's dataset config; ``tokenizer`` (optional) is checked against the data.
+
+    ``create_attention_mask``: emit the dense ``[1, S, S]`` block-diagonal mask (the local spec
+    needs it); False (Transformer Engine's THD path) emits ``cu_seqlens`` / ``cu_seqlens_padded``
+    instead and builds no S x S tensor. ``pad_to_multiple_of``: each packed sample is padded to a
+    multiple of it (``2 * cp`` for context parallelism, whose THD split needs it; 1 otherwise).
+    """
+
+    create_attention_mask: bool = True
+    pad_to_multiple_of: int = 1
 
 
 class PackedSFTDataset(MegatronDataset):
@@ -529,6 +541,14 @@ class PackedSFTDataset(MegatronDataset):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         S = int(config.sequence_length)
         self.seq_length = S
+        m = int(config.pad_to_multiple_of)
+        if m < 1 or S % m:
+            raise ValueError(
+                f"--seq-length {S} is not a multiple of {m} (2 x --context-parallel-size), "
+                "which each packed sample is padded to"
+            )
+        self.pad_multiple = m
+        self.create_attention_mask = bool(config.create_attention_mask)
         docs = np.asarray(indices, dtype=np.int64)
         if docs.size == 0:
             raise ValueError(
@@ -548,7 +568,7 @@ class PackedSFTDataset(MegatronDataset):
         while epoch == 0 or (num_samples is not None and num_packs < num_samples):
             rng = np.random.default_rng([int(config.random_seed), index_split.value, epoch])
             order = rng.permutation(docs.size)
-            b = pack_next_fit(positions[order], S)
+            b = pack_next_fit(-(-positions[order] // m) * m, S)  # padded sizes
             bounds.append(b[1:] + epoch * docs.size)
             orders.append(order)
             num_packs += len(b) - 1
@@ -580,6 +600,14 @@ class PackedSFTDataset(MegatronDataset):
     def __len__(self) -> int:
         return len(self._bounds) - 1
 
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        # the padding changes the packs: part of the dataset's identity (and cache key)
+        return MegatronDataset._key_config_attributes() + [
+            "pad_to_multiple_of",
+            "create_attention_mask",
+        ]
+
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         S = self.seq_length
         pad = self.dataset.pad
@@ -587,20 +615,40 @@ class PackedSFTDataset(MegatronDataset):
         labels = np.full(S, pad, dtype=np.int64)
         loss_mask = np.zeros(S, dtype=np.float32)
         position_ids = np.zeros(S, dtype=np.int64)
+        m = self.pad_multiple
         starts = [0]  # block boundaries: 0, end of sample 1, ..., end of the last sample
+        real = [0]  # cumulative real (unpadded) lengths, TE's cu_seqlens
         p = 0
         docs = self._docs[self._bounds[idx] : self._bounds[idx + 1]]
         for d in docs:
             ids, mask = self.dataset.sample(int(d), max_tokens=S + 1)
             n = len(ids) - 1
+            n_pad = -(-n // m) * m
             tokens[p : p + n] = ids[:-1]
             labels[p : p + n] = ids[1:]
             loss_mask[p : p + n] = mask[1:]
-            position_ids[p : p + n] = np.arange(n)
-            p += n
+            # padding up to n_pad (CP): pad tokens, loss 0, positions go on (as Megatron's SFT);
+            # attention is causal, so the sample's real tokens never see it
+            position_ids[p : p + n_pad] = np.arange(n_pad)
+            p += n_pad
             starts.append(p)
+            real.append(real[-1] + n)
         # The padding tail [p, S): its own causal block, loss 0.
         position_ids[p:] = np.arange(S - p)
+        if p < S:
+            starts.append(S)
+            real.append(real[-1] + S - p)
+        item = {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.from_numpy(position_ids),
+        }
+        if not self.create_attention_mask:  # THD (Transformer Engine): no S x S tensor
+            item["cu_seqlens"] = torch.tensor(real, dtype=torch.int32)
+            item["cu_seqlens_padded"] = torch.tensor(starts, dtype=torch.int32)
+            return item
+        starts = starts[:-1] if starts[-1] == S else starts
         # Block-diagonal causal, True = masked: the causal mask, plus for the rows of each
         # block every column before the block (<= S^2/2 writes, no S x S arithmetic).
         if self._causal is None:
@@ -608,13 +656,8 @@ class PackedSFTDataset(MegatronDataset):
         attention_mask = self._causal.clone()
         for a, b in zip(starts[1:], starts[2:] + [S]):
             attention_mask[a:b, :a] = True
-        return {
-            "tokens": torch.from_numpy(tokens),
-            "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "position_ids": torch.from_numpy(position_ids),
-            "attention_mask": attention_mask.unsqueeze(0),
-        }
+        item["attention_mask"] = attention_mask.unsqueeze(0)
+        return item
 
 
 # --------------------------------------------------------------------------- from args
@@ -662,6 +705,10 @@ def build_sft_datasets(
     ``full_validation``. Each dataset's ``len`` is at least the requested number of samples.
     Returns None for a split on ranks that do not build data (``is_built_on_rank``; default:
     Megatron's GPT rule) or when that split is not requested.
+
+    With ``--transformer-impl transformer_engine`` the samples carry THD ``cu_seqlens`` and no
+    dense mask, and with ``--context-parallel-size`` cp > 1 each packed sample is padded to a
+    multiple of ``2 * cp`` (``SFTDatasetConfig``); other implementations get the dense mask.
     """
     from megatron.training.utils import get_blend_and_blend_per_split
 
@@ -692,7 +739,11 @@ def build_sft_datasets(
         split = "969, 30, 1"  # Megatron's legacy default for --data-path without --split
     if tokenizer is None:
         tokenizer = _tokenizer_for(args)
+    thd = arg("transformer_impl") == "transformer_engine"
+    cp = int(arg("context_parallel_size", 1) or 1)
     config = SFTDatasetConfig(
+        create_attention_mask=not thd,
+        pad_to_multiple_of=2 * cp if thd and cp > 1 else 1,
         random_seed=int(arg("seed", 1234)),
         sequence_length=seq_length,
         blend=blend,

@@ -187,19 +187,19 @@ def validate_linear_fusion_args(args: argparse.Namespace) -> None:
 
 
 def validate_sft_packing_args(args: argparse.Namespace) -> None:
-    """Packed ``--sft`` limits: no context parallelism; micro-batch 1 with Transformer Engine.
+    """Packed ``--sft`` limits: context parallelism and micro-batch 1 with Transformer Engine.
 
     With TE the packing reaches attention as THD ``cu_seqlens`` of one packed sequence (the
-    entry's ``get_sft_batch``); neither path slices packed samples for context parallelism
-    (Megatron's local attention has none, the THD split is not implemented here).
+    entry's ``get_sft_batch``), split per sub-sequence over CP ranks
+    (``megatron_gem.train.context_parallel``); the local spec's dense mask is not split.
     """
     if not getattr(args, "sft", False):
         return
     cp = getattr(args, "context_parallel_size", 1) or 1
-    if cp > 1:
+    if cp > 1 and getattr(args, "transformer_impl", None) != "transformer_engine":
         _error(
-            f"argument --context-parallel-size: packed --sft does not support context parallelism "
-            f"(got {cp}); use --context-parallel-size 1"
+            f"argument --context-parallel-size: packed --sft with context parallelism (got {cp}) "
+            "needs --transformer-impl transformer_engine (THD); use --context-parallel-size 1"
         )
     mbs = getattr(args, "micro_batch_size", 1)
     if getattr(args, "transformer_impl", None) == "transformer_engine" and mbs != 1:

@@ -2,8 +2,9 @@
 (``get_sft_batch``, on every pipeline stage), as upstream ``pretrain_gpt.py`` reads them.
 
 Tensor-parallel rank 0 reads and broadcasts over its group; context parallelism slices the
-sequence. Packed SFT reaches attention as a dense block-diagonal mask (local spec) or as THD
-``cu_seqlens`` (Transformer Engine).
+sequence (packed SFT: per sub-sequence, ``megatron_gem.train.context_parallel``). Packed SFT
+reaches attention as a dense block-diagonal mask (local spec) or as THD ``cu_seqlens``
+(Transformer Engine; the dataset then builds no dense mask).
 """
 
 from __future__ import annotations
@@ -142,19 +143,52 @@ def cu_seqlens_from_position_ids(position_ids):
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def packed_seq_params_from_cu_seqlens(cu_seqlens, max_seqlen: int):
-    """Megatron's ``PackedSeqParams`` (THD) for self-attention over one packed sequence."""
+def packed_seq_params_from_cu_seqlens(cu_seqlens, max_seqlen: int, padded: bool = False):
+    """Megatron's ``PackedSeqParams`` (THD) for self-attention over one packed sequence.
+
+    ``cu_seqlens``: the sub-sequence boundaries; ``max_seqlen``: the longest sub-sequence.
+    ``padded`` (context parallelism): the boundaries include each sample's padding to a multiple
+    of 2*cp, and are also passed as ``cu_seqlens_*_padded`` (how TE and Megatron's THD RoPE find
+    each rank's chunks). As upstream ``pretrain_gpt.py`` (0.19) does, attention then treats the
+    padding as part of its sample: it comes after the sample's real tokens, so under the causal
+    mask no real token sees it, and its loss mask is 0 (TE's separate real-length path,
+    ``pad_between_seqs``, is avoided: upstream notes a bug there). All values are global (the
+    whole packed sequence): TE's CP attention and the RoPE divide them by the CP size.
+    """
     import torch
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu_seqlens = cu_seqlens.reshape(-1).to(torch.int32)
+    extra = dict(cu_seqlens_q_padded=cu_seqlens, cu_seqlens_kv_padded=cu_seqlens) if padded else {}
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_seqlens,
         cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=int(max_seqlen),
         max_seqlen_kv=int(max_seqlen),
+        **extra,
     )
+
+
+def _thd_metadata(raw, cp: int):
+    """``(cu_seqlens, cu_seqlens_padded, max_seqlen)`` of a packed sample on the host.
+
+    From the dataset's ``cu_seqlens`` / ``cu_seqlens_padded`` (``megatron_gem.data.sft`` on the
+    THD path), else from the restarts of ``position_ids`` (no padding). With context
+    parallelism the layout is checked here, on the host, before anything reaches the device.
+    """
+    from megatron_gem.train.context_parallel import check_thd_cp_layout
+
+    if raw.get("cu_seqlens") is not None:
+        cu = raw["cu_seqlens"].reshape(-1).int()
+        padded = raw.get("cu_seqlens_padded")
+        padded = cu if padded is None else padded.reshape(-1).int()
+    else:
+        cu, _ = cu_seqlens_from_position_ids(raw["position_ids"])
+        padded = cu
+    if cp > 1:
+        check_thd_cp_layout(cu, padded, cp, int(raw["position_ids"].shape[-1]))
+    return cu, padded, int((padded[1:] - padded[:-1]).max())
 
 
 def get_sft_batch(data_iterator, vp_stage=None):
@@ -166,7 +200,10 @@ def get_sft_batch(data_iterator, vp_stage=None):
     virtual chunk draws the same micro-batch sequence) and broadcast over TP: the dense
     block-diagonal mask (local spec), or ``cu_seqlens`` for THD (Transformer Engine; then
     ``attention_mask`` is None and ``packed_seq_params`` is set; Megatron's broadcast already
-    sends THD metadata to middle stages). Context parallelism is refused for --sft (arguments).
+    sends THD metadata to middle stages). With context parallelism (THD only; arguments
+    refuse it for the local spec) each CP rank then keeps its two chunks of every packed
+    sub-sequence (``megatron_gem.train.context_parallel``) and attention gets the global padded
+    boundaries (``packed_seq_params_from_cu_seqlens``).
     """
     import torch
     from megatron.core import mpu
@@ -174,6 +211,12 @@ def get_sft_batch(data_iterator, vp_stage=None):
 
     args = get_args()
     thd = sft_uses_thd(args)
+    cp = args.context_parallel_size
+    if cp > 1 and not thd:  # arguments refuse it; a dense mask cannot be split per CP rank here
+        raise ValueError(
+            f"packed --sft with --context-parallel-size {cp} needs "
+            "--transformer-impl transformer_engine (THD)"
+        )
     ignore_virtual = vp_stage is None
     first = mpu.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
     last = mpu.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
@@ -192,16 +235,17 @@ def get_sft_batch(data_iterator, vp_stage=None):
         raw = next(data_iterator)
         if thd:
             # from the loader's host tensors: no device sync
-            cu_seqlens, host_max_seqlen = cu_seqlens_from_position_ids(raw["position_ids"])
+            cu_seqlens, cu_seqlens_padded, host_max_seqlen = _thd_metadata(raw, cp)
             raw = dict(
                 raw,
                 attention_mask=None,
                 cu_seqlens=cu_seqlens,
+                cu_seqlens_padded=cu_seqlens_padded if cp > 1 else None,
                 max_seqlen=torch.tensor([host_max_seqlen], dtype=torch.int32),
             )
         elif raw.get("attention_mask") is None:
             raise ValueError("SFT batches must carry 'attention_mask' (packed samples)")
-        for key in BATCH_KEYS + (("cu_seqlens", "max_seqlen") if thd else ()):
+        for key in BATCH_KEYS + (("cu_seqlens", "cu_seqlens_padded", "max_seqlen") if thd else ()):
             value = raw.get(key)
             batch[key] = value.cuda(non_blocking=True) if value is not None else None
 
@@ -226,6 +270,10 @@ def get_sft_batch(data_iterator, vp_stage=None):
         thd=thd,
         dense_mask=not thd,
     )
+    if thd and cp > 1:
+        from megatron_gem.train.context_parallel import partition_thd_batch
+
+        batch = partition_thd_batch(batch, cp, mpu.get_context_parallel_rank())
     out = [batch.get(key) for key in BATCH_KEYS]
     if middle:  # THD: Megatron sent only cu_seqlens / max_seqlen
         out = [None] * len(BATCH_KEYS)
@@ -237,7 +285,14 @@ def get_sft_batch(data_iterator, vp_stage=None):
         # on the device in the broadcast, and reading it back is a sync they cannot avoid.
         if host_max_seqlen is None:
             host_max_seqlen = int(batch["max_seqlen"].max().item())
-        packed_seq_params = packed_seq_params_from_cu_seqlens(batch["cu_seqlens"], host_max_seqlen)
+        if cp > 1:  # the padded boundaries (see packed_seq_params_from_cu_seqlens)
+            packed_seq_params = packed_seq_params_from_cu_seqlens(
+                batch["cu_seqlens_padded"], host_max_seqlen, padded=True
+            )
+        else:
+            packed_seq_params = packed_seq_params_from_cu_seqlens(
+                batch["cu_seqlens"], host_max_seqlen
+            )
     elif out[BATCH_KEYS.index("attention_mask")] is not None:
         out[BATCH_KEYS.index("attention_mask")] = out[BATCH_KEYS.index("attention_mask")].bool()
     return (*out, packed_seq_params)

@@ -14,7 +14,8 @@ a label outside the vocabulary stops the run with its ValueError at once under M
 Data: Megatron's GPT datasets from ``--data-path`` (``--mock-data`` for smoke tests); with
 ``--sft``, ``megatron_gem.data.sft.build_sft_datasets`` (prompt-masked, packed samples), read on
 every pipeline stage (``get_sft_batch``): the local spec gets the block-diagonal causal mask,
-Transformer Engine THD ``packed_seq_params`` (``cu_seqlens`` from the restarts of position_ids).
+Transformer Engine THD ``packed_seq_params`` (the dataset's ``cu_seqlens``, no dense mask; with
+``--context-parallel-size`` each CP rank keeps its chunks: ``megatron_gem.train.context_parallel``).
 
 ``--cpu`` runs the same command on CPUs with gloo (``megatron_gem.megatron.cpu``); without CUDA
 and without ``--cpu`` the entry stops at once with one line saying so.

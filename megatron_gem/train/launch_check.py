@@ -470,8 +470,15 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
     # flash/fused attention, which never materialises them. Megatron's own report uses it only
     # for selective recompute and otherwise the no-SP formula, an upper bound under SP.
     flash = a.transformer_impl == "transformer_engine"
+    # Megatron's formulas ignore context parallelism: each CP rank holds seq / cp tokens of
+    # activations (every term is linear in the sequence with fused attention), and the
+    # distributed optimizer shards its state over DP x CP (Megatron's intra_dp_cp group).
+    cp = a.context_parallel_size or 1
+    dp = a.data_parallel_size
     with contextlib.redirect_stdout(io.StringIO()):
+        a.data_parallel_size = dp * cp
         weights = tmu.compute_weight_and_optimizer_memory(a) / MIB
+        a.data_parallel_size, a.seq_length = dp, a.seq_length // cp
         if a.sequence_parallel and (a.recompute_granularity == "selective" or flash):
             method = "SP, " + (
                 "selective recompute"
@@ -486,6 +493,8 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
             activations = (
                 tmu.compute_activation_memory_without_sp(a, num_microbatches=num_microbatches) / MIB
             )
+    if cp > 1:
+        method += f", CP{cp}: {a.seq_length} tokens per rank"
     return {
         "weights_and_optimizer": weights,
         "activations": activations,

@@ -8,6 +8,7 @@ end to end through ``DRY_RUN=1 bash SCRIPT`` (what a user runs).
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -24,7 +25,12 @@ SCRIPTS = REPO / "launch_scripts"
 ALL = sorted(
     p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh"
 )
-CLUSTER_SFT = ["llama3_8b_sft.sbatch", "llama3_70b_sft.sbatch", "local_torchrun.sh"]
+CLUSTER_SFT = [
+    "llama3_8b_sft.sbatch",
+    "llama3_70b_sft.sbatch",
+    "llama3_70b_sft_longctx.sbatch",
+    "local_torchrun.sh",
+]
 
 
 # Only what bash needs: a variable of the calling shell (TP=4, ...) must not change the tests.
@@ -114,6 +120,34 @@ def test_layouts_are_the_intended_ones(launches, reports):
         assert reports[name][0].memory["total"] < 80 * 1024, name
 
 
+def test_long_context_70b_script_with_cp_dry_runs_and_prints_its_memory(launches, reports):
+    """Must hold: the dry run accepts the 70B long-context script with CP and prints its memory
+    estimate, which counts CP: seq / cp tokens of activations per rank and the distributed
+    optimizer sharded over DP x CP."""
+    name = "llama3_70b_sft_longctx.sbatch"
+    spec, report = launches[name][0], reports[name][0]
+    layout = report.layout
+    assert spec.world_size == 128 and "--sft" in spec.argv
+    assert (layout["TP"], layout["PP"], layout["CP"], layout["DP"]) == (4, 4, 8, 1)
+    assert layout["seq"] == 32768 and layout["impl"] == "transformer_engine"
+    assert _flag(spec.argv, "--max-position-embeddings") == "131072"
+    text = report.format()
+    assert "-- OK" in text and "memory per GPU" in text and "CP8: 4096 tokens per rank" in text
+    args = lc.parse_train_args(spec.argv, spec.world_size, spec.target)
+    nmb = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    got = lc.estimate_memory(args, 128256, nmb)
+    assert report.memory["total"] == got["total"] < 80 * 1024
+    # the same GPU without CP: 4096 tokens, and the optimizer sharded over 8 data-parallel ranks
+    flat = copy.copy(args)
+    flat.context_parallel_size, flat.seq_length, flat.data_parallel_size = 1, 4096, 8
+    want = lc.estimate_memory(flat, 128256, nmb)
+    assert got["activations"] == pytest.approx(want["activations"], rel=1e-12)
+    assert got["weights_and_optimizer"] == pytest.approx(want["weights_and_optimizer"], rel=1e-12)
+    ignored = copy.copy(args)  # what Megatron's formulas alone say: 8x the activations
+    ignored.context_parallel_size = 1
+    assert lc.estimate_memory(ignored, 128256, nmb)["activations"] > 7 * got["activations"]
+
+
 def test_cluster_runs_resume_from_their_own_checkpoints(launches):
     for name in CLUSTER_SFT + ["gpt_pretrain.sbatch"]:
         argv = launches[name][0].argv
@@ -123,6 +157,7 @@ def test_cluster_runs_resume_from_their_own_checkpoints(launches):
         exit_mins = {
             "llama3_8b_sft.sbatch": 4 * 60 - 15,
             "llama3_70b_sft.sbatch": 4 * 60 - 20,
+            "llama3_70b_sft_longctx.sbatch": 4 * 60 - 20,
             "gpt_pretrain.sbatch": 8 * 60 - 15,
             "local_torchrun.sh": None,
         }[name]
@@ -180,6 +215,12 @@ def test_job_size_follows_nodes(launches):
             "needs --transformer-impl transformer_engine",
         ),
         ("llama3_70b_sft.sbatch", {"NODES": "2"}, "exceeds the GPU's 80 GiB"),
+        (
+            "llama3_70b_sft_longctx.sbatch",
+            {"EXTRA_ARGS": "--transformer-impl local"},
+            "packed --sft with context parallelism (got 8) needs --transformer-impl "
+            "transformer_engine",
+        ),
         (
             "cpu_smoke.sh",
             {"NPROC": "3"},

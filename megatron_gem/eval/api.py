@@ -147,8 +147,6 @@ def _testtime(
     right: set | None,
     rewards: Sequence[float] | None,
     n: int,
-    maj_draws: int,
-    seed: int,
 ) -> dict:
     m: dict = {}
     ks = default_ks(n)
@@ -163,7 +161,7 @@ def _testtime(
             if len(answers) != n:
                 raise ValueError(f"prompt_metrics: {len(answers)} answers for {n} samples")
             for k in ks:
-                m[f"maj@{k}"] = T.maj_at_k(answers, set(right or ()), k, maj_draws, seed)
+                m[f"maj@{k}"] = T.maj_at_k(answers, set(right or ()), k)
     if rewards is not None:
         if len(rewards) != n:
             raise ValueError(f"prompt_metrics: {len(rewards)} rewards for {n} samples")
@@ -186,8 +184,6 @@ def prompt_metrics(
     answers: Sequence[Hashable | None] | None = None,
     right: set | None = None,
     rewards: Sequence[float] | None = None,
-    maj_draws: int = T.MAJ_EXACT_SUBSETS,
-    seed: int = 0,
 ) -> dict:
     """Metrics of one prompt's samples (response text only); absent when undefined.
 
@@ -203,7 +199,7 @@ def prompt_metrics(
     if valid and correct is None:
         j = judge(EvalPrompt("", [], list(valid)), samples)
         correct, answers, right = j["correct"], j["answers"], j["right"]
-    m.update(_testtime(correct, answers, right, rewards, len(samples), maj_draws, seed))
+    m.update(_testtime(correct, answers, right, rewards, len(samples)))
     if valid:
         m["quality"] = M.quality(samples, valid)
         m["coverage"] = M.coverage(samples, valid)
@@ -247,8 +243,6 @@ def summarise(
     *,
     rewards: Sequence[Sequence[float] | None] | None = None,
     sandbox: SandboxConfig | None = None,
-    maj_draws: int = T.MAJ_EXACT_SUBSETS,
-    seed: int = 0,
 ) -> tuple[dict, list[dict]]:
     """(per-set means, per-prompt records). Sets: each prompt's ``split`` plus "all".
 
@@ -286,8 +280,6 @@ def summarise(
             answers=j["answers"] if j else None,
             right=j["right"] if j else None,
             rewards=rewards[k] if rewards is not None else None,
-            maj_draws=maj_draws,
-            seed=seed,
         )
         if j:
             rec["correct"] = j["correct"]
@@ -327,7 +319,6 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
     reward=None,
     sandbox: SandboxConfig | None = None,
-    maj_draws: int = T.MAJ_EXACT_SUBSETS,
 ) -> dict:
     """Evaluate one model: sample (unless ``generations`` are given), score valid sets,
     held-out loss, run code samples, reward samples.
@@ -371,8 +362,6 @@ def evaluate(
         embedder,
         rewards=rewards,
         sandbox=sandbox,
-        maj_draws=maj_draws,
-        seed=sampling.seed,
     )
     for rec, g in zip(per_prompt, generations):
         rec["generations"] = list(g)

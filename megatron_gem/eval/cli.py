@@ -21,7 +21,6 @@ import megatron_gem.eval as E
 from megatron_gem.data.chat import TEMPLATES
 from megatron_gem.eval.api import is_curve, metric_order
 from megatron_gem.eval.metrics import sentence_embedder
-from megatron_gem.eval.testtime import MAJ_EXACT_SUBSETS
 from megatron_gem.paths import check_output_apart
 
 # The --help text (the tool's docstring).
@@ -141,13 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--code-workers", type=int, default=c.workers, help="code samples run at once (%(default)s)"
     )
-    t.add_argument(
-        "--maj-draws",
-        type=int,
-        default=MAJ_EXACT_SUBSETS,
-        help="maj@k: all k-subsets when there are at most this many, else this many seeded "
-        "draws (default %(default)s)",
-    )
     p.add_argument("--no-score", action="store_true", help="skip exact scoring of valid sets")
     p.add_argument(
         "--embedding-model", help="sentence-transformers model (local path) for embedding diversity"
@@ -250,8 +242,6 @@ def main(argv=None) -> int:
             seed=a.seed,
             batch_size=a.batch_size,
         )
-        if a.maj_draws < 1:
-            raise ValueError(f"--maj-draws must be >= 1, got {a.maj_draws}")
         sandbox = E.SandboxConfig(
             timeout=a.code_timeout, memory_mb=a.code_memory_mb, workers=a.code_workers
         )
@@ -314,7 +304,6 @@ def main(argv=None) -> int:
             progress=say,
             reward=reward,
             sandbox=sandbox,
-            maj_draws=a.maj_draws,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,29 +1,23 @@
 """Test-time scaling metrics over one prompt's N samples: pass@k, maj@k and best-of-k.
 
 Each is the expectation over a k-subset of the N samples drawn uniformly without replacement,
-computed exactly (closed forms over sorted samples) where one exists; maj@k, which has none,
-enumerates every subset when there are few and otherwise averages a fixed, seeded set of draws.
-Pure Python: the inputs are per-sample booleans, answers and rewards.
+computed exactly by counting subsets (closed forms; maj@k by a product of per-answer
+polynomials), never by sampling or enumerating them. Pure Python: the inputs are per-sample
+booleans, answers and rewards.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import random
 from collections import Counter
 from typing import Hashable, Sequence
 
 __all__ = [
-    "MAJ_EXACT_SUBSETS",
     "best_of_k",
     "maj_at_k",
     "majority_answer",
     "pass_at_k",
 ]
-
-# maj@k enumerates all C(N, k) subsets up to this many, and samples this many draws beyond.
-MAJ_EXACT_SUBSETS = 20_000
 
 
 def _check_k(n: int, k: int, name: str = "k") -> None:
@@ -60,37 +54,54 @@ def majority_answer(answers: Sequence[Hashable | None]) -> Hashable | None:
     return next(a for a in answers if a is not None and counts[a] == top)
 
 
-def maj_at_k(
-    answers: Sequence[Hashable | None],
-    correct: Hashable | set,
-    k: int,
-    draws: int = MAJ_EXACT_SUBSETS,
-    seed: int = 0,
-) -> float:
+def _poly_mul(p: list[int], q: list[int], degree: int) -> list[int]:
+    out = [0] * min(len(p) + len(q) - 1, degree + 1)
+    for i, a in enumerate(p[: degree + 1]):
+        if a:
+            for j, b in enumerate(q[: degree + 1 - i]):
+                out[i + j] += a * b
+    return out
+
+
+def maj_at_k(answers: Sequence[Hashable | None], correct: Hashable | set, k: int) -> float:
     """maj@k: the probability that the majority answer of k of the samples is correct.
 
     ``answers`` are the samples' extracted answers in generation order (``None`` where none was
-    extracted), ``correct`` the right answer or a set of right answers. Every k-subset is
-    enumerated when there are at most ``draws`` of them; otherwise the mean is over ``draws``
-    subsets drawn with ``random.Random(seed)`` (the same subsets for every method compared).
+    extracted: it does not vote; a subset without any vote is wrong), ``correct`` the right
+    answer or a set of right answers. A tie goes to the tied answer that occurs first among all
+    N samples (generation order is random, so the rule favours no answer; on the whole list it is
+    ``majority_answer``'s rule).
+
+    Exact, without enumerating the C(N, k) subsets: answer ``a`` (N_a samples) wins with j votes
+    when every answer before it (by first occurrence) gets at most j - 1 and every answer after
+    it at most j, so the number of such subsets is C(N_a, j) times the coefficient of x^(k-j)
+    in (1+x)^N_none * prod_before sum_{c<j} C(N_b, c) x^c * prod_after sum_{c<=j} C(N_b, c) x^c.
+    Integer arithmetic throughout; one correctly rounded division at the end.
     """
     n = len(answers)
     if n == 0:
         raise ValueError("maj_at_k: no answers")
     _check_k(n, k)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive integer, got draws={draws!r}")
     right = correct if isinstance(correct, (set, frozenset)) else {correct}
+    counts = Counter(a for a in answers if a is not None)  # insertion order = first occurrence
+    groups = list(counts.items())
+    none_poly = [math.comb(n - sum(counts.values()), c) for c in range(k + 1)]
 
-    def hit(subset) -> bool:
-        return majority_answer([answers[i] for i in subset]) in right
+    def at_most(size: int, t: int) -> list[int]:
+        return [math.comb(size, c) for c in range(min(t, size) + 1)]
 
-    if math.comb(n, k) <= draws:
-        subsets = itertools.combinations(range(n), k)
-        return sum(map(hit, subsets)) / math.comb(n, k)
-    rng = random.Random(seed)
-    # sorted: a subset keeps generation order, so the tie-break is the same as in enumeration
-    return sum(hit(sorted(rng.sample(range(n), k))) for _ in range(draws)) / draws
+    wins = 0
+    for rank, (answer, size) in enumerate(groups):
+        if answer not in right:
+            continue
+        for j in range(1, min(size, k) + 1):
+            poly = none_poly
+            for other, (_, other_size) in enumerate(groups):
+                if other != rank:
+                    poly = _poly_mul(poly, at_most(other_size, j - 1 if other < rank else j), k - j)
+            if k - j < len(poly):
+                wins += math.comb(size, j) * poly[k - j]
+    return wins / math.comb(n, k)
 
 
 def best_of_k(

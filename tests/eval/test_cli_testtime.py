@@ -80,8 +80,9 @@ def test_cli_gsm8k_and_humaneval_with_generations(tmp_path, capsys):
     # prompt 0: c = 3 of 4; prompt 1: c = 2 of 4, pass@2 = 1 - C(2,2)/C(4,2) = 5/6
     assert a["pass@1"] == pytest.approx((0.75 + 0.5) / 2)
     assert a["pass@2"] == pytest.approx((1 + 5 / 6) / 2) and a["pass@4"] == 1.0
-    # maj@2: in each prompt only the pair (wrong answer, other wrong one / nothing) loses: 5/6
-    assert a["maj@2"] == pytest.approx(5 / 6) and a["maj@4"] == 1.0
+    # maj@2: a tie goes to the answer that came first (7, 120): prompt 0 loses no pair, prompt 1
+    # only (1200, nothing): (1 + 5/6) / 2
+    assert a["maj@2"] == pytest.approx((1 + 5 / 6) / 2) and a["maj@4"] == 1.0
     assert a["best_of_k_win_rate@1"] == 0.5 and "best_of_k_quality@4" in a
     # best-of-4 by the shortest response: "#### 8" (wrong) and "120" (right)
     assert a["best_of_k_quality@4"] == 0.5
@@ -92,7 +93,7 @@ def test_cli_gsm8k_and_humaneval_with_generations(tmp_path, capsys):
     assert header.index("pass@4") < header.index("maj@1")
     printed = capsys.readouterr().out
     assert "pass@k (all): pass@1=0.6250  pass@2=0.9167  pass@4=1.0000\n" in printed
-    assert "maj@k (all): maj@1=0.6250  maj@2=0.8333  maj@4=1.0000\n" in printed
+    assert "maj@k (all): maj@1=0.6250  maj@2=0.9167  maj@4=1.0000\n" in printed
     assert "n_pass" not in printed
 
     args = ["--prompts", _write(tmp_path / "he.jsonl", HUMANEVAL)]

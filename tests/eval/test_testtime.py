@@ -3,6 +3,7 @@
 import itertools
 import math
 import random
+from collections import Counter
 from fractions import Fraction
 
 import pytest
@@ -71,16 +72,51 @@ def test_maj_at_k_hand_computed():
     assert maj_at_k(answers, "4", 3) == 1.0
     assert maj_at_k(answers, {"4", "5"}, 2) == 1.0
     assert maj_at_k([None] * 3, "4", 2) == 0.0
+    # ties go to the answer that came first among ALL samples ("5"), also in {1, 3} = (4, 5)
+    answers = ["5", "4", "4", "5"]
+    assert maj_at_k(answers, "5", 2) == pytest.approx(5 / 6)  # only {1, 2} votes 4
+    assert maj_at_k(answers, "5", 3) == pytest.approx(1 / 2)  # {0,1,3}, {0,2,3}
+    assert maj_at_k(answers, "5", 4) == 1.0  # 2-2 tie
+    assert maj_at_k(answers, "4", 4) == 0.0
 
 
-def test_maj_at_k_sampled_draws_approach_the_enumeration():
-    rng = random.Random(3)
-    answers = [rng.choice(["a", "b", "c", None]) for _ in range(12)]
-    exact = maj_at_k(answers, "a", 6)  # C(12, 6) = 924 subsets: enumerated
-    sampled = maj_at_k(answers, "a", 6, draws=800, seed=1)
-    assert sampled != exact or exact in (0.0, 1.0)  # sampling, not enumeration
-    assert sampled == pytest.approx(exact, abs=0.05)
-    assert maj_at_k(answers, "a", 6, draws=800, seed=1) == sampled  # seeded: repeatable
+def _maj_brute(answers, right, k):
+    first = {}
+    for i, a in enumerate(answers):
+        first.setdefault(a, i)
+    hits = 0
+    for s in _subsets(len(answers), k):
+        votes = Counter(answers[i] for i in s if answers[i] is not None)
+        if votes:
+            top = max(votes.values())
+            winner = min((a for a in votes if votes[a] == top), key=first.__getitem__)
+            hits += winner in right
+    return Fraction(hits, math.comb(len(answers), k))
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 11])
+def test_maj_at_k_equals_enumeration(n):
+    rng = random.Random(100 + n)
+    for trial in range(4):
+        answers = [rng.choice(["a", "b", "c", "d", None][: 2 + trial]) for _ in range(n)]
+        for right in ({"a"}, {"b", "c"}):
+            for k in range(1, n + 1):
+                expected = float(_maj_brute(answers, right, k))
+                assert maj_at_k(answers, right, k) == pytest.approx(expected, abs=1e-15)
+
+
+def test_maj_at_k_large_n_against_hypergeometric_closed_forms():
+    n, c = 300, 40
+    # one answer and no-answers: some vote for it iff a subset holds one of its samples = pass@k
+    answers = [None] * (n - c) + ["a"] * c
+    for k in (1, 7, 150, 300):
+        assert maj_at_k(answers, "a", k) == pytest.approx(pass_at_k(n, c, k), rel=1e-12)
+    # two answers, "a" first: a wins with j >= k - j votes (a tie goes to a)
+    na, nb = 130, 170
+    answers = ["a", "b"] * na + ["b"] * (nb - na)
+    for k in (1, 2, 9, 64, 299):
+        wins = sum(math.comb(na, j) * math.comb(nb, k - j) for j in range(k + 1) if 2 * j >= k)
+        assert maj_at_k(answers, "a", k) == pytest.approx(wins / math.comb(n, k), rel=1e-12)
 
 
 def _best_of_k_brute(rewards, k, correct):

@@ -46,16 +46,17 @@ def test_hand_computed_curves_valid_math_and_code(tmp_path):
     sets, per = E.summarise(prompts, gens, rewards=rewards, sandbox=sandbox)
     v, m, c = (r["metrics"] for r in per)
     # valid, N = 4, c = 3: pass@2 = 1 - C(1,2)/C(4,2) = 1. maj@2 over the 6 pairs (a tie goes to
-    # the earlier answer): owl-cow, owl-owl, owl-bat, owl-bat win; cow-owl, cow-bat lose: 4/6.
+    # the answer that came first among all samples: owl, then cow, then bat): only the pair
+    # cow-bat loses (cow came first): 5/6.
     assert (v["pass@1"], v["pass@2"], v["pass@4"]) == (0.75, 1.0, 1.0)
-    assert (v["maj@1"], v["maj@2"], v["maj@4"]) == (0.75, pytest.approx(4 / 6), 1.0)
+    assert (v["maj@1"], v["maj@2"], v["maj@4"]) == (0.75, pytest.approx(5 / 6), 1.0)
     # best-of-k by reward: k=1 the mean reward, k=4 the max (0.9, "cow": not valid); k=2 picks
     # the higher of each pair: cow, owl, bat, cow, cow, owl -> 3/6 valid; win rate vs one sample
     assert v["best_of_k_reward@1"] == pytest.approx(0.45) and v["best_of_k_reward@4"] == 0.9
     assert v["best_of_k_win_rate@1"] == 0.5 and v["best_of_k_win_rate@4"] == pytest.approx(7 / 8)
     assert v["best_of_k_quality@2"] == pytest.approx(0.5) and v["best_of_k_quality@4"] == 0.0
     # math, N = 5, c = 3: pass@2 = 1 - C(2,2)/C(5,2) = 0.9; maj@2: of the 10 pairs only
-    # 41-None and 41-42 (tie: 41 first) lose: 0.8; maj@4: every 4-subset has 42 on top.
+    # 41-None loses (a 41-42 tie goes to 42, which came first): 0.9; maj@4: 42 is on top.
     assert per[1]["extracted"] == ["42", "42.0", "41", None, "$42"]
     assert per[1]["correct"] == [True, True, False, False, True]
     assert (m["quality"], m["pass@1"], m["pass@2"], m["pass@4"], m["pass@5"]) == (
@@ -65,7 +66,7 @@ def test_hand_computed_curves_valid_math_and_code(tmp_path):
         1.0,
         1.0,
     )
-    assert (m["maj@1"], m["maj@2"], m["maj@4"], m["maj@5"]) == (0.6, pytest.approx(0.8), 1.0, 1.0)
+    assert (m["maj@1"], m["maj@2"], m["maj@4"], m["maj@5"]) == (0.6, pytest.approx(0.9), 1.0, 1.0)
     assert not any(k.startswith("best_of_k") for k in m)
     # code: one pass, one fail; no maj@k (no answers to vote on)
     assert per[2]["status"] == ["passed", "failed"]
@@ -74,7 +75,7 @@ def test_hand_computed_curves_valid_math_and_code(tmp_path):
     a = sets["all"]
     assert a["pass@1"] == pytest.approx((0.75 + 0.6 + 0.5) / 3) and a["n_pass@1"] == 3
     assert a["pass@4"] == 1.0 and a["n_pass@4"] == 2 and a["n_pass@5"] == 1
-    assert a["maj@2"] == pytest.approx((4 / 6 + 0.8) / 2) and a["n_maj@2"] == 2
+    assert a["maj@2"] == pytest.approx((5 / 6 + 0.9) / 2) and a["n_maj@2"] == 2
     assert sets["unseen"]["pass@2"] == pytest.approx((0.9 + 1.0) / 2)
     assert sets["seen"]["best_of_k_reward@4"] == 0.9 and "best_of_k_reward@4" not in sets["unseen"]
     flat = E.flat_metrics({"sets": sets})

@@ -323,7 +323,8 @@ def axis_sentence(axis: Axis, method: str, y_label: str) -> str:
         else ""
     )
     if k == 0:
-        head = f"{method} is on or inside CE's frontier in every seed ({n})"
+        where = "in the one seed" if n == 1 else f"in every seed ({n})"
+        head = f"{method} is on or inside CE's frontier {where}"
         tail = ": no advantage over CE along CE's checkpoints."
     elif k == n and n == 1:
         head = f"{method} lies beyond CE's frontier in the one seed"

@@ -15,6 +15,7 @@ training run resumes from its last checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -224,9 +225,8 @@ class Study:
         want = json.loads(json.dumps(self.cfg.to_json()))  # tuples -> lists, as stored
         have = read_json(path)
         if have is not None:  # a study of an older version: its missing options at default
-            default = json.loads(json.dumps(StudyConfig(sizes=self.cfg.sizes).to_json()))
             for k in set(want) - set(have):
-                if want[k] == default[k]:
+                if want[k] == _json_default(k):
                     have[k] = want[k]
         if have is None:
             if any(p.name != "logs" for p in self.out.iterdir()):
@@ -373,6 +373,16 @@ class Study:
                     )
                 )
         return recs
+
+
+def _json_default(name: str):
+    """A StudyConfig field's default, as study.json stores it."""
+    f = next(f for f in dataclasses.fields(StudyConfig) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return json.loads(json.dumps(f.default))
+    if f.default_factory is not dataclasses.MISSING:
+        return json.loads(json.dumps(f.default_factory()))
+    return dataclasses.MISSING
 
 
 def _print(msg: str) -> None:

@@ -246,3 +246,26 @@ def test_the_sft_preparation_report_is_printed_in_full():
         "        2 x no assistant message (lines 3, 5)",
         "        1 x no assistant token within --seq-length (prompt fills it) (lines 6)",
     ]
+
+
+NEW_OPTIONS = (
+    "sft_lrs",
+    "sft_lr_decay_style",
+    "sft_min_lr",
+    "sft_weight_decay",
+    "sft_warmup_iters",
+    "eval_threads",
+    "match_tolerance",
+)
+
+
+def test_a_study_folder_without_the_new_options_is_the_same_study_at_their_defaults(tmp_path):
+    out = tmp_path / "s"
+    S.Study(S.preset("ci"), out, log=lambda m: None).init_folder()
+    stored = json.loads((out / "study.json").read_text())
+    for k in NEW_OPTIONS:
+        del stored[k]
+    (out / "study.json").write_text(json.dumps(stored))
+    S.Study(S.preset("ci"), out, log=lambda m: None).init_folder()  # accepted
+    with pytest.raises(ValueError, match=r"differs in: sft_lrs\)"):
+        S.Study(S.preset("ci", sft_lrs=(1e-3, 2e-3)), out).init_folder()

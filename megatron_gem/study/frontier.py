@@ -295,15 +295,15 @@ def match_quality(
 # ---- verdict --------------------------------------------------------------------------------
 
 
-def _span(xs, fmt="{:+.3f}") -> str:
-    xs = sorted(xs)
-    if not xs:
-        return "–"
-    return (
-        fmt.format(xs[0])
-        if len(xs) == 1 or xs[0] == xs[-1]
-        else (f"{fmt.format(xs[0])} to {fmt.format(xs[-1])}")
-    )
+def _signed(x: float) -> str:
+    t = f"{x:+.3f}"
+    return "0.000" if float(t) == 0 else t  # no "-0.000": a difference that rounds to none
+
+
+def _span(xs) -> str:
+    """The range of per-seed values, as printed (one value when they print the same)."""
+    lo, hi = (_signed(min(xs)), _signed(max(xs))) if xs else ("–", "–")
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def axis_sentence(axis: Axis, method: str, y_label: str) -> str:

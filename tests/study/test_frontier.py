@@ -104,11 +104,11 @@ def test_gem_beyond_ce_in_one_seed_of_two():
     assert text[0] == "CE's frontier pools learning rates 0.001, 0.003 and steps 10, 20."
     assert text[1] == (
         "GEM β=0.7 lies beyond CE's frontier in 1 of 2 seeds; best gain at equal quality per "
-        "seed +0.000 to +0.500 (more effective valid answers than CE's frontier); in 1 seed(s) "
+        "seed 0.000 to +0.500 (more effective valid answers than CE's frontier); in 1 seed(s) "
         "a checkpoint has a higher quality than every CE checkpoint: not consistent across "
         "seeds, no claim."
     )
-    assert "+0.000 to +0.050 (less forgetting than CE's frontier)" in text[2]
+    assert "0.000 to +0.050 (less forgetting than CE's frontier)" in text[2]
 
 
 def test_gem_beyond_in_every_seed_and_inside_in_every_seed():

@@ -13,7 +13,9 @@ from megatron_gem.study.config import (
     DATA_KEYS,
     PRESETS,
     StudyConfig,
+    LR_DECAY_STYLES,
     parse_floats,
+    parse_ints,
     parse_size,
     preset,
     read_config_file,
@@ -45,7 +47,10 @@ def build_parser():
         "--sizes", help="comma-separated NAME:LAYERSxHIDDEN[xHEADS[xGROUPS]] or NAME=HF_DIR"
     )
     r.add_argument("--betas", help="GEM betas, comma-separated (CE always runs)")
-    r.add_argument("--seeds", help="SFT seeds, comma-separated")
+    r.add_argument("--seeds", help="SFT seeds, comma-separated (integers >= 1)")
+    r.add_argument(
+        "--sft-lrs", help="SFT learning rates, comma-separated: every method at each (a sweep)"
+    )
     for k in ("pretrain-data", "sft-data", "eval-data", "heldout-data"):
         r.add_argument(f"--{k}", help="JSONL (default: the embedded world)")
     for k in (
@@ -58,10 +63,21 @@ def build_parser():
         "seq-length",
         "vocab-size",
         "world-seed",
+        "max-new-tokens",
+        "sft-warmup-iters",
+        "eval-threads",
     ):
         r.add_argument(f"--{k}", type=int)
-    for k in ("pretrain-lr", "sft-lr", "temperature"):
+    for k in (
+        "pretrain-lr",
+        "sft-lr",
+        "temperature",
+        "sft-min-lr",
+        "sft-weight-decay",
+        "match-tolerance",
+    ):
         r.add_argument(f"--{k}", type=float)
+    r.add_argument("--sft-lr-decay-style", choices=LR_DECAY_STYLES)
     r.add_argument("--executor", choices=("local", "slurm"), default="local")
     r.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then check")
     r.add_argument("--partition")
@@ -93,10 +109,12 @@ def config_from_args(args) -> StudyConfig:
         over.update(read_config_file(args.config))
     if args.sizes:
         over["sizes"] = tuple(parse_size(t.strip()) for t in args.sizes.split(",") if t.strip())
-    if args.betas:
-        over["betas"] = parse_floats(args.betas)
-    if args.seeds:
-        over["seeds"] = tuple(int(x) for x in parse_floats(args.seeds))
+    if args.betas is not None:
+        over["betas"] = parse_floats(args.betas, "--betas:")
+    if args.seeds is not None:
+        over["seeds"] = parse_ints(args.seeds, "--seeds:")
+    if args.sft_lrs is not None:
+        over["sft_lrs"] = parse_floats(args.sft_lrs, "--sft-lrs:")
     for k in DATA_KEYS:
         if getattr(args, k):
             over[k] = str(Path(getattr(args, k)).resolve())
@@ -113,6 +131,13 @@ def config_from_args(args) -> StudyConfig:
         "pretrain_lr",
         "sft_lr",
         "temperature",
+        "max_new_tokens",
+        "sft_warmup_iters",
+        "eval_threads",
+        "sft_min_lr",
+        "sft_weight_decay",
+        "match_tolerance",
+        "sft_lr_decay_style",
     ):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)

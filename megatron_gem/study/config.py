@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_gem.ops.config import DEFAULT_BETA, check_beta
 
 DATA_KEYS = ("pretrain_data", "sft_data", "eval_data", "heldout_data")  # StudyConfig's JSONL files
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+NUMBER_LISTS = ("betas", "seeds", "sft_lrs", "extra_train_args")  # tuples (lists in JSON)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,17 @@ class ModelSize:
                 raise ValueError(
                     f"model size {self.name}: hidden_size {self.hidden_size} is not "
                     f"divisible by num_attention_heads {self.num_attention_heads}"
+                )
+            for k in ("ffn_hidden_size", "num_query_groups"):
+                v = getattr(self, k)
+                if v is not None and (not isinstance(v, int) or v < 1):
+                    raise ValueError(
+                        f"model size {self.name}: {k} must be a positive integer, got {v!r}"
+                    )
+            if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+                raise ValueError(
+                    f"model size {self.name}: num_attention_heads {self.num_attention_heads} "
+                    f"is not divisible by num_query_groups {self.num_query_groups}"
                 )
 
     def megatron_args(self, max_positions: int) -> list[str]:
@@ -100,6 +114,12 @@ class StudyConfig:
     pretrain_batch: int = 16  # global batch (micro-batch: micro_batch)
     sft_iters: int = 60
     sft_lr: float = 1e-3
+    sft_lrs: tuple[float, ...] = ()  # an lr sweep: every method at each (default: (sft_lr,))
+    # The SFT schedule (pre-training keeps cosine to lr/10, weight decay 0.1, 5% warm-up).
+    sft_lr_decay_style: str = "cosine"
+    sft_min_lr: float | None = None  # None: lr / 10 (of each lr of the sweep)
+    sft_weight_decay: float = 0.1
+    sft_warmup_iters: int | None = None  # None: 5% of sft_iters (at least 1)
     sft_batch: int = 8
     save_interval: int = 20  # SFT checkpoints evaluated every this many steps
     micro_batch: int = 4
@@ -110,6 +130,8 @@ class StudyConfig:
     top_k: int = 0
     max_new_tokens: int = 12
     prompt_set: str = "unseen"  # the set of the plots and curves
+    eval_threads: int = 1  # torch threads per evaluation process (0: torch's default)
+    match_tolerance: float = 0.02  # quality difference of a matched CE checkpoint (report)
     extra_train_args: tuple[str, ...] = ()  # any Megatron flags, for every training run
     precision: str = "fp32"  # fp32 (CPU) | bf16 (GPU)
 
@@ -128,6 +150,43 @@ class StudyConfig:
             raise ValueError(f"--betas must be distinct, got {list(self.betas)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds must be distinct and non-empty, got {list(self.seeds)}")
+        for k, vals in (("--seeds", self.seeds), ("--world-seed", (self.world_seed,))):
+            for v in vals:  # Megatron seeds only with a seed > 0 (0 would not be reproducible)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{k}: each seed must be an integer >= 1, got {v!r}")
+        for k, vals in (
+            ("--pretrain-lr", (self.pretrain_lr,)),
+            ("--sft-lr", (self.sft_lr,)),
+            ("--sft-lrs", self.sft_lrs),
+        ):
+            for v in vals:
+                if not _number(v) or not 0 < v < 1:
+                    raise ValueError(f"{k}: a learning rate must be in (0, 1), got {v!r}")
+        if len(set(self.sft_lrs)) != len(self.sft_lrs):
+            raise ValueError(f"--sft-lrs must be distinct, got {list(self.sft_lrs)}")
+        if self.sft_lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(
+                f"--sft-lr-decay-style {self.sft_lr_decay_style!r}: choose one of "
+                f"{', '.join(LR_DECAY_STYLES)}"
+            )
+        if self.sft_min_lr is not None and (
+            not _number(self.sft_min_lr) or not 0 <= self.sft_min_lr <= min(self.lrs())
+        ):
+            raise ValueError(
+                f"--sft-min-lr must be in [0, the smallest SFT lr {min(self.lrs()):g}], "
+                f"got {self.sft_min_lr!r}"
+            )
+        if not _number(self.sft_weight_decay) or self.sft_weight_decay < 0:
+            raise ValueError(f"--sft-weight-decay must be >= 0, got {self.sft_weight_decay!r}")
+        w = self.sft_warmup_iters
+        if w is not None and (not isinstance(w, int) or not 0 <= w < self.sft_iters):
+            raise ValueError(f"--sft-warmup-iters must be in [0, sft_iters), got {w!r}")
+        if not isinstance(self.eval_threads, int) or self.eval_threads < 0:
+            raise ValueError(f"--eval-threads must be an integer >= 0, got {self.eval_threads!r}")
+        if not _number(self.match_tolerance) or not 0 <= self.match_tolerance <= 1:
+            raise ValueError(
+                f"--match-tolerance must be in [0, 1] (quality), got {self.match_tolerance!r}"
+            )
         for k in (
             "vocab_size",
             "seq_length",
@@ -147,6 +206,14 @@ class StudyConfig:
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
         if self.nproc % self.tp:
             raise ValueError(f"nproc {self.nproc} must be a multiple of tp {self.tp}")
+        for z in self.sizes:  # tensor parallelism splits the heads (and the GQA groups)
+            if z.hf_model is None and (
+                z.num_attention_heads % self.tp or (z.num_query_groups or self.tp) % self.tp
+            ):
+                raise ValueError(
+                    f"model size {z.name}: tp {self.tp} must divide its attention heads "
+                    f"({z.num_attention_heads}) and query groups ({z.num_query_groups})"
+                )
         dp = self.nproc // self.tp
         for k in ("pretrain_batch", "sft_batch"):
             if getattr(self, k) % (self.micro_batch * dp):
@@ -180,6 +247,8 @@ class StudyConfig:
                 raise ValueError(f"--{k.replace('_', '-')} {p!r}: no such file")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("sampling: temperature >= 0, top_p in (0, 1], top_k >= 0")
+        if not isinstance(self.prompt_set, str) or not self.prompt_set:
+            raise ValueError(f"prompt_set must be a non-empty string, got {self.prompt_set!r}")
 
     @property
     def imports(self) -> bool:
@@ -193,13 +262,27 @@ class StudyConfig:
         steps = list(range(self.save_interval, self.sft_iters + 1, self.save_interval))
         return steps if steps[-1] == self.sft_iters else steps + [self.sft_iters]
 
-    def runs(self) -> list[tuple[str, str, float | None, int]]:
-        """(run name, method, beta, seed) per SFT run of one size."""
+    def lrs(self) -> tuple[float, ...]:
+        """The SFT learning rates: the sweep ``sft_lrs``, else ``(sft_lr,)``."""
+        return tuple(self.sft_lrs) or (self.sft_lr,)
+
+    def sft_min_lr_of(self, lr: float) -> float:
+        return lr / 10 if self.sft_min_lr is None else self.sft_min_lr
+
+    def sft_warmup(self) -> int:
+        w = self.sft_warmup_iters
+        return max(1, self.sft_iters // 20) if w is None else w
+
+    def runs(self) -> list[tuple[str, str, float | None, int, float]]:
+        """(run name, method, beta, seed, lr) per SFT run of one size. Names: ``ce``,
+        ``gem-b0.7``; ``-lr<lr>`` with several lrs, ``-s<seed>`` with several seeds."""
         out = []
         for seed in self.seeds:
-            suffix = f"-s{seed}" if len(self.seeds) > 1 else ""
-            out.append((f"ce{suffix}", "ce", None, seed))
-            out += [(f"gem-b{b:g}{suffix}", "gem", float(b), seed) for b in self.betas]
+            s = f"-s{seed}" if len(self.seeds) > 1 else ""
+            for lr in self.lrs():
+                x = f"-lr{lr:g}" if len(self.lrs()) > 1 else ""
+                out.append((f"ce{x}{s}", "ce", None, seed, lr))
+                out += [(f"gem-b{b:g}{x}{s}", "gem", float(b), seed, lr) for b in self.betas]
         return out
 
     def to_json(self) -> dict:
@@ -213,8 +296,9 @@ class StudyConfig:
     def from_json(cls, d: dict) -> "StudyConfig":
         d = dict(d)
         d["sizes"] = tuple(ModelSize(**s) for s in d["sizes"])
-        for k in ("betas", "seeds", "extra_train_args"):
-            d[k] = tuple(d[k])
+        for k in NUMBER_LISTS:
+            if k in d:
+                d[k] = tuple(d[k])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -262,11 +346,28 @@ def preset(name: str, **overrides) -> StudyConfig:
 # ---- command-line values ---------------------------------------------------------------------
 
 
-def parse_floats(text: str) -> tuple[float, ...]:
+def parse_floats(text: str, flag: str = "") -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+        vals = ()
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{flag or 'expected'} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def parse_ints(text: str, flag: str = "") -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        vals = ()
+    if not vals:
+        raise ValueError(f"{flag or 'expected'} comma-separated integers, got {text!r}")
+    return vals
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def parse_size(text: str) -> ModelSize:
@@ -277,14 +378,19 @@ def parse_size(text: str) -> ModelSize:
     try:
         name, shape = text.split(":")
         dims = [int(x) for x in shape.lower().split("x")]
+        if not 2 <= len(dims) <= 4:
+            raise IndexError
         heads = dims[2] if len(dims) > 2 else max(1, dims[1] // 16)
         groups = dims[3] if len(dims) > 3 else None
-        return ModelSize(name, dims[0], dims[1], heads, None, groups)
     except (ValueError, IndexError):
         raise ValueError(
             f"--sizes entry {text!r}: use NAME:LAYERSxHIDDEN[xHEADS[xGROUPS]] "
             "(e.g. tiny:2x64x4) or NAME=HF_MODEL_DIR"
         ) from None
+    try:
+        return ModelSize(name, dims[0], dims[1], heads, None, groups)
+    except ValueError as err:
+        raise ValueError(f"--sizes entry {text!r}: {err}") from None
 
 
 def read_config_file(path: str) -> dict:
@@ -313,7 +419,7 @@ def read_config_file(path: str) -> dict:
     try:
         if "sizes" in over:
             over["sizes"] = tuple(ModelSize(**z) for z in over["sizes"])
-        for k in ("betas", "seeds", "extra_train_args"):
+        for k in NUMBER_LISTS:
             if k in over:
                 over[k] = tuple(over[k])
     except TypeError as err:  # a size that is not an object of ModelSize fields, a number list

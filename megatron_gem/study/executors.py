@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_gem.study.stages import INPUTS, Stage, Study, read_json, write_json_atomic
-from megatron_gem.study.steps import RUNNERS, describe, tokenizer_flags, train_argv, vocab_size
+from megatron_gem.study.steps import (
+    RUNNERS,
+    check_inputs,
+    describe,
+    tokenizer_flags,
+    train_argv,
+    vocab_size,
+)
 
 
 # ---- local execution -------------------------------------------------------------------------
@@ -32,26 +39,51 @@ from megatron_gem.study.steps import RUNNERS, describe, tokenizer_flags, train_a
 
 def run_local(study: Study, only: Sequence[str] | None = None) -> list[str]:
     """Run every pending stage in order (``only``: just these, for ``run-stage``); returns the
-    names of the stages run."""
+    names of the stages run. The user's inputs are checked first (every line); what is
+    pending is decided again after each stage, so an input edited since the last run reruns
+    only the stages that read what changed."""
+    check_before_start(study)
     study.init_folder()
-    todo = [s for s in study.pending() if only is None or s.name in only]
-    ran = []
+
+    def pending():
+        return [s for s in study.pending() if only is None or s.name in only]
+
+    todo, ran = pending(), []
     if not todo:
         study.log(f"nothing to do: every stage of {study.out} is done")
         return ran
     study.log(f"{len(todo)} of {len(study.stages)} stages to run in {study.out}")
-    for i, s in enumerate(todo, 1):
+    while todo:
+        s = todo[0]
+        if s.name in ran:
+            raise RuntimeError(f"stage {s.name}: ran but is not done (its marker)")
         missing = [d for d in s.deps if not study.done(study.by_name[d])]
         if missing:
             raise RuntimeError(f"stage {s.name}: input stage(s) {missing} are not done")
-        study.log(f"({i}/{len(todo)}) {s.name}: {describe(study.cfg, s)}")
+        n = f"({len(ran) + 1}/{len(ran) + len(todo)})"
+        study.log(f"{n} {s.name}: {describe(study.cfg, s)}")
         t0 = time.time()
         study.prepare_output(s)
         RUNNERS[s.kind](study, s)
         study.mark(s, round(time.time() - t0, 1))
-        study.log(f"({i}/{len(todo)}) {s.name} done in {time.time() - t0:.0f} s")
+        study.log(f"{n} {s.name} done in {time.time() - t0:.0f} s")
         ran.append(s.name)
+        before, todo = len(todo) - 1, pending()
+        if s.kind == "data" and len(todo) < before:
+            study.log(f"   unchanged data files: {before - len(todo)} stage(s) stay done")
     return ran
+
+
+def check_before_start(study: Study) -> None:
+    """Before any stage: the user's input files, every line (``check_inputs``), when the data
+    stage will copy them; and say which were edited since the last run."""
+    data = study.by_name["data"]
+    if study.cfg.embedded or study.done(data):
+        return
+    changed = study.changed_inputs()
+    if changed:
+        study.log(f"input(s) changed since the last run: {', '.join(changed)}")
+    check_inputs(study.cfg)
 
 
 # ---- slurm -----------------------------------------------------------------------------------
@@ -131,7 +163,9 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
         gpus = opts.gpus_per_node or cfg.nproc
         common += ["--nodes=1", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}"]
         argv = train_argv(study, s)
-        it = cfg.pretrain_iters if s.kind == "pretrain" else cfg.sft_iters
+        pre = s.kind == "pretrain"
+        it = cfg.pretrain_iters if pre else cfg.sft_iters
+        lr = cfg.pretrain_lr if pre else s.info["lr"]
         # The script's own defaults are replaced by the study's flags (extra flags come last).
         env.update(
             NODES="1",
@@ -151,9 +185,10 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
             EVAL_INTERVAL=str(it),
             EVAL_ITERS="0",
             LOG_INTERVAL=str(max(1, it // 10)),
-            LR=str(cfg.pretrain_lr if s.kind == "pretrain" else cfg.sft_lr),
-            MIN_LR=str((cfg.pretrain_lr if s.kind == "pretrain" else cfg.sft_lr) / 10),
-            WARMUP_ITERS=str(max(1, it // 20)),
+            LR=str(lr),
+            MIN_LR=str(lr / 10) if pre else f"{cfg.sft_min_lr_of(lr):.8g}",
+            WARMUP_ITERS=str(max(1, it // 20) if pre else cfg.sft_warmup()),
+            WEIGHT_DECAY=str(0.1 if pre else cfg.sft_weight_decay),
             GEM_WORK=str(study.out),
         )
         prep = study.by_name["prep"].out
@@ -212,6 +247,7 @@ def slurm_job(study: Study, s: Stage, opts: SlurmOptions) -> tuple[list[str], di
 
 
 # Flags the launch scripts set from their variables (given to them through the environment).
+# --lr-decay-style is not among them (the scripts fix cosine): it goes as a script argument.
 _SCRIPT_FLAGS = {
     "--tensor-model-parallel-size",
     "--eval-interval",
@@ -221,7 +257,6 @@ _SCRIPT_FLAGS = {
     "--train-iters",
     "--lr",
     "--min-lr",
-    "--lr-decay-style",
     "--lr-warmup-iters",
     "--save",
     "--load",
@@ -263,8 +298,13 @@ def run_slurm(study: Study, opts: SlurmOptions = SlurmOptions()) -> dict[str, st
     is still missing (and, when nothing is, writes nothing). Refused (ValueError) without the
     launch scripts (``opts.launch_scripts`` or $GEM_LAUNCH_SCRIPTS)."""
     opts = replace(opts, launch_scripts=launch_scripts_dir(opts.launch_scripts))
+    check_before_start(study)
     study.init_folder()
     (study.out / "logs").mkdir(exist_ok=True)
+    if not study.cfg.embedded and not study.done(study.by_name["data"]):
+        # Copying the user's files takes seconds: here, so the jobs submitted next are exactly
+        # the stages that read a changed file (their hashes are known only once copied).
+        run_local(study, only=["data"])
     adopted = study.adopt_finished()
     if adopted:
         study.log(f"finished by earlier jobs: {', '.join(adopted)}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_gem.eval import flat_metrics
+from megatron_gem.study import frontier as F
 
 # Metrics shown in tables and plots, in order; (label, higher is better).
 SHOWN = {
@@ -36,13 +37,14 @@ TOP_LEVEL = {
     "forgetting": ("forgetting (nats/token)", False),
     "heldout_loss": ("held-out loss (nats/token)", False),
 }
-KEY_COLUMNS = ("method", "beta", "model_size", "params", "seed", "step")
+KEY_COLUMNS = ("method", "beta", "lr", "model_size", "params", "seed", "step")
 
 CSV_FILE, REPORT_FILE = "results.csv", "report.md"
-SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG = (
+SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG, FRONTIER_PNG = (
     "metrics_vs_size.png",
     "quality_vs_diversity.png",
     "quality_vs_forgetting.png",
+    "frontier.png",
 )
 
 
@@ -70,11 +72,9 @@ def make_record(
 
 
 def method_label(rec: dict) -> str:
-    m, b = str(rec["method"]), rec.get("beta")
-    if m.lower() == "ce":
-        return "CE"
-    name = m.upper() if m.lower() == "gem" else m
-    return f"{name} β={b:g}" if isinstance(b, (int, float)) else name
+    """``CE``, ``GEM β=0.7``; with the lr (``CE lr=0.001``) when the records have several
+    (``_check`` stores the label)."""
+    return rec.get("label") or F.method_name(rec)
 
 
 def _check(records: Sequence[dict]) -> list[dict]:
@@ -85,7 +85,12 @@ def _check(records: Sequence[dict]) -> list[dict]:
         missing = [k for k in ("method", "model_size", "step") if r.get(k) is None]
         if missing:
             raise ValueError(f"write_report: record {i} lacks {missing} (keys: {sorted(r)})")
-        out.append({"beta": None, "params": None, "seed": 0, **r})
+        out.append({"beta": None, "lr": None, "params": None, "seed": 0, **r})
+    several_lrs = len({r["lr"] for r in out if r["lr"] is not None}) > 1
+    for r in out:
+        if not r.get("label"):
+            lr = f" lr={r['lr']:g}" if several_lrs and r["lr"] is not None else ""
+            r["label"] = F.method_name(r) + lr
     return out
 
 
@@ -157,7 +162,7 @@ def _arrow(metric):
 
 def results_csv(records: Sequence[dict]) -> str:
     records = _check(records)
-    metric_cols = sorted({k for r in records for k in r} - set(KEY_COLUMNS))
+    metric_cols = sorted({k for r in records for k in r} - set(KEY_COLUMNS) - {"label"})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["label", *KEY_COLUMNS, *metric_cols], lineterminator="\n")
     w.writeheader()
@@ -196,8 +201,9 @@ def report_markdown(
     prompt_set: str = "all",
     diversity_metric: str | None = None,
     title: str = "CE vs GEM: quality, diversity and forgetting",
-    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG),
+    plots: Sequence[str] = (SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG, FRONTIER_PNG),
     notes: Sequence[str] = (),
+    tol: float = F.DEFAULT_TOL,
 ) -> str:
     """The Markdown report; ``plots``: the PNG file names to link (those that were written);
     ``notes``: lines about the setup (data, learning rate, sampling...) shown under the title."""
@@ -278,65 +284,136 @@ def report_markdown(
         L += _table(
             ["method", "seed", "step"] + [f"{_label(m)} {_arrow(m)}" for m in cols], rows
         ) + [""]
-    # Quality-matched comparison.
-    matched = _quality_matched(records, prompt_set, div)
-    if matched:
-        L += [
-            "## Quality-matched comparison",
-            "",
-            "For the last checkpoint of each non-CE run, the CE checkpoint (same size and seed) "
-            "with the closest quality: a diversity or forgetting gain that disappears here came "
-            "from training less, not from the loss.",
-            "",
-        ]
-        L += _table(
-            [
-                "model size",
-                "seed",
-                "run",
-                "step",
-                "quality",
-                _label(div),
-                "forgetting",
-                "CE step",
-                "CE quality",
-                f"CE {_label(div)}",
-                "CE forgetting",
-            ],
-            matched,
-        ) + [""]
+    L += frontier_markdown(records, prompt_set, div, tol, plots)
+    L += matched_markdown(records, prompt_set, div, tol)
     return "\n".join(L)
 
 
-def _quality_matched(records, prompt_set, div):
-    runs = _runs(records)
-    out = []
-    for (size, lab, seed), v in runs.items():
-        ce = runs.get((size, "CE", seed))
-        if lab == "CE" or not ce:
-            continue
-        last = v[-1]
-        q = _get(last, "quality", prompt_set)
-        cands = [r for r in ce if _get(r, "quality", prompt_set) is not None]
-        if q is None or not cands:
-            continue
-        best = min(cands, key=lambda r: (abs(_get(r, "quality", prompt_set) - q), r["step"]))
-        out.append(
-            [
-                size,
-                seed,
-                lab,
-                last["step"],
-                q,
-                _get(last, div, prompt_set) if div else None,
-                _get(last, "forgetting", prompt_set),
-                best["step"],
-                _get(best, "quality", prompt_set),
-                _get(best, div, prompt_set) if div else None,
-                _get(best, "forgetting", prompt_set),
+def _lrs_steps(records, size):
+    ce = [r for r in records if r["model_size"] == size and F.method_name(r) == F.REFERENCE]
+    lrs = sorted({r["lr"] for r in ce if r.get("lr") is not None})
+    return lrs, sorted({r["step"] for r in ce})
+
+
+def frontier_markdown(records, prompt_set, div, tol=F.DEFAULT_TOL, plots=()) -> list[str]:
+    """The frontier section: per size, the verdict, each method's non-dominated checkpoints
+    per seed and each non-CE method's distance to CE's frontier per seed."""
+    records = _check(records)
+    axes_metrics = [m for m in (div, "forgetting") if m]
+    axes = {m: F.frontiers(records, m, prompt_set) for m in axes_metrics}
+    if not any(a.fronts for v in axes.values() for a in v):
+        return []
+    matches = F.match_quality(records, prompt_set, axes_metrics, tol)
+    words = {m: _label(m).split(" (")[0] for m in axes_metrics}
+    L = [
+        "## Frontier: the best of each method, pooled over learning rates and steps",
+        "",
+        "Per model size, method and seed, the **non-dominated checkpoints**: those that no "
+        "other checkpoint of the same method beats on both axes (quality ↑ and diversity ↑, or "
+        "quality ↑ and forgetting ↓), over every learning rate and step. CE's frontier is "
+        "interpolated linearly between its non-dominated checkpoints (flat below its lowest "
+        "quality; it does not extend above its highest). A checkpoint lies **beyond** CE's "
+        "frontier (same size and seed) if it is better than that line at its own quality, by "
+        f"more than {F.NOISE:g}, or has a higher quality than every CE checkpoint. The gain is "
+        "the distance to the line at equal quality (+: beyond, −: inside). "
+        f"Prompt set `{prompt_set}`.",
+        "",
+    ]
+    if FRONTIER_PNG in plots:
+        L += [f"![frontier]({FRONTIER_PNG})", ""]
+    for size in _sizes(records):
+        lrs, steps = _lrs_steps(records, size)
+        mine = [a for v in axes.values() for a in v if a.size == size]
+        L += [f"### Model size `{size}`", "", "Verdict:", ""]
+        L += [f"* {t}" for t in F.verdict(size, mine, matches, words, tol, lrs, steps)] + [""]
+        for a in mine:
+            L += [f"#### Quality vs {words[a.y_metric]} {_arrow(a.y_metric)}", ""]
+            rows = [
+                [
+                    m,
+                    seed,
+                    "; ".join(f"{F.checkpoint_name(p.rec)} ({p.q:.3f}, {p.y:.3f})" for p in f),
+                ]
+                for (m, seed), f in a.fronts.items()
             ]
+            L += _table(["method", "seed", "non-dominated checkpoints (quality, value)"], rows)
+            L += [""]
+            rows = [
+                [
+                    m,
+                    sb.seed,
+                    sb.best_gain,
+                    F.checkpoint_name(sb.best.rec) if sb.best else None,
+                    f"{sb.n_beyond} of {sb.n_points}",
+                    f"{F.checkpoint_name(sb.above.rec)} ({sb.above.q:.3f} > {sb.ce_max_q:.3f})"
+                    if sb.above
+                    else None,
+                ]
+                for m, v in a.beyond.items()
+                for sb in v
+            ]
+            if rows:
+                L += _table(
+                    [
+                        "method",
+                        "seed",
+                        "best gain at equal quality",
+                        "at",
+                        "checkpoints beyond",
+                        "above CE's best quality",
+                    ],
+                    rows,
+                ) + [""]
+    return L
+
+
+def matched_markdown(records, prompt_set, div, tol=F.DEFAULT_TOL) -> list[str]:
+    """The quality-matched comparison: each non-CE run's last checkpoint next to CE at the
+    same quality (within ``tol``, else interpolated, else none), with the gaps."""
+    records = _check(records)
+    metrics = [m for m in (div, "forgetting") if m]
+    matches = F.match_quality(records, prompt_set, metrics, tol)
+    if not matches:
+        return []
+    L = [
+        "## Quality-matched comparison",
+        "",
+        "The last checkpoint of each non-CE run next to CE of the same size and seed (any "
+        f"learning rate and step) at the same quality: the CE checkpoint of closest quality if "
+        f"it is within ±{tol:g}; otherwise CE **interpolated** linearly between the two "
+        "consecutive checkpoints of one CE run whose qualities bracket it (an estimate, not a "
+        "trained model); otherwise no counterpart. A diversity or forgetting gain that "
+        "disappears here came from training less, not from the loss.",
+        "",
+    ]
+    rows = []
+    for x in matches:
+        r = x.rec
+        q = _get(r, "quality", prompt_set)
+        own = {m: _get(r, m, prompt_set) for m in ("quality", *metrics)}
+        ce = x.ce
+
+        def d(m):
+            a, b = own.get(m), ce.get(m)
+            return None if a is None or b is None else a - b
+
+        rows.append(
+            [x.size, x.seed, method_label(r), r["step"], q]
+            + [own[m] for m in metrics]
+            + [x.kind, x.how if x.kind != "none" else "–", ce.get("quality"), d("quality")]
+            + [v for m in metrics for v in (ce.get(m), d(m))]
         )
-    return out
+    L += _table(
+        ["model size", "seed", "run", "step", "quality"]
+        + [_label(m) for m in metrics]
+        + ["CE match", "CE checkpoint(s)", "CE quality", "Δ quality"]
+        + [h for m in metrics for h in (f"CE {_label(m)}", f"Δ {_label(m).split(' (')[0]}")],
+        rows,
+    ) + [""]
+    none = sum(x.kind == "none" for x in matches)
+    if none:
+        L += [f"{none} run(s): no CE checkpoint within tolerance (and none bracketing).", ""]
+    return L
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -392,7 +469,12 @@ def _min_span(ax, metric):
 def _labels(records):
     # CE first, then the others by beta.
     labs = {
-        method_label(r): (method_label(r) != "CE", str(r["method"]), r.get("beta") or 0)
+        method_label(r): (
+            F.method_name(r) != "CE",
+            str(r["method"]),
+            r.get("beta") or 0,
+            r.get("lr") or 0,
+        )
         for r in records
     }
     return sorted(labs, key=lambda k: labs[k])
@@ -536,6 +618,61 @@ def plot_tradeoff(records, path, x_metric, prompt_set="all", title=""):
     _save(fig, path)
 
 
+def plot_frontier(records, path, axes_metrics, prompt_set="all"):
+    """One panel per (axis, size): every checkpoint faint, each method's non-dominated
+    checkpoints per seed joined (CE's line is the frontier the others are compared with)."""
+    plt = _pyplot()
+    records = _check(records)
+    sizes = _sizes(records)
+    fig, grid = plt.subplots(
+        len(axes_metrics),
+        len(sizes),
+        figsize=(max(7.0, 5.2 * len(sizes)), 4.6 * len(axes_metrics)),
+        squeeze=False,
+    )
+    methods = sorted({F.method_name(r) for r in records}, key=lambda m: (m != F.REFERENCE, m))
+    sty = _styles(methods)
+    for row, metric in enumerate(axes_metrics):
+        for col, axis in enumerate(F.frontiers(records, metric, prompt_set)):
+            ax = grid[row][sizes.index(axis.size)] if axis.size in sizes else grid[row][col]
+            for m in methods:
+                pts = F.points(
+                    [r for r in records if r["model_size"] == axis.size and F.method_name(r) == m],
+                    metric,
+                    prompt_set,
+                )
+                ax.scatter(
+                    [p.y for p in pts], [p.q for p in pts], color=sty[m]["color"], s=12, alpha=0.3
+                )
+                first = True
+                for (m2, _), front in axis.fronts.items():
+                    if m2 != m:
+                        continue
+                    ax.plot(
+                        [p.y for p in front],
+                        [p.q for p in front],
+                        mfc="none",
+                        mew=1.5,
+                        label=m if first else None,
+                        **sty[m],
+                    )
+                    first = False
+            ax.margins(0.12)
+            _min_span(ax, "quality")
+            ax.set_title(f"model size {axis.size}")
+            ax.set_xlabel(f"{_label(metric)} {_arrow(metric)}")
+            ax.set_ylabel("quality (valid fraction) ↑")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best")
+    fig.suptitle(
+        f"Frontier per method and seed, prompt set '{prompt_set}'\n"
+        "(non-dominated checkpoints over lr and steps; faint: every checkpoint)"
+    )
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path):
     import matplotlib.pyplot as plt
 
@@ -557,6 +694,7 @@ def write_report(
     overwrite: bool = False,
     title: str = "CE vs GEM: quality, diversity and forgetting",
     notes: Sequence[str] = (),
+    tol: float = F.DEFAULT_TOL,
 ) -> dict[str, Path]:
     """Write results.csv, report.md and the PNG plots into out_dir; returns their paths.
 
@@ -573,6 +711,7 @@ def write_report(
         "metrics_vs_size": out / SIZE_PNG,
         "quality_vs_diversity": out / DIVERSITY_PNG,
         "quality_vs_forgetting": out / FORGETTING_PNG,
+        "frontier": out / FRONTIER_PNG,
     }
     clash = [str(p) for p in paths.values() if p.exists()]
     if clash and not overwrite:
@@ -601,10 +740,15 @@ def write_report(
         )
     else:
         paths.pop("quality_vs_forgetting")
+    front_axes = [m for m, ok in ((div, div and has_quality), ("forgetting", has_forgetting)) if ok]
+    if has_quality and front_axes:
+        plot_frontier(records, paths["frontier"], front_axes, prompt_set)
+    else:
+        paths.pop("frontier")
     pngs = [p.name for k, p in paths.items() if p.suffix == ".png"]
     for key, text in (
         ("csv", results_csv(records)),
-        ("report", report_markdown(records, prompt_set, div, title, pngs, notes)),
+        ("report", report_markdown(records, prompt_set, div, title, pngs, notes, tol)),
     ):
         tmp = paths[key].with_name(paths[key].name + ".tmp")
         tmp.write_text(text, encoding="utf-8")

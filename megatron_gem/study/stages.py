@@ -3,7 +3,11 @@ study.json, each stage's marker, what is done, pending or stale, and the resume 
 
 Resume: a stage is done iff its output holds the marker ``.stage.json``, written last (temp
 name, then rename) and recording a token of every input stage; a stage whose input was redone
-since is stale and runs again (its old output is removed first). Directories written whole
+since is stale and runs again (its old output is removed first). Inputs are fingerprinted: the
+``data`` stage's marker records the SHA-256 of each user JSONL file (done only while they are
+unchanged) and of each file it wrote, and a stage that reads those files (``info["data_files"]``)
+records their hashes instead of the data stage's token, so an edited input reruns the stages
+that read what changed (and what depends on them), nothing else. Directories written whole
 (data, prep, exports, evals, report) are built under a hidden temporary name and renamed into
 place when complete; training checkpoints are written in place by Megatron (an interrupted
 training run resumes from its last checkpoint).
@@ -11,6 +15,8 @@ training run resumes from its last checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_gem.paths import check_output_apart
+from megatron_gem.study import world as W
 from megatron_gem.study.config import DATA_KEYS, StudyConfig
 
 MARKER = ".stage.json"
@@ -51,7 +58,10 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
     """Every stage of the study, in an order that respects dependencies."""
     out = Path(out)
     st = [Stage("data", "data", out / "data", [])]
-    st.append(Stage("prep", "prep", out / "prep", ["data"]))
+    # The files of OUT/data each stage reads (their hashes, not data's token, make it stale).
+    prep_reads = [W.PRETRAIN_FILE, W.SFT_FILE, W.EVAL_FILE]  # tokenizer, data, budget check
+    eval_reads = [W.EVAL_FILE, W.HELDOUT_FILE]
+    st.append(Stage("prep", "prep", out / "prep", ["data"], {"data_files": prep_reads}))
     for size in cfg.sizes:
         z = size.name
         if cfg.imports:
@@ -82,11 +92,11 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
             f"eval:{z}:base",
             "eval",
             out / z / "base-eval",
-            ["prep", *base_eval_deps],
-            {"size": size, "hf": base_hf, "base": True},
+            ["data", "prep", *base_eval_deps],
+            {"size": size, "hf": base_hf, "base": True, "data_files": eval_reads},
         )
         st.append(base_eval)
-        for run, method, beta, seed in cfg.runs():
+        for run, method, beta, seed, lr in cfg.runs():
             sft = Stage(
                 f"sft:{z}:{run}",
                 "sft",
@@ -98,6 +108,7 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
                     "method": method,
                     "beta": beta,
                     "seed": seed,
+                    "lr": lr,
                     "base": base.out,
                 },
                 atomic=False,
@@ -115,7 +126,7 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
                     f"eval:{z}:{run}:{step}",
                     "eval",
                     out / z / run / "eval" / step_dir(step),
-                    ["prep", exp.name, base_eval.name],
+                    ["data", "prep", exp.name, base_eval.name],
                     {
                         "size": size,
                         "hf": exp.out,
@@ -123,8 +134,10 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
                         "method": method,
                         "beta": beta,
                         "seed": seed,
+                        "lr": lr,
                         "step": step,
                         "base_eval": base_eval.out,
+                        "data_files": eval_reads,
                     },
                 )
                 st += [exp, ev]
@@ -141,6 +154,14 @@ def read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -165,6 +186,37 @@ class Study:
         self.stages = plan(cfg, self.out)
         self.by_name = {s.name: s for s in self.stages}
         self.log = log or _print
+        self._hashes: dict = {}  # (path, size, mtime_ns) -> sha256
+
+    # -- fingerprints of the user's input files and of the data stage's output
+    def fingerprint(self, path) -> str | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(Path(path))
+        return self._hashes[key]
+
+    def input_fingerprints(self) -> dict:
+        """{--flag: {"path", "sha256"}} of the user's JSONL inputs (none for the embedded
+        world, whose files follow from study.json)."""
+        return {
+            f"--{k.replace('_', '-')}": {"path": p, "sha256": self.fingerprint(p)}
+            for k in DATA_KEYS
+            if (p := getattr(self.cfg, k))
+        }
+
+    def changed_inputs(self) -> list[str]:
+        """The user's input files that differ from those the data stage last copied."""
+        m = self.marker(self.by_name["data"])
+        have = (m or {}).get("inputs", {})
+        return [
+            f"{k} {v['path']}"
+            for k, v in self.input_fingerprints().items()
+            if m is not None and have.get(k) != v
+        ]
 
     # -- study.json: a folder holds one study; a different config is refused, never mixed in
     def init_folder(self) -> None:
@@ -172,6 +224,10 @@ class Study:
         path = self.out / CONFIG_FILE
         want = json.loads(json.dumps(self.cfg.to_json()))  # tuples -> lists, as stored
         have = read_json(path)
+        if have is not None:  # a study of an older version: its missing options at default
+            for k in set(want) - set(have):
+                if want[k] == _json_default(k):
+                    have[k] = want[k]
         if have is None:
             if any(p.name != "logs" for p in self.out.iterdir()):
                 raise ValueError(
@@ -197,6 +253,8 @@ class Study:
             return memo[stage.name]
         m = self.marker(stage)
         ok = m is not None
+        if ok and stage.kind == "data":
+            ok = m.get("inputs", {}) == self.input_fingerprints()
         if ok:
             for d in stage.deps:
                 dep = self.by_name[d]
@@ -204,19 +262,27 @@ class Study:
                 if (
                     not self.done(dep, memo)
                     or dm is None
-                    or m.get("deps", {}).get(d) != dm["token"]
+                    or m.get("deps", {}).get(d) != self._dep_token(stage, d, dm)
                 ):
                     ok = False
                     break
         memo[stage.name] = ok
         return ok
 
+    def _dep_token(self, stage: Stage, d: str, dm: dict):
+        """What a stage records of its input stage ``d`` (marker ``dm``): the hashes of the
+        data files it reads, else d's token."""
+        if d == "data" and "data_files" in stage.info:
+            files = dm.get("files", {})
+            return {name: files.get(name) for name in stage.info["data_files"]}
+        return dm["token"]
+
     def pending(self) -> list[Stage]:
         memo: dict = {}
         return [s for s in self.stages if not self.done(s, memo)]
 
     def dep_tokens(self, stage: Stage) -> dict:
-        return {d: self.marker(self.by_name[d])["token"] for d in stage.deps}
+        return {d: self._dep_token(stage, d, self.marker(self.by_name[d])) for d in stage.deps}
 
     def mark(self, stage: Stage, seconds: float | None = None, exclusive: bool = False) -> None:
         """Write the stage's marker (temp name, then rename). ``exclusive``: keep a marker that
@@ -228,6 +294,13 @@ class Study:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "seconds": seconds,
         }
+        if stage.kind == "data":  # the fingerprints (see the module's docstring)
+            rec["inputs"] = self.input_fingerprints()
+            rec["files"] = {
+                p.name: sha256_file(p)
+                for p in sorted(stage.out.iterdir())
+                if p.is_file() and p.name != MARKER and not p.name.startswith(".")
+            }
         if not exclusive:
             write_json_atomic(stage.out / MARKER, rec)
             return
@@ -296,9 +369,20 @@ class Study:
                         res["result"],
                         params=res.get("params"),
                         seed=s.info["seed"],
+                        lr=s.info["lr"],
                     )
                 )
         return recs
+
+
+def _json_default(name: str):
+    """A StudyConfig field's default, as study.json stores it."""
+    f = next(f for f in dataclasses.fields(StudyConfig) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return json.loads(json.dumps(f.default))
+    if f.default_factory is not dataclasses.MISSING:
+        return json.loads(json.dumps(f.default_factory()))
+    return dataclasses.MISSING
 
 
 def _print(msg: str) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_gem.data.jsonl import BadLine, is_blank, iter_lines, read_jsonl
+from megatron_gem.data.jsonl import is_blank, iter_lines
 from megatron_gem.paths import publish, temp_sibling
 from megatron_gem.study.config import DATA_KEYS, ModelSize, StudyConfig
 from megatron_gem.study.stages import INPUTS, Stage, Study, read_json, write_json_atomic
@@ -35,7 +35,7 @@ def describe(cfg: StudyConfig, s: Stage) -> str:
         b = f" beta={s.info['beta']:g}" if s.info["method"] == "gem" else ""
         return (
             f"SFT with {s.info['method'].upper()}{b}, {cfg.sft_iters} steps, "
-            f"lr {cfg.sft_lr:g}, "
+            f"lr {s.info['lr']:g} ({cfg.sft_lr_decay_style}), "
             f"checkpoints every {cfg.save_interval}"
         )
     if s.kind == "export":
@@ -65,9 +65,7 @@ def _run_data(study: Study, s: Stage) -> None:
     if cfg.embedded:
         W.write_world(tmp, W.WorldConfig(seed=cfg.world_seed, **cfg.world_overrides))
     else:
-        for k in DATA_KEYS:  # the first bad line, with the user's file:line (copies renumber)
-            if getattr(cfg, k):
-                check_jsonl(getattr(cfg, k), f"--{k.replace('_', '-')}")
+        check_inputs(cfg)  # the first bad line, with the user's file:line (copies renumber)
         for src, name in (
             (cfg.pretrain_data, W.PRETRAIN_FILE),
             (cfg.sft_data, W.SFT_FILE),
@@ -88,18 +86,43 @@ def _run_data(study: Study, s: Stage) -> None:
     _publish(tmp, s.out)
 
 
-def check_jsonl(path: str, arg: str) -> None:
-    """Fail on the first line of ``path`` that is not a JSON object (not UTF-8, invalid JSON)."""
-    for lineno, obj in read_jsonl(path):
-        reason = (
-            obj.reason
-            if isinstance(obj, BadLine)
-            else (
-                None if isinstance(obj, dict) else f"not a JSON object (got {type(obj).__name__})"
-            )
-        )
-        if reason:
-            raise ValueError(f"{arg} {path}:{lineno}: {reason}")
+def check_inputs(cfg: StudyConfig) -> None:
+    """Every line of the user's JSONL inputs, as the stage that reads it will: pre-training and
+    held-out documents ``{"text": str}``, SFT chats (``data.sft.parse_chat_line``: what SFT
+    preparation fails on; lines without an answer are skipped and reported there), evaluation
+    prompts (``eval.prompts.read_prompts``). The first bad line fails with the user's file and
+    line, before any stage runs."""
+    from megatron_gem.eval.prompts import read_prompts, read_texts
+
+    for k in DATA_KEYS:
+        path = getattr(cfg, k)
+        if not path:
+            continue
+        try:
+            if k == "eval_data":
+                read_prompts(path)
+            elif k == "sft_data":
+                _check_sft(path)
+            else:
+                read_texts(path)
+        except ValueError as err:
+            raise ValueError(f"--{k.replace('_', '-')} {err}") from None
+
+
+def _check_sft(path: str) -> None:
+    from megatron_gem.data.sft import SampleError, parse_chat_line
+
+    n = 0
+    for lineno, raw in iter_lines(path):
+        if is_blank(raw):
+            continue
+        try:
+            parse_chat_line(raw, "messages")
+        except SampleError as err:
+            raise ValueError(f"{path}:{lineno}: {err.reason}") from None
+        n += 1
+    if not n:
+        raise ValueError(f"{path}: no samples")
 
 
 def tokenizer_flags(study: Study) -> list[str]:
@@ -135,11 +158,82 @@ def _run_prep(study: Study, s: Stage) -> None:
         rep = preprocess_jsonl(
             str(data.pretrain), str(tmp / "pretrain"), "SentencePieceTokenizer", sp
         )
-        study.log(f"   pre-training data: {rep.format().splitlines()[0]}")
+        _log_report(study, "pre-training data", rep.format())
     rep = prepare_sft_data(str(data.sft), str(tmp / "sft"), tok, cfg.seq_length)
-    study.log(f"   SFT data: {rep.format().splitlines()[0]}")
+    _log_report(study, f"SFT data ({_user_name(cfg, 'sft_data', data.sft)})", rep.format())
+    budget = generation_budget(tok, data.eval, cfg.max_new_tokens)
+    for line in budget_warnings(
+        budget, cfg.max_new_tokens, _user_name(cfg, "eval_data", data.eval)
+    ):
+        study.log(f"   warning: {line}")
     write_json_atomic(tmp / "tokenizer.json.info", {"vocab_size": int(tok.vocab_size)})
+    write_json_atomic(tmp / "budget.json", budget)
     _publish(tmp, s.out)
+
+
+def _user_name(cfg: StudyConfig, key: str, copy: Path) -> str:
+    """The file the user gave (line numbers of a prepared report are those of the copy,
+    which equal the user's for the SFT and evaluation files: copied byte for byte)."""
+    return str(getattr(cfg, key) or copy)
+
+
+def _log_report(study: Study, what: str, text: str) -> None:
+    lines = text.splitlines()
+    study.log(f"   {what}: {lines[0] if lines else ''}")
+    for line in lines[1:]:
+        study.log(f"      {line}")
+
+
+def generation_budget(tokenizer, eval_path, max_new_tokens: int) -> dict:
+    """How many valid answers fit in ``max_new_tokens`` generated tokens (the study's tokenizer,
+    in the evaluation's chat format; the end token is not needed: a response cut at the budget
+    is still scored), and which prompts have no valid answer that fits."""
+    import megatron_gem.eval as E
+
+    fmt = E.megatron_chat_format(tokenizer)
+    answers = too_long = 0
+    unreachable, longest = [], 0
+    for p in E.read_prompts(eval_path):
+        if not p.valid:
+            continue
+        fits = 0
+        for v in p.valid:
+            ids = fmt.response_ids(v, p.messages)
+            n = len(ids) - (1 if ids and ids[-1] in fmt.stop_ids else 0)
+            longest = max(longest, n)
+            answers += 1
+            too_long += n > max_new_tokens
+            fits += n <= max_new_tokens
+        if not fits:
+            unreachable.append(p.id)
+    return {
+        "max_new_tokens": max_new_tokens,
+        "valid_answers": answers,
+        "too_long": too_long,
+        "longest": longest,
+        "prompts_with_valid": sum(1 for p in E.read_prompts(eval_path) if p.valid),
+        "unreachable_prompts": unreachable,
+    }
+
+
+def budget_warnings(b: dict, max_new_tokens: int, eval_name: str) -> list[str]:
+    out = []
+    if b["too_long"]:
+        out.append(
+            f"{b['too_long']} of {b['valid_answers']} valid answers "
+            f"({100 * b['too_long'] / b['valid_answers']:.0f}%) of {eval_name} need more than "
+            f"max_new_tokens = {max_new_tokens} tokens (longest: {b['longest']}): the "
+            "evaluation cannot sample them; raise --max-new-tokens"
+        )
+    if b["unreachable_prompts"]:
+        ids = b["unreachable_prompts"]
+        more = ", ..." if len(ids) > 10 else ""
+        out.append(
+            f"{len(ids)} of {b['prompts_with_valid']} prompts have no valid answer within "
+            f"{max_new_tokens} tokens (ids {', '.join(map(str, ids[:10]))}{more}): their "
+            "quality is 0 whatever the model"
+        )
+    return out
 
 
 def vocab_size(study: Study) -> int:
@@ -153,6 +247,7 @@ def train_argv(study: Study, s: Stage) -> list[str]:
     size: ModelSize = s.info["size"]
     pre = s.kind == "pretrain"
     iters = cfg.pretrain_iters if pre else cfg.sft_iters
+    lr = cfg.pretrain_lr if pre else s.info["lr"]
     if cfg.imports:
         flags = (Path(s.info["base"]) / "megatron_args.txt").read_text().splitlines()[-1].split()
     else:
@@ -169,15 +264,15 @@ def train_argv(study: Study, s: Stage) -> list[str]:
         "--train-iters",
         str(iters),
         "--lr",
-        str(cfg.pretrain_lr if pre else cfg.sft_lr),
+        str(lr),
         "--min-lr",
-        str((cfg.pretrain_lr if pre else cfg.sft_lr) / 10),
+        str(cfg.pretrain_lr / 10) if pre else f"{cfg.sft_min_lr_of(lr):.8g}",
         "--lr-decay-style",
-        "cosine",
+        "cosine" if pre else cfg.sft_lr_decay_style,
         "--lr-warmup-iters",
-        str(max(1, iters // 20)),
+        str(max(1, iters // 20) if pre else cfg.sft_warmup()),
         "--weight-decay",
-        "0.1",
+        str(0.1 if pre else cfg.sft_weight_decay),
         "--clip-grad",
         "1.0",
         "--adam-beta1",
@@ -385,6 +480,33 @@ def _sampling(cfg: StudyConfig):
 
 
 def _run_eval(study: Study, s: Stage) -> None:
+    with eval_threads(study.cfg.eval_threads):
+        _evaluate(study, s)
+
+
+class eval_threads:
+    """torch's intra-op threads for an evaluation (``n``; 0: leave torch's default), restored
+    after: on shared cores one thread per process is several times faster than torch's
+    default of one per core."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.saved)
+
+
+def _evaluate(study: Study, s: Stage) -> None:
     import torch
 
     import megatron_gem.eval as E
@@ -457,15 +579,34 @@ def report_notes(study: Study) -> list[str]:
             f"global batch {cfg.pretrain_batch} x "
             f"{cfg.seq_length} tokens, lr {cfg.pretrain_lr:g} (cross-entropy)."
         )
+    lrs = cfg.lrs()
+    lr_txt = (
+        f"the same lr {lrs[0]:g}"
+        if len(lrs) == 1
+        else f"each lr of {', '.join(f'{x:g}' for x in lrs)} (every method at each)"
+    )
+    min_lr = "lr/10" if cfg.sft_min_lr is None else f"{cfg.sft_min_lr:g}"
     notes.append(
-        f"SFT: every run of a size starts from the same base checkpoint with the same lr "
-        f"{cfg.sft_lr:g} (cosine), {cfg.sft_iters} steps, global batch {cfg.sft_batch}, "
-        "seed(s) "
+        f"SFT: every run of a size starts from the same base checkpoint with {lr_txt}, "
+        f"{cfg.sft_lr_decay_style} decay to {min_lr} after {cfg.sft_warmup()} warm-up steps, "
+        f"weight decay {cfg.sft_weight_decay:g}, {cfg.sft_iters} steps, global batch "
+        f"{cfg.sft_batch} packed sequences of {cfg.seq_length} tokens, seed(s) "
         f"{', '.join(map(str, cfg.seeds))}; checkpoints at steps "
         f"{', '.join(map(str, cfg.sft_steps()))}. Methods: CE, "
         + ", ".join(f"GEM beta={b:g} (linear)" for b in cfg.betas)
         + "."
     )
+    packing = sft_packing(study)
+    if packing:
+        notes.append(packing)
+    budget = read_json(study.by_name["prep"].out / "budget.json")
+    if budget:
+        name = _user_name(cfg, "eval_data", Path("the evaluation prompts"))
+        warn = budget_warnings(budget, cfg.max_new_tokens, name)
+        notes += [f"Warning: {w}." for w in warn] or [
+            f"Generation budget: every valid answer fits in max_new_tokens = "
+            f"{cfg.max_new_tokens} tokens (longest: {budget['longest']})."
+        ]
     notes.append(
         f"Sampling: {cfg.n_samples} responses per prompt, "
         f"temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, "
@@ -495,6 +636,39 @@ def report_notes(study: Study) -> list[str]:
     return notes
 
 
+def sft_packing(study: Study) -> str | None:
+    """Samples, packed sequences and epochs of SFT, as the training data loader packs them
+    (``data.sft.PackedSFTDataset``: per epoch a shuffle from the seed, then next-fit)."""
+    import numpy as np
+
+    from megatron_gem.data.sft import SFTIndexedData, pack_next_fit
+
+    cfg = study.cfg
+    prefix = study.by_name["prep"].out / "sft"
+    try:
+        data = SFTIndexedData(str(prefix))
+    except (ValueError, OSError):
+        return None
+    rep = data.meta.get("report", {})
+    positions = np.minimum(data.lengths, cfg.seq_length + 1) - 1
+    positions = positions[positions > 0]
+    need = cfg.sft_iters * cfg.sft_batch
+    per_seed = {}
+    for seed in cfg.seeds:  # epoch 0's packs (split "train" = 0, as Megatron's Split.train)
+        order = np.random.default_rng([int(seed), 0, 0]).permutation(positions.size)
+        per_seed[seed] = len(pack_next_fit(positions[order], cfg.seq_length)) - 1
+    packs = sorted(set(per_seed.values()))
+    packs_txt = str(packs[0]) if len(packs) == 1 else f"{packs[0]}-{packs[-1]} (by seed)"
+    epochs = sorted({need / p for p in per_seed.values()})
+    ep_txt = f"{epochs[0]:.2f}" if len(epochs) == 1 else f"{epochs[0]:.2f}-{epochs[-1]:.2f}"
+    return (
+        f"SFT data: {rep.get('kept', len(data))} samples ({rep.get('skipped', 0)} skipped, "
+        f"{rep.get('truncated', 0)} truncated to {cfg.seq_length + 1} tokens) pack into "
+        f"{packs_txt} sequences of {cfg.seq_length} tokens per epoch; {cfg.sft_iters} steps "
+        f"x {cfg.sft_batch} = {need} packed sequences = {ep_txt} epochs."
+    )
+
+
 def _run_report(study: Study, s: Stage) -> None:
     from megatron_gem.study.report import write_report
 
@@ -502,7 +676,9 @@ def _run_report(study: Study, s: Stage) -> None:
     tmp = _building(s)
     sets = {k.split("/")[0] for r in recs for k in r if "/" in k}
     ps = study.cfg.prompt_set if study.cfg.prompt_set in sets else "all"
-    paths = write_report(recs, tmp, prompt_set=ps, notes=report_notes(study))
+    paths = write_report(
+        recs, tmp, prompt_set=ps, notes=report_notes(study), tol=study.cfg.match_tolerance
+    )
     if s.out.exists():
         shutil.rmtree(s.out)
     _publish(tmp, s.out)

@@ -77,20 +77,21 @@ def test_markdown_shows_every_run_and_checkpoint():
     for s in ("all", "unseen"):
         block = eq.split(f"### Prompt set `{s}`")[1].split("###")[0]
         assert len(re.findall(r"^\| s\d \|", block, re.M)) == 4  # one row per run
-    curves = md.split("## Trade-offs across checkpoints")[1].split("## Quality-matched")[0]
+    curves = md.split("## Trade-offs across checkpoints")[1].split("## Frontier")[0]
     assert len(re.findall(r"^\| (CE|GEM β=0.7) \|", curves, re.M)) == len(
         recs
     )  # one row per checkpoint
-    # Quality-matched: GEM's last checkpoint on s1 has quality 0.7 -> CE step 20 (quality 0.65).
+    # Quality-matched (tolerance 0.02): GEM's last checkpoint on s1 has quality 0.7, CE has
+    # 0.65 (step 20) and 0.8 (step 30): none within 0.02, so CE is interpolated between them:
+    # t = 1/3, effective valid 3 - 1/3 = 2.667, forgetting 0.2 + 0.1/3 = 0.233.
     qm = md.split("## Quality-matched comparison")[1]
     assert re.search(
-        r"\| s1 \| 0 \| GEM β=0.7 \| 30 \| 0.700 \| 4.000 \| 0.150 "
-        r"\| 20 \| 0.650 \| 3.000 \| 0.200 \|",
+        r"\| s1 \| 0 \| GEM β=0.7 \| 30 \| 0.700 \| 4.000 \| 0.150 \| interpolated "
+        r"\| steps 20-30 \| 0.700 \| 0.000 \| 2.667 \| 1.333 \| 0.233 \| -0.083 \|",
         qm,
     )
-    assert re.search(
-        r"\| s2 \| 0 \| GEM β=0.7 \| 40 \| 0.900 \| 2.500 \| 0.300 \| 30 \| 0.800 \|", qm
-    )
+    # s2: GEM's last (step 40) has quality 0.9, above CE's best 0.8: no counterpart.
+    assert re.search(r"\| s2 \| 0 \| GEM β=0.7 \| 40 \| 0.900 \| 2.500 \| 0.300 \| none \|", qm)
 
 
 def test_write_report_files_and_plots(tmp_path):
@@ -101,8 +102,9 @@ def test_write_report_files_and_plots(tmp_path):
         "metrics_vs_size",
         "quality_vs_diversity",
         "quality_vs_forgetting",
+        "frontier",
     }
-    for key in ("metrics_vs_size", "quality_vs_diversity", "quality_vs_forgetting"):
+    for key in ("metrics_vs_size", "quality_vs_diversity", "quality_vs_forgetting", "frontier"):
         data = paths[key].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
         assert f"]({paths[key].name})" in paths["report"].read_text()
@@ -123,6 +125,7 @@ def test_write_report_files_and_plots(tmp_path):
     paths = R.write_report(recs, tmp_path / "bare", diversity_metric="ngram_diversity")
     assert set(paths) == {"csv", "report", "metrics_vs_size"}
     assert "quality_vs" not in paths["report"].read_text()
+    assert "frontier" not in paths["report"].read_text().lower()
 
 
 def test_bad_input():

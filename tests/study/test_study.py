@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -41,8 +42,11 @@ CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k i
 @pytest.fixture(scope="module")
 def ci_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "ci"
-    study = S.Study(S.preset("ci"), out, log=lambda m: None)
+    logs: list[str] = []
+    study = S.Study(S.preset("ci"), out, log=logs.append)
     ran = S.run_local(study)
+    study.log = lambda m: None
+    study.test_logs = logs  # what the run printed
     return study, ran
 
 
@@ -102,7 +106,32 @@ def test_ci_study_runs_every_stage_and_writes_the_report(ci_study):
         [f"| {z}", lab, "1234", "6"] for z in ("xs", "s") for lab in ("CE", "GEM β=1")
     )
     assert "Trade-offs across checkpoints" in md and "Base model `xs`" in md
-    for png in ("metrics_vs_size.png", "quality_vs_diversity.png", "quality_vs_forgetting.png"):
+    assert "## Frontier" in md and "Verdict:" in md and "## Quality-matched comparison" in md
+    assert "Generation budget: every valid answer fits" in md or "Warning: " in md
+    # The preparation reports are printed in full (every line, indented), not their first only.
+    logs = study.test_logs
+    k = next(i for i, m in enumerate(logs) if m.startswith("   SFT data ("))
+    assert logs[k + 1].startswith("      kept ") and logs[k + 2].startswith("      skipped ")
+    # The report states SFT as the data loader packs it: samples, packed sequences, epochs;
+    # the training log says the same (its count is of all epochs built: one here).
+    got = re.search(
+        r"SFT data: (\d+) samples \(0 skipped, \d+ truncated to 49 tokens\) pack into (\d+) "
+        r"sequences of 48 tokens per epoch; 6 steps x 8 = 48 packed sequences = ([\d.]+) epochs",
+        md,
+    )
+    log = (study.out / "logs" / "sft-xs-ce.log").read_text()
+    ref = re.search(
+        r"SFT train: (\d+) samples of .* packed into (\d+) sequences of 48 over 1 ", log
+    )
+    assert got and ref, (got, ref)
+    assert got.group(1, 2) == ref.group(1, 2)
+    assert float(got.group(3)) == pytest.approx(48 / int(got.group(2)), abs=0.005)
+    for png in (
+        "metrics_vs_size.png",
+        "quality_vs_diversity.png",
+        "quality_vs_forgetting.png",
+        "frontier.png",
+    ):
         p = rep / png
         assert p.stat().st_size > 20_000, png
         w, h = _png_size(p)
@@ -271,6 +300,80 @@ def test_slurm_executor_submits_a_dependency_chain_through_the_launch_scripts(
             assert argv[:1] == ["megatron-to-hf"] and "--tokenizer" not in argv
             assert last("--iteration") == "3" and last("--vocab-size") == "128"
         assert "OK" in rep.format()
+
+
+def test_slurm_lr_sweep_and_sft_schedule_reach_the_script(tmp_path, monkeypatch):
+    """--sft-lrs: one SFT job per method, seed and lr, its LR in the job; the SFT schedule
+    options reach the launch script (its dry run: the flags the entry would get)."""
+    bin_dir = _stub(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cfg = S.preset(
+        "ci",
+        sft_lrs=(1e-3, 3e-3),
+        sft_lr_decay_style="linear",
+        sft_min_lr=0.0,
+        sft_weight_decay=0.0,
+        sft_warmup_iters=2,
+    )
+    study = S.Study(cfg, tmp_path / "study", log=lambda m: None)
+    jobs = S.run_slurm(study, SLURM)
+    subs = dict(zip(jobs, (json.loads(x) for x in (tmp_path / "sbatch.jsonl").open())))
+    sft = [n for n in jobs if n.startswith("sft:xs:")]
+    assert sft == [f"sft:xs:{m}-lr{lr}" for lr in ("0.001", "0.003") for m in ("ce", "gem-b1")]
+    env = subs["sft:xs:gem-b1-lr0.003"]["env"]
+    assert (env["LR"], env["MIN_LR"], env["WARMUP_ITERS"], env["WEIGHT_DECAY"]) == (
+        "0.003",
+        "0",
+        "2",
+        "0.0",
+    )
+    assert subs["pretrain:xs"]["env"]["WEIGHT_DECAY"] == "0.1"
+    sub = subs["sft:xs:gem-b1-lr0.003"]
+    script = next(a for a in sub["argv"] if a.endswith(".sbatch"))
+    pos = sub["argv"].index(script)
+    (spec,) = lc.dry_run_script(
+        script, {**sub["env"], "GEM_REPO": str(REPO)}, sub["argv"][pos + 1 :], base_env=CLEAN_ENV
+    )
+    argv = spec.argv
+
+    def last(flag):
+        return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
+    assert (last("--lr"), last("--min-lr"), last("--lr-decay-style")) == ("0.003", "0", "linear")
+    assert (last("--weight-decay"), last("--lr-warmup-iters")) == ("0.0", "2")
+
+
+def test_slurm_on_user_data_copies_it_here_and_resubmits_only_what_reads_an_edit(
+    tmp_path, monkeypatch
+):
+    """User data: the data stage (checking and copying the files) runs in the submitting
+    process, so an edited held-out file resubmits exactly the evaluations and the report."""
+    bin_dir = _stub(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    chat = [{"role": "user", "content": "Name a colour."}]
+    files = {
+        "pretrain": [{"text": f"the cat {i} is red."} for i in range(4)],
+        "sft": [{"messages": chat + [{"role": "assistant", "content": "red"}]}] * 3,
+        "eval": [{"id": "p", "messages": chat, "valid": ["red"]}],
+        "heldout": [{"text": "a dog."}],
+    }
+    paths = {}
+    for k, recs in files.items():
+        paths[k] = tmp_path / f"{k}.jsonl"
+        paths[k].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = S.preset("ci", **{f"{k}_data": str(p) for k, p in paths.items()})
+    study = S.Study(cfg, tmp_path / "study", log=lambda m: None)
+    jobs = S.run_slurm(study, SLURM)
+    assert "data" not in jobs and study.done(study.by_name["data"])
+    assert list(jobs) == [s.name for s in study.stages[1:]]
+    for s in study.stages[1:]:  # as if every job had finished
+        s.out.mkdir(parents=True, exist_ok=True)
+        study.mark(s)
+    assert S.run_slurm(S.Study(cfg, study.out, log=lambda m: None), SLURM) == {}
+    with open(paths["heldout"], "a") as f:
+        f.write(json.dumps({"text": "a new document."}) + "\n")
+    jobs = S.run_slurm(S.Study(cfg, study.out, log=lambda m: None), SLURM)
+    assert list(jobs) == [s.name for s in study.stages if s.kind in ("eval", "report")]
 
 
 def test_slurm_needs_the_launch_scripts_folder(tmp_path, monkeypatch, capsys):

@@ -182,7 +182,8 @@ gem_precision_args() {
     esac
 }
 
-# gem_loss_args: LOSS (gem | ce), GEM_BETA, GEM_H -> LOSS_ARGS.
+# gem_loss_args: LOSS (gem | ce), GEM_BETA, GEM_H, GEM_LINEAR_FUSION (0/1: the output layer
+# and GEM as one op, --gem-linear-fusion; the entry refuses it with LOSS=ce) -> LOSS_ARGS.
 gem_loss_args() {
     case "${LOSS:-gem}" in
         gem) LOSS_ARGS=(--loss gem)  # empty GEM_BETA / GEM_H: the entry's defaults
@@ -190,6 +191,11 @@ gem_loss_args() {
              if [[ -n "${GEM_H:-}" ]]; then LOSS_ARGS+=(--gem-h "$GEM_H"); fi ;;
         ce) LOSS_ARGS=(--loss ce) ;;
         *) gem_die "LOSS=${LOSS}: choose gem or ce" ;;
+    esac
+    case "${GEM_LINEAR_FUSION:-0}" in
+        0) ;;
+        1) LOSS_ARGS+=(--gem-linear-fusion) ;;
+        *) gem_die "GEM_LINEAR_FUSION=${GEM_LINEAR_FUSION}: use 0 or 1" ;;
     esac
 }
 

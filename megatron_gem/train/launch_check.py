@@ -420,6 +420,10 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: in
 
 
 def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:
+    loss = args.loss
+    if args.loss == "gem":
+        fused = ", linear-fusion" if getattr(args, "gem_linear_fusion", False) else ""
+        loss += f"(beta={args.gem_beta}, h={args.gem_h}{fused})"
     layout = {
         "TP": args.tensor_model_parallel_size,
         "PP": args.pipeline_model_parallel_size,
@@ -437,8 +441,7 @@ def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:
         "precision": ("fp8-" + str(args.fp8) + "/" + str(args.fp8_recipe))
         if args.fp8
         else ("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"),
-        "loss": args.loss
-        + (f"(beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else ""),
+        "loss": loss,
         "impl": args.transformer_impl,
     }
     if args.recompute_granularity:
@@ -475,26 +478,48 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
     # distributed optimizer shards its state over DP x CP (Megatron's intra_dp_cp group).
     cp = a.context_parallel_size or 1
     dp = a.data_parallel_size
+    sp_formula = a.sequence_parallel and (a.recompute_granularity == "selective" or flash)
+    activation_memory = (
+        tmu.compute_activation_memory if sp_formula else tmu.compute_activation_memory_without_sp
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         a.data_parallel_size = dp * cp
         weights = tmu.compute_weight_and_optimizer_memory(a) / MIB
         a.data_parallel_size, a.seq_length = dp, a.seq_length // cp
-        if a.sequence_parallel and (a.recompute_granularity == "selective" or flash):
-            method = "SP, " + (
-                "selective recompute"
-                if a.recompute_granularity == "selective"
-                else "fused attention"
-            )
-            activations = tmu.compute_activation_memory(a, num_microbatches=num_microbatches) / MIB
-        else:
-            method = (
-                "no SP" if not a.sequence_parallel else "SP with unfused attention: upper bound"
-            )
-            activations = (
-                tmu.compute_activation_memory_without_sp(a, num_microbatches=num_microbatches) / MIB
-            )
+        activations = activation_memory(a, num_microbatches=num_microbatches) / MIB
+    if sp_formula:
+        method = "SP, " + (
+            "selective recompute" if a.recompute_granularity == "selective" else "fused attention"
+        )
+    else:
+        method = "no SP" if not a.sequence_parallel else "SP with unfused attention: upper bound"
     if cp > 1:
         method += f", CP{cp}: {a.seq_length} tokens per rank"
+    if getattr(a, "gem_linear_fusion", False) and a.pipeline_model_parallel_size == 1:
+        # Megatron's formulas count the [tokens, V/tp] logits of the output layer and the loss
+        # (4 bytes a logit with SP: room for the bf16 logits and the loss's work; 2 x 1.05,
+        # the bf16 logits, without)
+        # only with PP=1, where the first stage (the one estimated) is also the last. The fused
+        # op never materialises them: take out exactly Megatron's term (the same formula with
+        # no vocabulary) and put in the op's workspace, one fp32 chunk of tokens x V/tp. With
+        # PP > 1 the estimated first stage holds no logits, so the flag changes nothing there.
+        import torch
+
+        from megatron_gem.ops.linear_gem import _default_chunk_tokens
+
+        no_vocab = copy.copy(a)
+        no_vocab.padded_vocab_size = 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            logits = activations - activation_memory(no_vocab, num_microbatches) / MIB
+        v_local = a.padded_vocab_size // a.tensor_model_parallel_size
+        tokens = a.seq_length * a.micro_batch_size  # the output layer sees the gathered sequence
+        # the op's chunk on a GPU (a device name only: nothing is allocated here)
+        rows = min(tokens, _default_chunk_tokens(v_local, torch.device("cuda")))
+        workspace = rows * v_local * 4 / MIB
+        activations += workspace - logits
+        method += (
+            f", fused output layer + GEM: logits {_size(logits)} -> workspace {_size(workspace)}"
+        )
     return {
         "weights_and_optimizer": weights,
         "activations": activations,

@@ -226,6 +226,7 @@ def test_job_size_follows_nodes(launches):
             {"NPROC": "3"},
             "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3",
         ),
+        ("llama3_8b_sft.sbatch", {"LOSS": "ce", "GEM_LINEAR_FUSION": "1"}, "only applies with"),
     ],
 )
 def test_broken_launch_fails_with_a_clear_message(script, env, message):
@@ -241,6 +242,8 @@ def test_broken_launch_fails_with_a_clear_message(script, env, message):
 def test_bad_script_variable_stops_the_script():
     with pytest.raises(lc.LaunchCheckError, match="PRECISION=fp9: choose bf16, fp8 or fp32"):
         _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp9"})
+    with pytest.raises(lc.LaunchCheckError, match="GEM_LINEAR_FUSION=yes: use 0 or 1"):
+        _dry("llama3_8b_sft.sbatch", {"GEM_LINEAR_FUSION": "yes"})
     with pytest.raises(lc.LaunchCheckError, match="MODEL=llama9: choose"):
         _dry("local_torchrun.sh", {"MODEL": "llama9"})
 
@@ -370,6 +373,20 @@ def test_conversion_job_feeds_the_sft_job(model, sft_script):
     )
     export = _dry("convert_megatron_to_hf.sbatch")[0].argv
     assert _flag(export, "--load") == _flag(_dry("llama3_8b_sft.sbatch")[0].argv, "--save")
+
+
+def test_linear_fusion_switch_reaches_the_entry_and_the_estimate(reports):
+    """GEM_LINEAR_FUSION=1: --gem-linear-fusion, and the estimate loses the 8B TP2 logits that
+    Megatron's SP formula counts (4 B a logit) less the fused op's fp32 chunk (~128 MiB)."""
+    spec = _dry("llama3_8b_sft.sbatch", {"GEM_LINEAR_FUSION": "1"})[0]
+    assert "--gem-linear-fusion" in spec.argv
+    assert "--gem-linear-fusion" not in _dry("llama3_8b_sft.sbatch")[0].argv
+    fused = lc.check_spec(spec)
+    plain = reports["llama3_8b_sft.sbatch"][0]
+    v_local = 128256 // 2
+    drop = (4096 * v_local * 4 - (2**25 // v_local) * v_local * 4) / 2**20
+    assert plain.memory["total"] - fused.memory["total"] == pytest.approx(drop, rel=1e-9)
+    assert fused.layout["loss"] == "gem(beta=0.7, h=linear, linear-fusion)"
 
 
 # ----------------------------------------------------------------------------- the real launch path

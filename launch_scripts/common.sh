@@ -182,7 +182,8 @@ gem_precision_args() {
     esac
 }
 
-# gem_loss_args: LOSS (gem | ce), GEM_BETA, GEM_H -> LOSS_ARGS.
+# gem_loss_args: LOSS (gem | ce), GEM_BETA, GEM_H, GEM_LINEAR_FUSION (0/1: the output layer
+# and GEM as one op, --gem-linear-fusion; the entry refuses it with LOSS=ce) -> LOSS_ARGS.
 gem_loss_args() {
     case "${LOSS:-gem}" in
         gem) LOSS_ARGS=(--loss gem)  # empty GEM_BETA / GEM_H: the entry's defaults
@@ -190,6 +191,11 @@ gem_loss_args() {
              if [[ -n "${GEM_H:-}" ]]; then LOSS_ARGS+=(--gem-h "$GEM_H"); fi ;;
         ce) LOSS_ARGS=(--loss ce) ;;
         *) gem_die "LOSS=${LOSS}: choose gem or ce" ;;
+    esac
+    case "${GEM_LINEAR_FUSION:-0}" in
+        0) ;;
+        1) LOSS_ARGS+=(--gem-linear-fusion) ;;
+        *) gem_die "GEM_LINEAR_FUSION=${GEM_LINEAR_FUSION}: use 0 or 1" ;;
     esac
 }
 
@@ -271,17 +277,31 @@ gem_require() {
 }
 
 # ------------------------------------------------------------------------------ launching
-# gem_launch MODE: run GEM_ARGS (megatron_gem.train, or with MODE=tool the module GEM_TOOL) for
+# gem_program: what srun/torchrun start in every task -> GEM_PROGRAM: the project's entry
+# (python -m megatron_gem.train), or with GEM_RECIPE set that Python file (a Megatron-Bridge
+# recipe script, e.g. examples/bridge_llama3_8b_sft.py), which gets GEM_ARGS as its arguments.
+gem_program() {
+    if [[ -n "${GEM_RECIPE:-}" ]]; then
+        GEM_PROGRAM=("$GEM_RECIPE")
+    else
+        GEM_PROGRAM=(-m megatron_gem.train)
+    fi
+}
+
+# gem_launch MODE: run GEM_ARGS (GEM_PROGRAM, or with MODE=tool the module GEM_TOOL) for
 # this job, or dry-run them when DRY_RUN=1.
 gem_launch() {
     local mode=$1
     gem_container_args
+    gem_program
     local target=cluster
     [[ "$mode" == cpu ]] && target=host
     local python=${PYTHON:-$(gem_default_python)}
     if [[ "$DRY_RUN" == 1 ]]; then
         local kind=train what=megatron_gem.train
         if [[ "$mode" == tool ]]; then kind=tool; what=$GEM_TOOL; fi
+        # a recipe is checked by its own parser; its Megatron settings are Bridge's (launch_check)
+        if [[ "$mode" != tool && -n "${GEM_RECIPE:-}" ]]; then kind=recipe; what=$GEM_RECIPE; fi
         if [[ -n "${GEM_DRY_RUN_DUMP:-}" ]]; then
             # tools/dry_run_launch.py / the tests: hand the record to a Python process that
             # checks many scripts at once. NUL-separated: header fields, argc, argv.
@@ -294,6 +314,7 @@ gem_launch() {
                         --target "$target" --script "$GEM_SCRIPT")
         [[ -n "${GEM_VOCAB_SIZE:-}" ]] && check+=(--vocab-size "$GEM_VOCAB_SIZE")
         [[ "$kind" == tool ]] && check+=(--tool "$GEM_TOOL")
+        [[ "$kind" == recipe ]] && check+=(--recipe "$GEM_RECIPE")
         (cd "$GEM_REPO" && "$python" "${check[@]}" -- "${GEM_ARGS[@]}")
         return
     fi
@@ -302,7 +323,7 @@ gem_launch() {
         srun) gem_srun_train "$python" ;;
         torchrun)
             (cd "$GEM_REPO" && "$python" -m torch.distributed.run --standalone --nnodes 1 \
-                --nproc-per-node "$GPUS_PER_NODE" -m megatron_gem.train "${GEM_ARGS[@]}") ;;
+                --nproc-per-node "$GPUS_PER_NODE" "${GEM_PROGRAM[@]}" "${GEM_ARGS[@]}") ;;
         cpu)  # torchrun for one process too: Megatron reads MASTER_ADDR/PORT from it
             (cd "$GEM_REPO" && "$python" -m torch.distributed.run --standalone --nnodes 1 \
                 --nproc-per-node "${NPROC:-1}" -m megatron_gem.train "${GEM_ARGS[@]}") ;;
@@ -347,7 +368,7 @@ gem_srun_train() {
         "${GEM_CONTAINER_ARGS[@]}" \
         bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID \
                      LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE; cd "$1" && shift && exec "$@"' \
-        _ "$GEM_REPO" "$python" -m megatron_gem.train "${GEM_ARGS[@]}"
+        _ "$GEM_REPO" "$python" "${GEM_PROGRAM[@]}" "${GEM_ARGS[@]}"
 }
 
 # ------------------------------------------------------------------------------ preemption

@@ -15,7 +15,10 @@ anything; it runs ``python -m megatron_gem.train.launch_check`` on the same argu
   (``megatron.training.theoretical_memory_usage``) and fails when it exceeds the GPU memory.
 
 Tool jobs (checkpoint conversion, data preparation) are checked by parsing their arguments with
-the tool's own ``build_parser()``.
+the tool's own ``build_parser()``. Recipe jobs (``GEM_RECIPE``: a Megatron-Bridge recipe script
+such as ``examples/bridge_llama3_8b_sft.py``, started like the entry) are checked the same way
+with the recipe file's ``build_parser()``, plus the GEM flags' values; their Megatron settings
+are Bridge's config, checked by Bridge at start-up, so they get no layout or memory check here.
 
 Megatron's ``validate_args`` asks ``torch.cuda`` for the device architecture when TP/CP > 1;
 without a GPU the check runs under ``megatron_gem.megatron.cpu`` (switched on only for the parse and
@@ -70,8 +73,11 @@ class LaunchCheckError(ValueError):
 class LaunchSpec:
     """One launch of a script: what ``gem_launch`` would start, and where."""
 
-    kind: str  # "train" (megatron_gem.train) or "tool" (a module of megatron_gem, run with -m)
-    program: str  # "megatron_gem.train" or the tool's module, e.g. "megatron_gem.convert"
+    # "train" (megatron_gem.train), "tool" (a module of megatron_gem, run with -m) or "recipe"
+    # (a Python file run in every task, e.g. a Megatron-Bridge recipe script)
+    kind: str
+    # "megatron_gem.train", the tool's module (e.g. "megatron_gem.convert") or the recipe file
+    program: str
     target: str  # "cluster" (flags as written, GPU job) or "host" (this machine, CPU mode)
     nodes: int
     gpus_per_node: int
@@ -81,8 +87,8 @@ class LaunchSpec:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("train", "tool"):
-            raise ValueError(f"kind={self.kind!r}: must be 'train' or 'tool'")
+        if self.kind not in ("train", "tool", "recipe"):
+            raise ValueError(f"kind={self.kind!r}: must be 'train', 'tool' or 'recipe'")
         if self.target not in ("cluster", "host"):
             raise ValueError(f"target={self.target!r}: must be 'cluster' or 'host'")
         for name in ("nodes", "gpus_per_node"):
@@ -109,6 +115,7 @@ class LaunchReport:
     layout: dict  # name -> value, in print order
     memory: dict | None  # MiB: weights_and_optimizer, activations, total (Megatron's estimate)
     warnings: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was not checked, and why
 
     def format(self) -> str:
         s = self.spec
@@ -118,6 +125,8 @@ class LaunchReport:
             where = (
                 f"on {s.nodes} node(s) x {s.gpus_per_node} = {s.world_size} rank(s) ({s.target})"
             )
+        if s.kind == "recipe":
+            where += ", a recipe: arguments parsed by its own parser"
         lines = [f"== {s.name}: {s.program} {where} -- OK"]
         if self.layout:
             lines.append("   layout: " + ", ".join(f"{k}={v}" for k, v in self.layout.items()))
@@ -130,6 +139,7 @@ class LaunchReport:
                 + (f" of {m['gpu_memory_gib']:.0f} GiB" if m.get("gpu_memory_gib") else "")
             )
         lines += [f"   WARNING: {w}" for w in self.warnings]
+        lines += [f"   note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -420,6 +430,10 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: in
 
 
 def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:
+    loss = args.loss
+    if args.loss == "gem":
+        fused = ", linear-fusion" if getattr(args, "gem_linear_fusion", False) else ""
+        loss += f"(beta={args.gem_beta}, h={args.gem_h}{fused})"
     layout = {
         "TP": args.tensor_model_parallel_size,
         "PP": args.pipeline_model_parallel_size,
@@ -437,8 +451,7 @@ def _layout(args: argparse.Namespace, num_microbatches: int) -> dict:
         "precision": ("fp8-" + str(args.fp8) + "/" + str(args.fp8_recipe))
         if args.fp8
         else ("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"),
-        "loss": args.loss
-        + (f"(beta={args.gem_beta}, h={args.gem_h})" if args.loss == "gem" else ""),
+        "loss": loss,
         "impl": args.transformer_impl,
     }
     if args.recompute_granularity:
@@ -475,26 +488,48 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
     # distributed optimizer shards its state over DP x CP (Megatron's intra_dp_cp group).
     cp = a.context_parallel_size or 1
     dp = a.data_parallel_size
+    sp_formula = a.sequence_parallel and (a.recompute_granularity == "selective" or flash)
+    activation_memory = (
+        tmu.compute_activation_memory if sp_formula else tmu.compute_activation_memory_without_sp
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         a.data_parallel_size = dp * cp
         weights = tmu.compute_weight_and_optimizer_memory(a) / MIB
         a.data_parallel_size, a.seq_length = dp, a.seq_length // cp
-        if a.sequence_parallel and (a.recompute_granularity == "selective" or flash):
-            method = "SP, " + (
-                "selective recompute"
-                if a.recompute_granularity == "selective"
-                else "fused attention"
-            )
-            activations = tmu.compute_activation_memory(a, num_microbatches=num_microbatches) / MIB
-        else:
-            method = (
-                "no SP" if not a.sequence_parallel else "SP with unfused attention: upper bound"
-            )
-            activations = (
-                tmu.compute_activation_memory_without_sp(a, num_microbatches=num_microbatches) / MIB
-            )
+        activations = activation_memory(a, num_microbatches=num_microbatches) / MIB
+    if sp_formula:
+        method = "SP, " + (
+            "selective recompute" if a.recompute_granularity == "selective" else "fused attention"
+        )
+    else:
+        method = "no SP" if not a.sequence_parallel else "SP with unfused attention: upper bound"
     if cp > 1:
         method += f", CP{cp}: {a.seq_length} tokens per rank"
+    if getattr(a, "gem_linear_fusion", False) and a.pipeline_model_parallel_size == 1:
+        # Megatron's formulas count the [tokens, V/tp] logits of the output layer and the loss
+        # (4 bytes a logit with SP: room for the bf16 logits and the loss's work; 2 x 1.05,
+        # the bf16 logits, without)
+        # only with PP=1, where the first stage (the one estimated) is also the last. The fused
+        # op never materialises them: take out exactly Megatron's term (the same formula with
+        # no vocabulary) and put in the op's workspace, one fp32 chunk of tokens x V/tp. With
+        # PP > 1 the estimated first stage holds no logits, so the flag changes nothing there.
+        import torch
+
+        from megatron_gem.ops.linear_gem import _default_chunk_tokens
+
+        no_vocab = copy.copy(a)
+        no_vocab.padded_vocab_size = 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            logits = activations - activation_memory(no_vocab, num_microbatches) / MIB
+        v_local = a.padded_vocab_size // a.tensor_model_parallel_size
+        tokens = a.seq_length * a.micro_batch_size  # the output layer sees the gathered sequence
+        # the op's chunk on a GPU (a device name only: nothing is allocated here)
+        rows = min(tokens, _default_chunk_tokens(v_local, torch.device("cuda")))
+        workspace = rows * v_local * 4 / MIB
+        activations += workspace - logits
+        method += (
+            f", fused output layer + GEM: logits {_size(logits)} -> workspace {_size(workspace)}"
+        )
     return {
         "weights_and_optimizer": weights,
         "activations": activations,
@@ -559,18 +594,68 @@ def _load_tool(module: str):
     )
 
 
-def _check_tool(spec: LaunchSpec) -> LaunchReport:
-    parser = _load_tool(spec.program).build_parser()
+def _parse_own(parser: argparse.ArgumentParser, spec: LaunchSpec) -> argparse.Namespace:
+    """``spec.argv`` parsed by a tool's or recipe's own parser; its error as a LaunchCheckError."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            ns = parser.parse_args(spec.argv)
+            return parser.parse_args(spec.argv)
     except SystemExit:
         raise LaunchCheckError(
             f"argument error ({spec.program}): {_argparse_error(err.getvalue())}"
         ) from None
-    layout = {k: v for k, v in vars(ns).items() if v is not None and not callable(v)}
-    return LaunchReport(spec, layout, None, [])
+
+
+def _shown(ns: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(ns).items() if v is not None and not callable(v)}
+
+
+def _check_tool(spec: LaunchSpec) -> LaunchReport:
+    ns = _parse_own(_load_tool(spec.program).build_parser(), spec)
+    return LaunchReport(spec, _shown(ns), None, [])
+
+
+RECIPE_NOTE = (
+    "the recipe's Megatron settings (parallel layout, precision, batch, data) are its "
+    "Megatron-Bridge config, not flags: Bridge checks them at start-up; no memory estimate"
+)
+
+
+def _check_recipe(spec: LaunchSpec) -> LaunchReport:
+    """A recipe file (run as ``python FILE ARGS`` in every task): it exists, its own
+    ``build_parser()`` accepts the arguments, and the GEM flags it takes have valid values
+    (checked here too, as a recipe's parser may take ``--gem-beta`` as any float)."""
+    import importlib.util
+
+    from megatron_gem.ops.config import GEM_H_CHOICES, check_beta
+
+    path = Path(spec.program)
+    if not path.is_file():
+        raise LaunchCheckError(f"recipe {path} not found (GEM_RECIPE)")
+    module_spec = importlib.util.spec_from_file_location(f"_gem_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)  # a recipe imports Bridge in main(), not here
+    except Exception as e:
+        raise LaunchCheckError(f"recipe {path} does not import: {type(e).__name__}: {e}") from None
+    if not hasattr(module, "build_parser"):
+        raise LaunchCheckError(f"recipe {path} has no build_parser() to check its arguments with")
+    ns = _parse_own(module.build_parser(), spec)
+    beta, h = getattr(ns, "gem_beta", None), getattr(ns, "gem_h", None)
+    if beta is not None:
+        try:
+            check_beta(float(beta))
+        except ValueError:
+            raise LaunchCheckError(
+                f"argument error ({spec.program}): argument --gem-beta: must be in (0, 1], "
+                f"got {beta!r}"
+            ) from None
+    if h is not None and h not in GEM_H_CHOICES:
+        raise LaunchCheckError(
+            f"argument error ({spec.program}): argument --gem-h: must be one of "
+            f"{', '.join(GEM_H_CHOICES)}, got {h!r}"
+        )
+    return LaunchReport(spec, _shown(ns), None, [], [RECIPE_NOTE])
 
 
 def check_spec(
@@ -579,6 +664,8 @@ def check_spec(
     """Check one launch; ``LaunchCheckError`` (a ``ValueError``) says what is wrong."""
     if spec.kind == "tool":
         return _check_tool(spec)
+    if spec.kind == "recipe":
+        return _check_recipe(spec)
     return _check_train(spec, gpu_memory_gib)
 
 
@@ -697,6 +784,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tool", default=None, help="check ARGV against this tool's build_parser() instead"
     )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="check ARGV against this recipe file's build_parser() instead (GEM_RECIPE)",
+    )
     p.add_argument("--script", default="", help="name shown in the report")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the launch's arguments")
     return p
@@ -707,8 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     rest = ns.argv[1:] if ns.argv[:1] == ["--"] else ns.argv
     try:
         spec = LaunchSpec(
-            "tool" if ns.tool else "train",
-            ns.tool or "megatron_gem.train",
+            "tool" if ns.tool else "recipe" if ns.recipe else "train",
+            ns.tool or ns.recipe or "megatron_gem.train",
             ns.target,
             ns.nodes,
             ns.gpus_per_node,

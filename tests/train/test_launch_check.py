@@ -109,6 +109,51 @@ def test_memory_method_without_sequence_parallel_is_megatrons_upper_bound():
     assert est["activations"] == pytest.approx(act / MIB, rel=1e-12)
 
 
+# Llama-3 8B at TP 2 with 8192 tokens a micro-batch: [8192, 64128] logits per rank, 1 GiB in bf16
+FUSION_SEQ, V_LOCAL = 8192, 128256 // 2
+GPU_CHUNK_ELEMENTS = 2**25  # the fused op's fp32 logits per chunk on a GPU (megatron_gem.ops)
+
+
+def _fusion_estimates(sp=True, pp=1):
+    argv = _llama_argv(LLAMA3_8B, 2, pp, seq=FUSION_SEQ)
+    if not sp:
+        argv.remove("--sequence-parallel")
+    plain = lc.estimate_memory(lc.parse_train_args(argv, 8), LLAMA3_8B["V"], 32)
+    args = lc.parse_train_args(argv + ["--gem-linear-fusion"], 8)
+    assert args.gem_linear_fusion
+    return plain, lc.estimate_memory(args, LLAMA3_8B["V"], 32)
+
+
+@pytest.mark.parametrize(
+    "sp,logit_bytes",
+    [
+        (True, 4),  # Korthikanti's SP formula: bf16 logits + the loss's fp32 work, 4 B a logit
+        (False, 2 * 1.05),  # Megatron's no-SP formula: the bf16 logits, with its 5% overhead
+    ],
+)
+def test_linear_fusion_takes_the_logits_out_of_the_estimate(sp, logit_bytes):
+    plain, fused = _fusion_estimates(sp)
+    bf16_logits = FUSION_SEQ * V_LOCAL * 2
+    assert bf16_logits / 2**30 == pytest.approx(1.0, abs=0.03)  # the issue's "1 GiB"
+    workspace = (GPU_CHUNK_ELEMENTS // V_LOCAL) * V_LOCAL * 4  # one fp32 chunk of whole rows
+    assert workspace / MIB == pytest.approx(128, abs=0.5)
+    counted = FUSION_SEQ * V_LOCAL * logit_bytes
+    drop = plain["activations"] - fused["activations"]
+    assert drop == pytest.approx((counted - workspace) / MIB, rel=1e-9)
+    assert plain["total"] - fused["total"] == pytest.approx(drop, rel=1e-9)
+    assert fused["weights_and_optimizer"] == plain["weights_and_optimizer"]
+    assert "fused output layer + GEM" in fused["method"]
+    assert "fused output layer" not in plain["method"]
+
+
+def test_linear_fusion_leaves_a_pipelined_estimate_alone():
+    """With PP > 1 the estimate is the first stage's, which has no output layer (Megatron's
+    formula counts the logits only with PP = 1): nothing to take out."""
+    plain, fused = _fusion_estimates(pp=2)
+    assert fused["activations"] == plain["activations"]
+    assert "fused output layer" not in fused["method"]
+
+
 def test_estimate_does_not_modify_args():
     args = lc.parse_train_args(_llama_argv(LLAMA3_8B, 2, 1), 8)
     before = dict(vars(args))

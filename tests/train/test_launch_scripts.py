@@ -25,6 +25,7 @@ SCRIPTS = REPO / "launch_scripts"
 ALL = sorted(
     p for p in SCRIPTS.iterdir() if p.suffix in (".sbatch", ".sh") and p.name != "common.sh"
 )
+BRIDGE_RECIPE = REPO / "examples" / "bridge_llama3_8b_sft.py"
 CLUSTER_SFT = [
     "llama3_8b_sft.sbatch",
     "llama3_70b_sft.sbatch",
@@ -88,6 +89,7 @@ def test_every_script_dry_runs_and_prints_layout_and_memory(launches, reports):
         "cpu_smoke.sh",
         "convert_hf_to_megatron.sbatch",
         "convert_megatron_to_hf.sbatch",
+        "llama3_8b_sft_bridge.sbatch",
     }
     for name, specs in launches.items():
         assert len(specs) == 1, name
@@ -96,6 +98,8 @@ def test_every_script_dry_runs_and_prints_layout_and_memory(launches, reports):
         if specs[0].kind == "train":
             assert "memory per GPU" in text and "weights+optimizer" in text, text
             assert specs[0].program == "megatron_gem.train"
+        elif specs[0].kind == "recipe":
+            assert specs[0].program == str(BRIDGE_RECIPE) and "memory per GPU" not in text
         else:
             assert specs[0].program == "megatron_gem.convert"
 
@@ -226,6 +230,20 @@ def test_job_size_follows_nodes(launches):
             {"NPROC": "3"},
             "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3",
         ),
+        ("llama3_8b_sft.sbatch", {"LOSS": "ce", "GEM_LINEAR_FUSION": "1"}, "only applies with"),
+        # the recipe's own parser takes any float: the dry run checks the value
+        (
+            "llama3_8b_sft_bridge.sbatch",
+            {"GEM_BETA": "1.5"},
+            "argument --gem-beta: must be in (0, 1], got 1.5",
+        ),
+        ("llama3_8b_sft_bridge.sbatch", {"GEM_H": "tanh"}, "--gem-h: invalid choice: 'tanh'"),
+        ("llama3_8b_sft_bridge.sbatch", {"GEM_RECIPE": "/no/recipe.py"}, "/no/recipe.py not found"),
+        (
+            "llama3_8b_sft_bridge.sbatch",
+            {"EXTRA_ARGS": "--tensor-model-parallel-size 4"},
+            "unrecognized arguments: --tensor-model-parallel-size 4",
+        ),
     ],
 )
 def test_broken_launch_fails_with_a_clear_message(script, env, message):
@@ -241,6 +259,8 @@ def test_broken_launch_fails_with_a_clear_message(script, env, message):
 def test_bad_script_variable_stops_the_script():
     with pytest.raises(lc.LaunchCheckError, match="PRECISION=fp9: choose bf16, fp8 or fp32"):
         _dry("llama3_8b_sft.sbatch", {"PRECISION": "fp9"})
+    with pytest.raises(lc.LaunchCheckError, match="GEM_LINEAR_FUSION=yes: use 0 or 1"):
+        _dry("llama3_8b_sft.sbatch", {"GEM_LINEAR_FUSION": "yes"})
     with pytest.raises(lc.LaunchCheckError, match="MODEL=llama9: choose"):
         _dry("local_torchrun.sh", {"MODEL": "llama9"})
 
@@ -372,6 +392,73 @@ def test_conversion_job_feeds_the_sft_job(model, sft_script):
     assert _flag(export, "--load") == _flag(_dry("llama3_8b_sft.sbatch")[0].argv, "--save")
 
 
+def test_linear_fusion_switch_reaches_the_entry_and_the_estimate(reports):
+    """GEM_LINEAR_FUSION=1: --gem-linear-fusion, and the estimate loses the 8B TP2 logits that
+    Megatron's SP formula counts (4 B a logit) less the fused op's fp32 chunk (~128 MiB)."""
+    spec = _dry("llama3_8b_sft.sbatch", {"GEM_LINEAR_FUSION": "1"})[0]
+    assert "--gem-linear-fusion" in spec.argv
+    assert "--gem-linear-fusion" not in _dry("llama3_8b_sft.sbatch")[0].argv
+    fused = lc.check_spec(spec)
+    plain = reports["llama3_8b_sft.sbatch"][0]
+    v_local = 128256 // 2
+    drop = (4096 * v_local * 4 - (2**25 // v_local) * v_local * 4) / 2**20
+    assert plain.memory["total"] - fused.memory["total"] == pytest.approx(drop, rel=1e-9)
+    assert fused.layout["loss"] == "gem(beta=0.7, h=linear, linear-fusion)"
+
+
+def test_bridge_recipe_script_dry_run(launches, reports):
+    """The Bridge variant: the recipe file with the script's GEM settings, checked by the
+    recipe's own parser; the report says what Bridge checks itself."""
+    spec = _dry("llama3_8b_sft_bridge.sbatch", {"GEM_BETA": "0.5", "GEM_H": "logsigmoid"})[0]
+    assert spec.kind == "recipe" and spec.world_size == 8
+    assert _flag(spec.argv, "--gem-beta") == "0.5" and _flag(spec.argv, "--gem-h") == "logsigmoid"
+    report = lc.check_spec(spec)
+    assert report.layout["gem_beta"] == 0.5 and report.layout["loss"] == "gem"
+    assert "Bridge checks them at start-up; no memory estimate" in report.format()
+    default = launches["llama3_8b_sft_bridge.sbatch"][0].argv
+    assert _flag(default, "--save") == str(REPO / "work/checkpoints/llama3-8b-sft-bridge-gem")
+    assert "--gem-beta" not in default  # empty GEM_BETA: megatron_gem's default
+
+
+def test_recipe_gem_h_checked_when_its_parser_does_not(tmp_path):
+    recipe = tmp_path / "loose_recipe.py"
+    recipe.write_text(
+        "import argparse\n"
+        "def build_parser():\n"
+        "    p = argparse.ArgumentParser()\n"
+        "    for f in ('--pretrained-checkpoint', '--save', '--hf-model', '--loss', '--gem-h'):\n"
+        "        p.add_argument(f)\n"
+        "    p.add_argument('--train-iters', type=int)\n"
+        "    return p\n"
+    )
+    spec = _dry("llama3_8b_sft_bridge.sbatch", {"GEM_RECIPE": str(recipe), "GEM_H": "tanh"})[0]
+    with pytest.raises(lc.LaunchCheckError, match="--gem-h: must be one of linear, logsigmoid"):
+        lc.check_spec(spec)
+    (tmp_path / "no_parser.py").write_text("x = 1\n")
+    spec = _dry("llama3_8b_sft_bridge.sbatch", {"GEM_RECIPE": str(tmp_path / "no_parser.py")})[0]
+    with pytest.raises(lc.LaunchCheckError, match="has no build_parser"):
+        lc.check_spec(spec)
+
+
+def test_bridge_dry_run_as_a_user_runs_it(tmp_path, capsys):
+    """``DRY_RUN=1 bash`` the Bridge script: launch_check --recipe FILE -- ARGS, which passes."""
+    record, stub = tmp_path / "argv", tmp_path / "python"
+    stub.write_text(f'#!/bin/bash\nprintf "%s\\0" "$@" > {record}\n')
+    stub.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "llama3_8b_sft_bridge.sbatch"), "--lr", "2e-5"],
+        env=_user_env(PYTHON=str(stub)),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    argv = record.read_bytes().decode().split("\0")[:-1]
+    assert argv[argv.index("--recipe") + 1] == str(BRIDGE_RECIPE)
+    assert argv[-2:] == ["--lr", "2e-5"]
+    assert lc.main(argv[2:]) == 0
+    assert "llama3_8b_sft_bridge.sbatch: " + str(BRIDGE_RECIPE) in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- the real launch path
 def _stub(path: Path, body: str) -> None:
     path.write_text("#!/bin/bash\n" + body)
@@ -477,6 +564,34 @@ def test_srun_launch_maps_slurm_ranks_and_requeues(fake_slurm, tmp_path):
         proc.returncode == 0
         and not (log / "requeued").exists()
         and "training finished" in proc.stderr
+    )
+
+
+def test_bridge_srun_launch_runs_the_recipe_in_every_task(fake_slurm, tmp_path):
+    env, log = fake_slurm
+    for p in ("hf/Meta-Llama-3-8B", "bridge/llama3-8b"):
+        (tmp_path / "work" / p).mkdir(parents=True)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "llama3_8b_sft_bridge.sbatch"), "--gem-beta", "0.9"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (log / "srun_args").read_text().splitlines()[:4] == [
+        "--nodes",
+        "16",
+        "--ntasks-per-node",
+        "8",
+    ]
+    py = (log / "python").read_text().splitlines()
+    assert py[1] == "RANK=13 WORLD_SIZE=64 LOCAL_RANK=5 LOCAL_WORLD_SIZE=8"
+    assert py[3] == str(BRIDGE_RECIPE)  # the file itself, not -m megatron_gem.train
+    assert (
+        py[4:]
+        == _dry(
+            "llama3_8b_sft_bridge.sbatch", {"GEM_WORK": env["GEM_WORK"]}, ["--gem-beta", "0.9"]
+        )[0].argv
     )
 
 

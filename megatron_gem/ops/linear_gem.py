@@ -100,7 +100,7 @@ class _Tiles:
         return [slice(i, min(i + self.sub, r)) for i in range(0, r, self.sub)]
 
     def scratch(self, count):
-        """``count`` fp32 buffers for one row block: views of shape [rows, w] via ``view_as``."""
+        """``count`` flat fp32 buffers, each enough for one row block (shape it with _view)."""
         size = min(self.sub, self.tb) * self.vc
         return [torch.empty(size, dtype=torch.float32, device=self.x2.device) for _ in range(count)]
 
@@ -297,9 +297,9 @@ class _LinearGEM(torch.autograd.Function):
             dhidden = torch.empty_like(x2) if need_dx else None
             # low precision: dhidden is summed over the vocabulary chunks in fp32; each chunk's
             # GEMM writes its (rounded) part into dhidden's rows first
-            acc = torch.empty(tiles.tb, hid, dtype=torch.float32, device=dev)
-            acc = acc if need_dx and not fp32 else None
-            tmp = None
+            acc = tmp = None
+            if need_dx and not fp32:
+                acc = torch.empty(tiles.tb, hid, dtype=torch.float32, device=dev)
             if acc is not None and not x2.is_cuda:
                 rows_per_add = max(1, _ADD_ROW_ELEMENTS // hid)
                 tmp = torch.empty(rows_per_add, hid, dtype=torch.float32, device=dev)

@@ -293,6 +293,32 @@ def test_sync_free_bad_target_deferred_to_raise_deferred_errors():
         raise_deferred_errors()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real syncs)")
+def test_cuda_sync_debug_mode_sees_no_sync():
+    """On a GPU, torch's own detector: sync_checks=False runs under set_sync_debug_mode("error");
+    sync_checks=True trips it (so the check can fail)."""
+    hidden, weight, labels, grad_out = _case((TOKENS,), HIDDEN, VOCAB, seed=35)
+    x, w = hidden.float().cuda(), weight.float().cuda()
+    labels, grad_out = labels.cuda(), grad_out.float().cuda()
+
+    def step(**kw):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = vocab_parallel_linear_gem_loss(xx, ww, labels, chunk_tokens=8, chunk_vocab=16, **kw)
+        (loss * grad_out).sum().backward()
+
+    for h in ("linear", "logsigmoid"):
+        step(h=h, sync_checks=False)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(h=h, sync_checks=False)
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                step(h=h)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    raise_deferred_errors()
+
+
 # --- the Triton kernels per tile (Triton's interpreter on CPU: tiny sizes) ---------------------
 
 

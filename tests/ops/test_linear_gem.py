@@ -123,6 +123,28 @@ def test_bf16_within_1e_2(h, chunk, chunk_vocab):
     _close(dw, ref_dw, 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_as_exact_as_the_materialised_path_at_a_larger_size(dtype):
+    """At sizes where rounding shows (3001 terms per dhidden element, 257 per dweight one), the
+    fused op's error against float64 is no larger than the materialised path's (logits in the
+    input dtype, then the op with an in-place gradient, as GemGPTModel runs it). 24 vocabulary
+    chunks: an accumulator of dhidden rounded to bf16 after each chunk fails here (1.32x)."""
+    from megatron_gem import vocab_parallel_gem_loss
+
+    hidden, weight, labels, grad_out = _case((257,), 64, 3001, seed=41)
+    if dtype == torch.bfloat16:
+        hidden, weight = hidden.bfloat16().double(), weight.bfloat16().double()
+    ref = _reference(hidden, weight, labels, 0.7, "linear", grad_out)
+    fused = _run(hidden, weight, labels, grad_out, dtype, beta=0.7, chunk_vocab=128)
+    x, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    loss = vocab_parallel_gem_loss(x @ w.T, labels, beta=0.7, inplace_backward=True)
+    (loss * grad_out.float()).sum().backward()
+    for name, a, b, r in zip(("loss", "dhidden", "dweight"), fused, (loss, x.grad, w.grad), ref):
+        err_fused = (a.double() - r).abs().max() / r.abs().max()
+        err_mat = (b.double() - r).abs().max() / r.abs().max()
+        assert err_fused <= 1.25 * err_mat + 1e-7, (name, err_fused.item(), err_mat.item())
+
+
 def test_stats_match_float64_cross_entropy_and_entropy():
     hidden, weight, labels, _ = _case((TOKENS,), HIDDEN, VOCAB, seed=5)
     loss, ce, ent = vocab_parallel_linear_gem_loss(

@@ -11,11 +11,11 @@ with the online rescale the op uses across ranks (``_rescale_to_max``). Saved fo
 tile, forward or backward.
 
 Backward: per tile, recompute the logits, form the gradient in place in the tile's buffer (fp32
-until ``grad_output / S`` is applied, then one cast), and take both GEMMs from it: ``dweight``
-for the chunk's rows of the weight, complete when there is one token block (one GEMM over
-all tokens: one rounding, as on the materialised path), and ``dhidden``
-accumulated over the vocabulary chunks in fp32 (``[tokens, H]``: the one buffer that grows with
-the tokens; 16 MiB at 4096 x 1024). With several token blocks ``dweight`` is accumulated in fp32
+until ``grad_output / S`` is applied, then one cast), and take both GEMMs from it: the chunk's
+rows of ``dweight`` (complete with one token block: one GEMM over all tokens, rounded once, as
+on the materialised path) and ``dhidden``'s part, summed over the vocabulary chunks in fp32
+(low-precision inputs: an fp32 ``[tokens, H]`` buffer, 16 MiB at 4096 x 1024, the one buffer
+that grows with the tokens). With several token blocks ``dweight`` is summed in fp32
 (``[V/tp, H]``), or straight into ``weight.main_grad`` with ``gradient_accumulation_fusion``.
 
 Cost: one extra GEMM of the output layer's size (the recompute; ``logsigmoid`` pays a second one

@@ -178,6 +178,22 @@ def test_tied_weight_gradients_accumulate():
     _close(emb.grad, ref_dw, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_only_the_gradients_asked_for(dtype, chunk):
+    """A frozen weight (or hidden without grad) gets None, and the other gradient is bit-equal to
+    the one computed with both."""
+    hidden, weight, labels, grad_out = _case((TOKENS,), HIDDEN, VOCAB, seed=43)
+    both = _run(hidden, weight, labels, grad_out, dtype, chunk_tokens=chunk, chunk_vocab=16)
+    for wants_x in (True, False):
+        x = hidden.to(dtype).requires_grad_(wants_x)
+        w = weight.to(dtype).requires_grad_(not wants_x)
+        loss = vocab_parallel_linear_gem_loss(x, w, labels, chunk_tokens=chunk, chunk_vocab=16)
+        (loss * grad_out.float()).sum().backward()
+        got, unused = (x.grad, w.grad) if wants_x else (w.grad, x.grad)
+        assert unused is None and torch.equal(got, both[1] if wants_x else both[2])
+
+
 def test_saves_no_logits_sized_tensor():
     """What the forward keeps for the backward: hidden, weight and per-row vectors, nothing of
     [tokens, V] (here V > H, so the logits are the largest tensor the op could keep)."""

@@ -445,6 +445,23 @@ def _tp_checks(rank, tp2, tp4):
                 results[name] = None
             except Exception:
                 results[name] = traceback.format_exc()
+    # unequal shards (11 rows here, 12 on the others: sizes no earlier call checked and cached)
+    # raise on every rank, naming weight
+    try:
+        x, w = torch.randn(5, HIDDEN), torch.randn(11 + (rank > 0), HIDDEN)
+        for sync_checks in (True, False):  # the first sync-free call checks the shards too
+            try:
+                vocab_parallel_linear_gem_loss(
+                    x, w, torch.zeros(5, dtype=torch.long), tp_group=tp4, sync_checks=sync_checks
+                )
+            except ValueError as e:
+                assert str(e).startswith("weight: the vocabulary shard size differs"), e
+                assert f"this rank has {11 + (rank > 0)}" in str(e), e
+            else:
+                raise AssertionError(f"no ValueError (sync_checks={sync_checks})")
+        results["shard_mismatch"] = None
+    except Exception:
+        results["shard_mismatch"] = traceback.format_exc()
     return results
 
 
@@ -471,7 +488,8 @@ def tp_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", [f"{h}_beta{b}" for h in ("linear", "logsigmoid") for b in (1.0, 0.7)]
+    "name",
+    [f"{h}_beta{b}" for h in ("linear", "logsigmoid") for b in (1.0, 0.7)] + ["shard_mismatch"],
 )
 def test_tp2_tp4_match_float64(tp_results, name):
     for rank, results in enumerate(tp_results):

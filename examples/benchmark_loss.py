@@ -34,6 +34,24 @@ memory.
     python examples/benchmark_loss.py --logits intermediate  # the gradient as a model gets it
     python examples/benchmark_loss.py --tp 1 --dtypes bf16 --tokens 1024 --local-vocab 16032
     python examples/benchmark_loss.py --smoke                # every method once, tiny, any device
+
+--linear: the output layer and the loss together, from hidden [tokens, 1, H] and this rank's
+weight [V/tp, H] to the gradients of both (torch.autograd.grad, as a model receives them):
+
+    gemm+megatron_ce        logits = hidden @ weight.T, then Megatron's vocab_parallel_cross_entropy
+    gemm+megatron_fused_ce  the same with Megatron's fused CE (bf16; CUDA defaults only)
+    gemm+gem(+stats)        logits = hidden @ weight.T, then vocab_parallel_gem_loss with
+                            inplace_backward=True and sync_checks=False, as GemGPTModel calls it
+                            (+stats: return_stats=True, what the main head computes)
+    linear_gem(+stats)      megatron_gem.vocab_parallel_linear_gem_loss: no full logits
+
+Peak extra memory is counted beyond the two gradients (which every method returns). On CPU the
+memory processes map every allocation of 64 KiB or more on its own (MALLOC_MMAP_THRESHOLD_), so
+freed buffers leave the resident set and each measurement sees only what it holds. Ratios are
+against gemm+gem (the materialised path) and the CE anchors, in the same run.
+
+    python examples/benchmark_loss.py --linear               # CPU: 4096 x H 1024 x V/tp 32064, bf16
+    python examples/benchmark_loss.py --linear --smoke       # every linear method once, tiny
 """
 
 from __future__ import annotations
@@ -69,6 +87,21 @@ DEFAULTS = {
     "cuda": (8192, [16032, 32064, 64128], [1], ["bf16"], 10, ALL_METHODS),
     "cpu": (4096, [32064], [1, 2], ["bf16", "fp32"], 5, CPU_METHODS),
     "smoke": (12, [200], [1], ["bf16", "fp32"], 1, ALL_METHODS),
+}
+LINEAR_METHODS = [
+    "gemm+megatron_ce",
+    "gemm+megatron_fused_ce",
+    "gemm+gem",
+    "gemm+gem+stats",
+    "linear_gem",
+    "linear_gem+stats",
+]
+# --linear, per mode: tokens, local vocabularies, TP sizes, dtypes, repeats, methods, hidden.
+# CUDA: Llama-3 8B at TP 2 (8192 tokens, H 4096, V/tp 64128); CPU: the issue's CPU shape.
+LINEAR_DEFAULTS = {
+    "cuda": (8192, [64128], [1], ["bf16"], 10, LINEAR_METHODS, 4096),
+    "cpu": (4096, [32064], [1], ["bf16"], 3, [m for m in LINEAR_METHODS if "fused" not in m], 1024),
+    "smoke": (12, [200], [1], ["bf16", "fp32"], 1, LINEAR_METHODS, 16),
 }
 # Peak HBM bandwidth in GB/s from NVIDIA's product spec sheets (H100: "NVIDIA H100 Tensor Core
 # GPU" datasheet, SXM5 3.35 TB/s, NVL 3.9, PCIe 2.0; H200: the H200 page, 4.8 TB/s; A100: the
@@ -274,6 +307,149 @@ def _worker(rank, world, args, phase, results):
     dist.destroy_process_group()
 
 
+def _linear_methods(group, wanted: list[str]) -> dict:
+    """``name -> fn(hidden [n, 1, H], weight [V/tp, H], target [n, 1]) -> loss [n, 1]``."""
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_gem import vocab_parallel_gem_loss, vocab_parallel_linear_gem_loss
+
+    def gemm_gem(stats):
+        def fn(x, w, t):
+            out = vocab_parallel_gem_loss(
+                x @ w.T,
+                t,
+                beta=BETA,
+                tp_group=group,
+                return_stats=stats,
+                sync_checks=False,
+                inplace_backward=True,
+            )
+            return out[0] if stats else out
+
+        return fn
+
+    def linear_gem(stats):
+        def fn(x, w, t):
+            out = vocab_parallel_linear_gem_loss(
+                x, w, t, beta=BETA, tp_group=group, return_stats=stats, sync_checks=False
+            )
+            return out[0] if stats else out
+
+        return fn
+
+    methods = {
+        "gemm+megatron_ce": lambda x, w, t: vocab_parallel_cross_entropy(
+            x @ w.T, t, tp_group=group
+        ),
+        "gemm+megatron_fused_ce": lambda x, w, t: fused_vocab_parallel_cross_entropy(
+            x @ w.T, t, group
+        ),
+        "gemm+gem": gemm_gem(False),
+        "gemm+gem+stats": gemm_gem(True),
+        "linear_gem": linear_gem(False),
+        "linear_gem+stats": linear_gem(True),
+    }
+    return {n: f for n, f in methods.items() if n in wanted}
+
+
+def _measure_linear_once(fn, hidden, weight, target, grad, device):
+    """Seconds and peak extra bytes, beyond the two gradients, of one fwd+bwd from fresh leaf
+    copies of hidden and weight (made before the measurement)."""
+    x = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    cuda = device.type == "cuda"
+    with PeakMemory(device) as mem:
+        if cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+        else:
+            t0 = time.process_time()
+        loss = fn(x, w, target)
+        dx, dw = torch.autograd.grad(loss, (x, w), grad)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            dt = time.process_time() - t0
+        grads = dx.nbytes + dw.nbytes
+        del loss, dx, dw
+    return dt, mem.extra - grads
+
+
+def _linear_worker(rank, world, args, phase, results):
+    """As _worker, for --linear: every rank draws the same hidden and weight shard."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    methods = _linear_methods(group, args.methods)
+    failed = set()
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        names = [n for n in methods if not ("fused" in n and dtype != torch.bfloat16)]
+        for local_vocab in args.local_vocab:
+            gen = torch.Generator(device=device).manual_seed(1234)
+            target = torch.randint(
+                0, local_vocab * world, (args.tokens, 1), generator=gen, device=device
+            )
+            grad = torch.rand(args.tokens, 1, generator=gen, device=device)
+            hidden = torch.randn(args.tokens, 1, args.hidden, generator=gen, device=device)
+            weight = torch.randn(local_vocab, args.hidden, generator=gen, device=device)
+            # logits ~ 3 N(0, 1), as the loss benchmark's
+            hidden, weight = hidden.to(dtype), weight.mul_(3 / args.hidden**0.5).to(dtype)
+            samples = {n: [] for n in names if n not in failed}
+            for round_ in range(args.repeats + 1):  # round-robin; the first round warms up
+                for name in list(samples):
+                    try:
+                        sample = _measure_linear_once(
+                            methods[name], hidden, weight, target, grad, device
+                        )
+                    except Exception as exc:
+                        del samples[name]
+                        failed.add(name)
+                        if rank == 0:
+                            print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                        continue
+                    if round_:
+                        samples[name].append(sample)
+            if rank == 0:
+                for name, got in samples.items():
+                    sec = min(s for s, _ in got) if got else math.nan
+                    extra = max(e for _, e in got) if got else math.nan
+                    results.append((world, dtype_name, local_vocab, name, phase, sec, extra))
+            del hidden, weight
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def print_linear_table(rows, args) -> None:
+    """One markdown table for --linear. rows: (TP, dtype, V/tp, method, seconds, extra bytes)."""
+    by_key = {(w, d, v, n): (s, e) for w, d, v, n, s, e in rows}
+    nan2 = (math.nan, math.nan)
+    print(
+        "| TP | dtype | tokens x H x V/tp | method | fwd+bwd ms | peak extra MiB beyond grads "
+        "| time / gemm+gem | memory / gemm+gem | time / gemm+megatron_ce "
+        "| time / gemm+fused CE |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for w, d, v, n, s, e in rows:
+        ms, me = by_key.get((w, d, v, "gemm+gem+stats" if "stats" in n else "gemm+gem"), nan2)
+        cs, _ = by_key.get((w, d, v, "gemm+megatron_ce"), nan2)
+        fs, _ = by_key.get((w, d, v, "gemm+megatron_fused_ce"), nan2)
+        ms_s = f"{s * 1e3:.0f}" if s >= 0.01 or math.isnan(s) else f"{s * 1e3:.3f}"
+        print(
+            f"| {w} | {d} | {args.tokens} x {args.hidden} x {v} | {n} | {ms_s} "
+            f"| {max(e, 0) / 2**20:.1f} | {_ratio(s, ms):.2f} | {_ratio(e, me, 2**20):.3f} "
+            f"| {_ratio(s, cs):.2f} | {_ratio(s, fs):.2f} |"
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -333,7 +509,7 @@ def parse_args(argv=None):
     p.add_argument("--local-vocab", type=int, nargs="+", help="vocabulary shard(s) per TP rank")
     p.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes (processes)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS)
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS + LINEAR_METHODS)
     p.add_argument("--repeats", type=int, help="timed rounds after one warm-up round")
     p.add_argument(
         "--logits",
@@ -347,6 +523,13 @@ def parse_args(argv=None):
         help="the device's peak memory bandwidth, GB/s (default: by device name, spec sheets)",
     )
     p.add_argument(
+        "--linear",
+        action="store_true",
+        help="the output layer and the loss together: materialised GEMM + loss against the "
+        "fused vocab_parallel_linear_gem_loss (see the module doc)",
+    )
+    p.add_argument("--hidden", type=int, help="--linear: hidden size H")
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="every available method once at a tiny size, on any device (a test that the "
@@ -354,12 +537,20 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "cuda" if torch.cuda.is_available() else "cpu"
-    for key, default in zip(
-        ("tokens", "local_vocab", "tp", "dtypes", "repeats", "methods"), DEFAULTS[mode]
-    ):
+    keys = ("tokens", "local_vocab", "tp", "dtypes", "repeats", "methods", "hidden")
+    for key, default in zip(keys, LINEAR_DEFAULTS[mode] if args.linear else DEFAULTS[mode]):
         if getattr(args, key) is None:
             setattr(args, key, list(default) if isinstance(default, list) else default)
-    for key in ("tokens", "repeats"):
+    allowed = LINEAR_METHODS if args.linear else ALL_METHODS
+    wrong = [m for m in args.methods if m not in allowed]
+    if wrong:
+        p.error(
+            f"--methods: {wrong[0]} is not a method of this mode"
+            f"{' (--linear)' if args.linear else ' (without --linear)'}; choose from {allowed}"
+        )
+    if args.hidden is not None and not args.linear:
+        p.error(f"--hidden {args.hidden}: only with --linear")
+    for key in ("tokens", "repeats") + (("hidden",) if args.linear else ()):
         if getattr(args, key) < 1:
             p.error(f"--{key}: must be a positive integer, got {getattr(args, key)}")
     for key in ("local_vocab", "tp"):
@@ -387,14 +578,20 @@ def main(argv=None):
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_gbps or (peak_gbps_for(name) if cuda else None)
+    shape = (
+        f"{args.tokens} tokens x H {args.hidden} x {' '.join(map(str, args.local_vocab))} local "
+        "vocab, output layer + loss (--linear)"
+        if args.linear
+        else f"{args.tokens} tokens x {' '.join(map(str, args.local_vocab))} local vocab, "
+        f"logits: {args.logits}"
+    )
     print(
-        f"device: {'cuda ' + name if cuda else 'cpu'}, torch {torch.__version__}, "
-        f"{args.tokens} tokens x {' '.join(map(str, args.local_vocab))} local vocab, "
-        f"logits: {args.logits}, best of {args.repeats} fwd+bwd "
+        f"device: {'cuda ' + name if cuda else 'cpu'}, torch {torch.__version__}, {shape}, "
+        f"best of {args.repeats} fwd+bwd "
         f"({'CUDA events' if cuda else 'CPU time, 1 thread per rank'})"
         + (", smoke run: the numbers mean nothing" if args.smoke else "")
     )
-    if cuda:
+    if cuda and not args.linear:
         source = "--peak-gbps" if args.peak_gbps else "NVIDIA spec sheet"
         print(
             f"peak bandwidth: {peak:.0f} GB/s ({source})"
@@ -407,7 +604,9 @@ def main(argv=None):
         {"both": {}}
         if cuda or args.smoke
         else {
-            "memory": {},
+            # --linear: every allocation of 64 KiB or more mapped on its own, so that freed
+            # buffers leave the resident set (glibc's adaptive threshold would keep some)
+            "memory": {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.linear else {},
             "time": {
                 "MALLOC_MMAP_MAX_": "0",
                 "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
@@ -423,13 +622,14 @@ def main(argv=None):
             os.environ.update(env)
             os.environ["MASTER_PORT"] = str(_free_port())
             try:
+                worker = _linear_worker if args.linear else _worker
                 if phase == "both" and world == 1:  # in this process: no start-up of a child
                     results = []
-                    _worker(0, 1, args, phase, results)
+                    worker(0, 1, args, phase, results)
                 else:
                     with mp.Manager() as manager:
                         shared = manager.list()
-                        mp.spawn(_worker, args=(world, args, phase, shared), nprocs=world)
+                        mp.spawn(worker, args=(world, args, phase, shared), nprocs=world)
                         results = list(shared)
                 for w, d, v, n, ph, sec, extra in results:
                     entry = measured.setdefault((w, d, v, n), {})
@@ -444,7 +644,10 @@ def main(argv=None):
         (w, d, v, n, e.get("sec", math.nan), e.get("extra", math.nan))
         for (w, d, v, n), e in measured.items()
     ]
-    print_table(rows, args, cuda, peak)
+    if args.linear:
+        print_linear_table(rows, args)
+    else:
+        print_table(rows, args, cuda, peak)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The GPU benchmark and the one-shot GPU check script, kept from rotting on a CPU machine.
 
-``examples/benchmark_loss.py --smoke`` runs every available method once at a tiny size;
+``examples/benchmark_loss.py --smoke`` (and ``--linear --smoke``) runs every available method once
+at a tiny size;
 ``examples/gpu_check.sh`` is linted, dry-run (its commands printed; its training arguments parsed
 by the entry's own parser) and run with stand-ins for Python to show that a failing or
 overrunning step does not stop the others.
@@ -75,6 +76,33 @@ def test_benchmark_smoke_prints_a_row_per_method():
         assert any(m == method for _, m in rows) or f"{method} skipped" in proc.stdout
 
 
+def test_benchmark_linear_smoke_prints_a_row_per_method():
+    """--linear --smoke: materialised output GEMM + loss against the fused op, every method once
+    at 12 x H 16 x V/tp 200 (the numbers mean nothing)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--linear", "--smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "12 tokens x H 16 x 200 local vocab" in proc.stdout, proc.stdout
+    rows = _table_rows(proc.stdout)
+    for dtype in ("bf16", "fp32"):
+        for method in ("gemm+megatron_ce", "gemm+gem", "gemm+gem+stats", "linear_gem"):
+            cells = rows.get((dtype, method))
+            assert cells, f"no {dtype} {method} row:\n{proc.stdout}"
+            assert cells[2] == "12 x 16 x 200" and float(cells[4]) > 0, cells
+            assert math.isfinite(float(cells[6])) and math.isfinite(float(cells[8])), cells
+        assert ("bf16", "linear_gem+stats") in rows, proc.stdout
+    assert ("bf16", "gemm+megatron_fused_ce") in rows
+    assert ("fp32", "gemm+megatron_fused_ce") not in rows
+
+
 def test_benchmark_byte_model_and_peak_table():
     bench = _bench_module()
     assert bench.ideal_bytes(8192, 32064, torch.bfloat16) == 6 * 8192 * 32064
@@ -91,6 +119,9 @@ def test_benchmark_byte_model_and_peak_table():
         (["--tokens", "0"], "--tokens: must be a positive integer, got 0"),
         (["--local-vocab", "100", "-3"], "--local-vocab: must be positive integers, got -3"),
         (["--peak-gbps", "0"], "--peak-gbps: must be positive, got 0.0"),
+        (["--linear", "--hidden", "0"], "--hidden: must be a positive integer, got 0"),
+        (["--hidden", "64"], "--hidden 64: only with --linear"),
+        (["--linear", "--methods", "gem"], "--methods: gem is not a method of this mode"),
     ],
 )
 def test_benchmark_rejects_bad_arguments(argv, message, capsys):

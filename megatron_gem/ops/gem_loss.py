@@ -133,6 +133,38 @@ def _record_bad_targets(t, bad_target, vocab, ignore_index) -> None:
     state.copy_(torch.stack([state[0] | seen, torch.where(first, example, state[1])]))
 
 
+def _input_checks(t, bad_target, v_local, shard_key, world, sync_checks, ignore_index):
+    """The checks collective 1 carries, ``[any bad target, v_local, -v_local]`` on the device (a
+    tensor from Python data would be a host-to-device copy: a sync), or None where they are not
+    needed: ``sync_checks=False`` after the shard sizes of ``shard_key`` were checked once. With
+    ``sync_checks=False`` a bad target is recorded on the device instead."""
+    if not sync_checks:
+        _record_bad_targets(t, bad_target, v_local * world, ignore_index)
+    if not (sync_checks or (world > 1 and shard_key not in _CHECKED_SHARDS)):
+        return None
+    checks = torch.full((3,), float(v_local), dtype=torch.float32, device=t.device)
+    checks[2:].neg_()
+    checks[0] = bad_target.any()
+    return checks
+
+
+def _raise_on_checks(reduced, name, shard_key, sync_checks, t, bad_target, ignore_index):
+    """Read the reduced checks (the op's one host sync): unequal shards raise a ValueError naming
+    ``name`` (the check is cached once it passed), and with ``sync_checks`` so do bad targets."""
+    v_local, group = shard_key
+    any_bad, v_max, v_min_neg = reduced.tolist()
+    if v_max != -v_min_neg:
+        raise ValueError(
+            f"{name}: the vocabulary shard size differs across tensor-parallel ranks (this rank "
+            f"has {v_local}, others up to {int(v_max)} / down to {int(-v_min_neg)}); "
+            "Megatron pads the vocabulary so every rank holds an equal shard"
+        )
+    _CHECKED_SHARDS.add(shard_key)
+    if any_bad and sync_checks:
+        vocab = v_local * _group_rank_size(group)[1]
+        raise ValueError(_bad_target_message(vocab, ignore_index, t[bad_target][:5].tolist()))
+
+
 def raise_deferred_errors() -> None:
     """Raise the ValueError a ``sync_checks=False`` call deferred (an out-of-vocabulary target
     since the last call of this function), and reset. One host sync per vocabulary size seen:
@@ -225,6 +257,30 @@ def _chunk_sums(z, shift, zy, inv_beta, beta, logsigmoid, with_stats, x, e, out)
     torch.nansum(x.mul_(e), -1, out=out[2])
 
 
+def _grad_chunk(z, out, col, target_col, target_add, row_scale, w_col, inv_beta, beta, x):
+    """The gradient of one block of rows of logits ``z`` (any float dtype) into ``out`` (``z``
+    itself for an in-place gradient: each element is read before it is written), through the
+    fp32 scratch ``x`` (``z`` itself when ``z`` is fp32 and in place): ``(e w - A onehot(y)) *
+    grad_output / S`` with the per-row columns ``col = -m / beta``, ``target_col``,
+    ``target_add`` (``-A`` on the rank, or chunk, that owns y, else 0), ``row_scale`` and, for
+    logsigmoid, ``w_col = 0.01 (m - z_y)`` (None for linear)."""
+    torch.add(col, _as_fp32(z, x), alpha=inv_beta, out=x)
+    if w_col is not None:  # w = sigmoid(0.01 (z - z_y)), with z - z_y = beta x + (m - z_y)
+        w = torch.add(w_col, x, alpha=LOGSIGMOID_SCALE * beta)
+        x.exp_().mul_(w.sigmoid_())
+        del w
+    else:
+        x.exp_()
+    # subtract (sum e w) on the rank that owns y (a scatter: no host sync)
+    x.scatter_add_(1, target_col, target_add)
+    # times grad_output / S, still in fp32, then the one cast to the logits' dtype (fp32:
+    # straight into the gradient; a mixed-dtype mul would go through a temporary)
+    if out.dtype == torch.float32:
+        torch.mul(x, row_scale, out=out)
+    else:
+        out.copy_(x.mul_(row_scale))
+
+
 def _rescale_to_max(sums, shift, m, beta):
     """Sums taken with a per-shard row shift, re-expressed with the global row max m, in place:
     e = c e_shard and x = x_shard + d, with d = (shift - m) / beta and c = exp(d) (exp(beta d)
@@ -308,43 +364,24 @@ class _VocabParallelGEM(torch.autograd.Function):
         in_shard = (local_t >= 0) & (local_t < v_local)
         zy_local = z.gather(-1, local_t.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1).float()
         zy_local = zy_local.masked_fill(~in_shard, float("-inf"))
-        vocab = v_local * world
-        bad_target = ((t < 0) | (t >= vocab)) & (t != ignore_index)
+        bad_target = ((t < 0) | (t >= v_local * world)) & (t != ignore_index)
         valid = t != ignore_index
         shard_key = (v_local, group)
-        check_now = sync_checks or (world > 1 and shard_key not in _CHECKED_SHARDS)
-        if check_now:
-            # [any bad target, v_local, -v_local], built on the device (a tensor from Python
-            # data would be a host-to-device copy: a sync)
-            checks = torch.full((3,), float(v_local), dtype=torch.float32, device=z.device)
-            checks[2:].neg_()
-            checks[0] = bad_target.any()
-        if not sync_checks:
-            _record_bad_targets(t, bad_target, vocab, ignore_index)
-
-        def raise_on_checks(reduced_checks):
-            """The shard check (cached once it passed) and, with sync_checks, the targets."""
-            any_bad, v_max, v_min_neg = reduced_checks.tolist()
-            if v_max != -v_min_neg:
-                raise ValueError(
-                    "vocab_parallel_logits: the vocabulary shard size differs across "
-                    f"tensor-parallel ranks (this rank has {v_local}, others up to {int(v_max)} "
-                    f"/ down to {int(-v_min_neg)}); "
-                    "Megatron pads the vocabulary so every rank holds an equal shard"
-                )
-            _CHECKED_SHARDS.add(shard_key)
-            if any_bad and sync_checks:
-                raise ValueError(
-                    _bad_target_message(vocab, ignore_index, t[bad_target][:5].tolist())
-                )
+        checks = _input_checks(t, bad_target, v_local, shard_key, world, sync_checks, ignore_index)
 
         def reduce_max(m_local):
             """Collective 1; with the checks packed, the op's one host sync reads them."""
-            m, zy, reduced = _reduce_max(
-                m_local, zy_local, checks if check_now else None, valid, group, world
-            )
-            if check_now:
-                raise_on_checks(reduced)
+            m, zy, reduced = _reduce_max(m_local, zy_local, checks, valid, group, world)
+            if checks is not None:
+                _raise_on_checks(
+                    reduced,
+                    "vocab_parallel_logits",
+                    shard_key,
+                    sync_checks,
+                    t,
+                    bad_target,
+                    ignore_index,
+                )
             return m, zy
 
         # logsigmoid weights need the global max and z_y inside the pass, so they are reduced
@@ -442,7 +479,6 @@ class _VocabParallelGEM(torch.autograd.Function):
             w_col = (LOGSIGMOID_SCALE * (m - zy)).unsqueeze(-1) if logsigmoid else None
             grad = z if inplace else torch.empty_like(z)  # in place: each chunk is read first
             step = _chunk_rows(z)
-            fp32 = grad.dtype == torch.float32
             # fp32 scratch, reused across chunks (it stays in cache; fresh gradient memory does not)
             scratch = torch.empty(min(step, n), v_local, dtype=torch.float32, device=z.device)
             chunks = zip(
@@ -455,22 +491,18 @@ class _VocabParallelGEM(torch.autograd.Function):
                 w_col.split(step) if logsigmoid else itertools.repeat(None),
             )
             for z_c, grad_c, col_c, target_col_c, target_add_c, row_scale_c, w_col_c in chunks:
-                x = scratch[: z_c.shape[0]]
-                torch.add(col_c, _as_fp32(z_c, x), alpha=inv_beta, out=x)
-                if logsigmoid:
-                    w = torch.add(w_col_c, x, alpha=LOGSIGMOID_SCALE * beta)
-                    x.exp_().mul_(w.sigmoid_())
-                    del w
-                else:
-                    x.exp_()
-                # subtract (sum e w) on the rank that owns y (a scatter: no host sync)
-                x.scatter_add_(1, target_col_c, target_add_c)
-                # times grad_output / S, still in fp32, then the one cast to the logits' dtype
-                # (fp32: straight into the gradient; a mixed-dtype mul would go through a temporary)
-                if fp32:
-                    torch.mul(x, row_scale_c, out=grad_c)
-                else:
-                    grad_c.copy_(x.mul_(row_scale_c))
+                _grad_chunk(
+                    z_c,
+                    grad_c,
+                    col_c,
+                    target_col_c,
+                    target_add_c,
+                    row_scale_c,
+                    w_col_c,
+                    inv_beta,
+                    beta,
+                    scratch[: z_c.shape[0]],
+                )
         return grad.view_as(logits), None, None, None, None, None, None, None, None, None
 
 

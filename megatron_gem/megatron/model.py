@@ -20,8 +20,8 @@ one op, ``vocab_parallel_linear_gem_loss``: the ``[s, b, V/tp]`` logits are neve
 ``output_processor`` hook, which ``_postprocess`` calls after the MTP depths, on the last
 pipeline stage only, instead of the output layer + loss; the MTP depths stay unfused. Without
 labels (generation, logits wanted) and in inference mode the normal output layer runs. The
-fused op is called with ``sync_checks=False`` where it has that option; otherwise it checks the
-labels with one host sync per call and raises an out-of-vocabulary label at once.
+fused op runs sync-free too (``sync_checks=False``), with the model's ``impl`` (Triton tiles on
+CUDA) and the output layer's gradient-accumulation fusion (``dweight`` into ``main_grad``).
 
 Models are built through Megatron's own builder (``GemGPTModelConfig`` / ``GemGPTModelBuilder``,
 the ``PretrainConfigContainer`` path of megatron.training 0.19), which picks the Transformer Engine
@@ -50,15 +50,6 @@ from megatron_gem.ops import GemConfig, vocab_parallel_gem_loss, vocab_parallel_
 LOSS_CHOICES = ("ce", "gem")
 _LOG = logging.getLogger(__name__)
 _POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
-
-# The fused op is sync-free as the unfused one where its version takes sync_checks (a bad
-# label is then deferred to raise_deferred_errors); where it does not, it checks at once.
-# TODO(fuse-op): drop the check once the op's sync_checks option is merged.
-_LINEAR_SYNC_FREE = (
-    {"sync_checks": False}
-    if "sync_checks" in inspect.signature(vocab_parallel_linear_gem_loss).parameters
-    else {}
-)
 
 __all__ = [
     "GemGPTModel",
@@ -147,7 +138,12 @@ class GemGPTModel(GPTModel):
             h=self.gem.h,
             tp_group=group,
             return_stats=True,
-            **_LINEAR_SYNC_FREE,
+            sync_checks=False,
+            impl=self.gem.impl,
+            # as ColumnParallelLinear: dweight straight into the DDP buffer (weight.main_grad)
+            gradient_accumulation_fusion=getattr(
+                output_layer, "gradient_accumulation_fusion", False
+            ),
         )
         self._gem_token_stats = (ce.transpose(0, 1), entropy.transpose(0, 1))
         if not self._gem_fusion_logged:  # once per model: the run's log shows the fusion is on

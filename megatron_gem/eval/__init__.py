@@ -6,17 +6,25 @@ sampling.py  load_hf, SamplingConfig, sample (HF transformers, KV cache)
 scoring.py   sequence_logprobs, score_valid, heldout_loss (exact, teacher forcing)
 metrics.py   the metrics themselves (quality, valid mass, diversity, forgetting)
 testtime.py  test-time scaling over N samples: pass@k, maj@k, best-of-k (exact expectations)
-api.py       prompt_metrics, summarise, evaluate, flat_metrics
+answers.py   final answers of math responses (GSM8K ####, \\boxed{}, last number), equivalence
+execution.py HumanEval-style code tasks run in a limited subprocess per sample
+reward.py    rewards for best-of-k: a Python callable or an HF sequence-classification model
+vllm_sampling.py  sampling with vLLM (models beyond CPU scale), same ids as the HF path
+api.py       prompt_metrics, summarise, evaluate, flat_metrics (judge, default_ks)
 cli.py       the CLI (tools/evaluate.py, python -m megatron_gem.eval)
 """
 
 from megatron_gem.eval.api import (
     METRIC_NAMES,
+    TESTTIME_METRICS,
+    default_ks,
     evaluate,
     flat_metrics,
+    judge,
     prompt_metrics,
     summarise,
 )
+from megatron_gem.eval.execution import CodeTask, SandboxConfig, run_program, run_tests
 from megatron_gem.eval.formats import (
     ChatFormat,
     ChatTemplateFormat,
@@ -31,7 +39,13 @@ from megatron_gem.eval.scoring import heldout_loss, score_valid, sequence_logpro
 from megatron_gem.eval.testtime import best_of_k, maj_at_k, majority_answer, pass_at_k
 
 __all__ = [
+    "CodeTask",
     "EvalPrompt",
+    "SandboxConfig",
+    "default_ks",
+    "judge",
+    "run_program",
+    "run_tests",
     "best_of_k",
     "maj_at_k",
     "majority_answer",
@@ -54,6 +68,7 @@ __all__ = [
     "ChatFormat",
     "ChatTemplateFormat",
     "METRIC_NAMES",
+    "TESTTIME_METRICS",
     "PlainTemplateFormat",
     "plain_render",
     "sequence_logprobs",

@@ -13,18 +13,32 @@ from typing import Sequence
 
 from megatron_gem.data import jsonl as J
 from megatron_gem.data.chat import ROLES
+from megatron_gem.eval.answers import reference_answer
+from megatron_gem.eval.execution import CodeTask
 
 __all__ = ["EvalPrompt", "read_generations", "read_prompts", "read_texts"]
 
 
 @dataclass
 class EvalPrompt:
-    """One evaluation prompt: chat messages up to the answer, optional valid set, prompt set."""
+    """One evaluation prompt: chat messages up to the answer, the prompt set, and at most one
+    correctness criterion: a valid set, a math reference answer, or a code task's tests."""
 
     id: str
     messages: list[dict]
     valid: list[str] | None = None
     split: str = "all"
+    answer: str | None = None  # math: the reference answer ("42"; GSM8K's "#### 42" -> "42")
+    code: CodeTask | None = None  # code: a HumanEval-style task, the sample is the completion
+
+    @property
+    def task(self) -> str:
+        """valid, math, code or open (no correctness criterion)."""
+        if self.code is not None:
+            return "code"
+        if self.answer is not None:
+            return "math"
+        return "valid" if self.valid else "open"
 
 
 def _check_messages(messages, where: str) -> list[dict]:
@@ -68,21 +82,73 @@ def _read_jsonl(path: str | os.PathLike):
         yield lineno, rec
 
 
-def read_prompts(path: str | os.PathLike) -> list[EvalPrompt]:
-    """Read evaluation prompts from JSONL.
+def _string(rec: dict, key: str, where: str, empty_ok: bool = False) -> str:
+    v = rec[key]
+    if not isinstance(v, str) or (not v.strip() and not empty_ok):
+        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {v!r}")
+    return v
 
-    Each line: ``{"messages": [...], "valid": [...]?, "id": ...?, "split": ...?}``. ``id``
-    defaults to the 0-based index of the record, ``split`` (the prompt set, e.g. seen/unseen)
-    to "all". ``valid`` lists every valid response (compared after lower-casing, collapsing
-    spaces and stripping edge punctuation).
+
+def _code_task(rec: dict, where: str) -> CodeTask | None:
+    if "test" not in rec and "entry_point" not in rec:
+        return None
+    for key in ("test", "entry_point"):
+        if key not in rec:
+            raise ValueError(f"{where}: a code task needs 'test' and 'entry_point'; no {key!r}")
+    entry = _string(rec, "entry_point", where)
+    if not entry.isidentifier():
+        raise ValueError(f"{where}: 'entry_point' must be a function name, got {entry!r}")
+    prompt = _string(rec, "prompt", where, empty_ok=True) if "prompt" in rec else ""
+    return CodeTask(prompt, _string(rec, "test", where), entry)
+
+
+def _user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def read_prompts(path: str | os.PathLike) -> list[EvalPrompt]:
+    """Read evaluation prompts from JSONL; each line in one of these shapes (by its fields):
+
+    * chat: ``{"messages": [...], "valid": [...]?, "answer": ...?, "id": ...?, "split": ...?}``;
+    * GSM8K: ``{"question": "...", "answer": "... #### 42"}`` (the question is the user message);
+    * HumanEval: ``{"task_id", "prompt", "test", "entry_point"}`` (the code prompt is the user
+      message and the prefix the completion is appended to); ``test``/``entry_point`` may also
+      come with ``messages``.
+
+    ``id`` defaults to ``task_id``, else the 0-based index of the record; ``split`` (the prompt
+    set, e.g. seen/unseen) to "all". ``valid`` lists every valid response (compared after
+    lower-casing, collapsing spaces and stripping edge punctuation); ``answer`` is a math
+    reference answer (a string or number; text up to a ``####`` is GSM8K's solution and
+    dropped). A prompt has at most one of valid, answer, test.
     """
     out: list[EvalPrompt] = []
     ids: dict[str, int] = {}
     for lineno, rec in _read_jsonl(path):
         where = f"{path}:{lineno}"
-        if "messages" not in rec:
-            raise ValueError(f"{where}: missing 'messages' (keys present: {sorted(rec)})")
-        msgs = _check_messages(rec["messages"], where)
+        code = _code_task(rec, where)
+        if "messages" in rec:
+            msgs = _check_messages(rec["messages"], where)
+        elif "question" in rec:
+            msgs = _user(_string(rec, "question", where))
+        elif code is not None and code.prompt.strip():
+            msgs = _user(code.prompt)
+        else:
+            raise ValueError(
+                f"{where}: missing 'messages' (or GSM8K's 'question', or HumanEval's 'prompt', "
+                f"'test', 'entry_point'); keys present: {sorted(rec)}"
+            )
+        answer = None
+        if "answer" in rec:
+            try:
+                answer = reference_answer(rec["answer"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        criteria = [k for k, v in (("valid", rec.get("valid")), ("answer", answer)) if v]
+        criteria += ["test"] if code is not None else []
+        if len(criteria) > 1:
+            raise ValueError(
+                f"{where}: give one correctness criterion, not {' and '.join(map(repr, criteria))}"
+            )
         valid = rec.get("valid")
         if valid is not None:
             if (
@@ -93,14 +159,14 @@ def read_prompts(path: str | os.PathLike) -> list[EvalPrompt]:
                 raise ValueError(
                     f"{where}: 'valid' must be a non-empty list of strings, got {valid!r}"
                 )
-        pid = str(rec.get("id", len(out)))
+        pid = str(rec.get("id", rec.get("task_id", len(out))))
         if pid in ids:
             raise ValueError(f"{where}: duplicate id {pid!r} (first on line {ids[pid]})")
         ids[pid] = lineno
         split = rec.get("split", "all")
         if not isinstance(split, str) or not split:
             raise ValueError(f"{where}: 'split' must be a non-empty string, got {split!r}")
-        out.append(EvalPrompt(pid, msgs, valid, split))
+        out.append(EvalPrompt(pid, msgs, valid, split, answer, code))
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out

@@ -395,6 +395,15 @@ def test_time_findings(records: Sequence[dict], prompt_set: str) -> list[str]:
     return out
 
 
+def _n_prompts(records, prompt_set: str, metric: str) -> str:
+    """ " (N prompts)" from the records' ``n_<metric>`` when they agree, else ""."""
+    ns = {r.get(f"{prompt_set}/n_{metric}") for r in records} - {None}
+    if len(ns) != 1:
+        return ""
+    n = ns.pop()
+    return f" ({n:g} prompt{'' if n == 1 else 's'})"
+
+
 def _highest(pts: dict, i: int) -> str:
     """The run(s) with the highest value (equal as shown, to 3 decimals)."""
     top = max(round(v[i], 3) for v in pts.values())
@@ -428,7 +437,7 @@ def _test_time_section(records, with_plot: bool) -> list[str]:
     if with_plot:
         L += [f"![pass@k and maj@k vs k]({TEST_TIME_PNG})", ""]
     for s in sets:
-        L += [f"### Prompt set `{s}`", ""]
+        L += [f"### Prompt set `{s}`{_n_prompts(records, s, 'pass@1')}", ""]
         L += _table(*test_time_table(records, s)) + [""]
         L += [f"* {t}" for t in test_time_findings(records, s)] + [""]
     return L
@@ -469,8 +478,9 @@ def plot_test_time_curves(records, path, sets: Sequence[str] | None = None):
             if ks:
                 ax.set_xticks(ks, [str(k) for k in ks])
                 ax.minorticks_off()
-            _min_span(ax, kind)
-            ax.set_title(f"{name}, prompt set '{s}'")
+            # from 0, so that small values look small (these sets are a few dozen prompts)
+            ax.set_ylim(0, min(1.02, max(0.1, 1.15 * ax.get_ylim()[1])))
+            ax.set_title(f"{name}, set '{s}'" + _n_prompts(records, s, f"{kind}@1"), fontsize=11)
             if row == len(TEST_TIME) - 1:
                 ax.set_xlabel("k (of the N samples)")
             ax.set_ylabel(name)

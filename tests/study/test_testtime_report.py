@@ -135,7 +135,7 @@ def test_report_section_and_plot(tmp_path):
     sec = md.split("## Test-time scaling: pass@k and maj@k")[1]
     assert f"![pass@k and maj@k vs k]({R.TEST_TIME_PNG})" in sec
     for s in ("rare-unseen", "single-unseen", "unseen"):
-        block = sec.split(f"### Prompt set `{s}`")[1].split("###")[0]
+        block = sec.split(f"### Prompt set `{s}` (1 prompt)")[1].split("###")[0]
         assert re.search(
             r"^\| tiny \| GEM β=0.7 \| 0 \| 60 \| 0.500 \| 0.833 \| 1.000 \| 0.500 \| 0.667 "
             r"\| 1.000 \|$",

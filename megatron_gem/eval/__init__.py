@@ -34,7 +34,7 @@ from megatron_gem.eval.formats import (
     plain_render,
 )
 from megatron_gem.eval.prompts import EvalPrompt, read_generations, read_prompts, read_texts
-from megatron_gem.eval.sampling import SamplingConfig, load_hf, sample
+from megatron_gem.eval.sampling import SamplingConfig, load_hf, load_tokenizer, sample
 from megatron_gem.eval.scoring import heldout_loss, score_valid, sequence_logprobs
 from megatron_gem.eval.testtime import best_of_k, maj_at_k, majority_answer, pass_at_k
 
@@ -56,6 +56,7 @@ __all__ = [
     "heldout_loss",
     "hf_chat_format",
     "load_hf",
+    "load_tokenizer",
     "megatron_chat_format",
     "prompt_metrics",
     "read_generations",

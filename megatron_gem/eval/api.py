@@ -20,7 +20,7 @@ import torch
 from megatron_gem.eval import answers as A
 from megatron_gem.eval import metrics as M
 from megatron_gem.eval import testtime as T
-from megatron_gem.eval.execution import SandboxConfig, run_tests
+from megatron_gem.eval.execution import ExecResult, SandboxConfig, run_many
 from megatron_gem.eval.formats import ChatFormat
 from megatron_gem.eval.prompts import EvalPrompt
 from megatron_gem.eval.sampling import SamplingConfig, sample
@@ -32,6 +32,7 @@ __all__ = [
     "default_ks",
     "evaluate",
     "flat_metrics",
+    "is_curve",
     "judge",
     "metric_order",
     "prompt_metrics",
@@ -69,6 +70,11 @@ def default_ks(n: int) -> list[int]:
     return [1 << i for i in range(n.bit_length()) if 1 << i < n] + [n]
 
 
+def is_curve(name: str) -> bool:
+    """Whether ``name`` is a point of a test-time curve (``pass@4``, ``best_of_k_reward@8``)."""
+    return _TESTTIME_RE.match(name) is not None
+
+
 def metric_order(names: Iterable[str]) -> list[str]:
     """``names`` in table order: METRIC_NAMES, then the test-time curves by family and k, then
     anything else alphabetically."""
@@ -85,18 +91,23 @@ def metric_order(names: Iterable[str]) -> list[str]:
 
 
 def judge(
-    prompt: EvalPrompt, samples: Sequence[str], sandbox: SandboxConfig | None = None
+    prompt: EvalPrompt,
+    samples: Sequence[str],
+    sandbox: SandboxConfig | None = None,
+    runs: Sequence[ExecResult] | None = None,
 ) -> dict | None:
     """Per-sample correctness of one prompt's samples, and the answers that vote in maj@k.
 
     ``{"correct": [bool], "answers": [key | None] | None, "right": set | None, ...}``; None for
     a prompt without a criterion. valid: a sample is correct when ``is_valid``, its answer is
     its normalised text; math: the extracted answer (``answers.extract_answer``) matches the
-    reference; code: the completion passes the task's tests (``execution.run_tests``; no maj@k,
-    answers None, ``status`` per sample).
+    reference; code: the completion passes the task's tests (``execution.run_many``, or the
+    ``runs`` already made; no maj@k, answers None, ``status`` per sample).
     """
     if prompt.code is not None:
-        res = run_tests(prompt.code, samples, sandbox or SandboxConfig())
+        res = runs
+        if res is None:
+            res = run_many([(prompt.code, s) for s in samples], sandbox or SandboxConfig())
         return {
             "correct": [r.passed for r in res],
             "answers": None,
@@ -253,10 +264,18 @@ def summarise(
         )
     if rewards is not None and len(rewards) != len(prompts):
         raise ValueError(f"summarise: {len(rewards)} reward lists for {len(prompts)} prompts")
+    # every code sample of every prompt in one pool (sandbox.workers at a time)
+    code = [k for k, p in enumerate(prompts) if p.code is not None]
+    flat = run_many(
+        [(prompts[k].code, s) for k in code for s in generations[k]], sandbox or SandboxConfig()
+    )
+    runs: dict[int, list[ExecResult]] = {}
+    for k in code:
+        runs[k], flat = flat[: len(generations[k])], flat[len(generations[k]) :]
     per_prompt = []
     for k, (p, g) in enumerate(zip(prompts, generations)):
         lps = valid_logprobs[k] if valid_logprobs is not None else None
-        j = judge(p, g, sandbox) if g else None
+        j = judge(p, g, sandbox, runs.get(k)) if g else None
         rec = {"id": p.id, "split": p.split, "task": p.task, "n_samples": len(g)}
         rec["metrics"] = prompt_metrics(
             g,

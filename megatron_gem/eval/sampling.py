@@ -16,7 +16,7 @@ import torch
 
 from megatron_gem.eval.formats import ChatFormat
 
-__all__ = ["SamplingConfig", "load_hf", "model_device", "sample"]
+__all__ = ["SamplingConfig", "load_hf", "load_tokenizer", "model_device", "sample"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -29,16 +29,28 @@ def load_hf(
     """(model, tokenizer) from an HF model directory, offline (no hub access); tokenizer is None
     when the directory has no tokenizer files (then build the format from the training
     tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(
             f"model_dir {str(model_dir)!r} is not an HF model directory (no config.json)"
         )
-    has_tok = any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True) if has_tok else None
+    tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     return model.to(device).eval(), tok
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The HF tokenizer of a model directory, offline; None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(
+            f"model_dir {str(model_dir)!r} is not an HF model directory (no config.json)"
+        )
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import os
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -26,7 +27,8 @@ TASK = CodeTask(
 def cfg(tmp_path):
     root = tmp_path / "exec"
     root.mkdir()
-    return SandboxConfig(timeout=2.0, memory_mb=256, workers=2, temp_root=str(root))
+    # a generous wall limit: the machine's cores are shared, startup alone can take a while
+    return SandboxConfig(timeout=30.0, memory_mb=256, workers=2, temp_root=str(root))
 
 
 def test_pass_fail_loop_and_memory_hog_leave_nothing_behind(cfg):
@@ -34,24 +36,26 @@ def test_pass_fail_loop_and_memory_hog_leave_nothing_behind(cfg):
     samples = [
         "    return a + b\n",  # passes
         "    return a - b\n",  # fails its assertion
-        "    while True:\n        pass\n",  # killed at the wall-time limit
         "    x = bytearray(1 << 30)\n    return a + b\n",  # 1 GiB > 256 MiB: MemoryError
         "    open('left_behind.txt', 'w').write('x')\n    return a + b\n",  # a stray file
     ]
     res = run_tests(TASK, samples, cfg)
-    assert [r.status for r in res] == ["passed", "failed", "timeout", "memory", "passed"]
+    assert [r.status for r in res] == ["passed", "failed", "memory", "passed"]
     assert "AssertionError" in res[1].stderr
-    assert 2.0 <= res[2].seconds < 6.0 and res[2].returncode is None
-    assert "MemoryError" in res[3].stderr
+    assert "MemoryError" in res[2].stderr
+    # the limit is what stopped it: with room for 1 GiB the same sample passes
+    assert run_tests(TASK, [samples[2]], replace(cfg, memory_mb=4096))[0].passed
+    # an endless loop, killed at the wall-time limit
+    loop = run_tests(TASK, ["    while True:\n        pass\n"], replace(cfg, timeout=1.0))[0]
+    assert loop.status == "timeout" and loop.returncode is None
+    assert 1.0 <= loop.seconds < 10.0
     assert sorted(os.listdir(cfg.temp_root)) == before == []
 
 
 def test_growing_memory_hog_output_truncation_stdin_and_children(cfg):
     hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))\n"
     assert run_program(hog, cfg).status == "memory"
-    r = run_program(
-        "print('x' * 100_000)\n", SandboxConfig(output_bytes=50, temp_root=cfg.temp_root)
-    )
+    r = run_program("print('x' * 100_000)\n", replace(cfg, output_bytes=50))
     assert r.status == "passed" and r.stdout.startswith("x" * 50) and "truncated" in r.stdout
     assert run_program("import sys\nassert sys.stdin.read() == ''\n", cfg).passed
     # a child left running in the background dies with the process group
@@ -87,6 +91,6 @@ def test_humaneval_program_shapes():
     fenced = "Here you go:\n```python\ndef add(a, b):\n    return b + a\n```\nDone."
     prog = humaneval_program(TASK, fenced)
     assert "def add(a, b):\n    return b + a" in prog and "Here you go" not in prog
-    assert run_program(prog, SandboxConfig(timeout=5)).passed
+    assert run_program(prog, SandboxConfig(timeout=30)).passed
     with pytest.raises(ValueError, match="timeout"):
         SandboxConfig(timeout=0)

@@ -88,3 +88,24 @@ def test_reward_model_logit_of_single_or_positive_label(tmp_path):
         RewardModel(tmp_path / "rm3")
     with pytest.raises(ValueError, match="no config.json"):
         RewardModel(tmp_path / "missing")
+
+
+def test_cli_best_of_k_with_a_reward_model(tmp_path):
+    import json
+
+    from megatron_gem.eval import cli
+
+    _save_reward_model(tmp_path / "rm", 1)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"messages": U, "answer": "1"}) + "\n")
+    gens = ["a", "b c", "c", "a b"]
+    (tmp_path / "g.jsonl").write_text(json.dumps({"index": 0, "generations": gens}) + "\n")
+    out = tmp_path / "r.json"
+    argv = ["--prompts", str(tmp_path / "p.jsonl"), "--generations", str(tmp_path / "g.jsonl")]
+    assert cli.main(argv + ["--reward-model", str(tmp_path / "rm"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    rewards = RewardModel(tmp_path / "rm").score_many([(U, g) for g in gens])
+    assert r["prompts"][0]["rewards"] == pytest.approx(rewards, abs=1e-6)
+    a = r["sets"]["all"]
+    assert a["best_of_k_reward@1"] == pytest.approx(sum(rewards) / 4, abs=1e-6)
+    assert a["best_of_k_reward@4"] == pytest.approx(max(rewards), abs=1e-6)
+    assert a["best_of_k_win_rate@1"] == 0.5 and a["best_of_k_quality@4"] == 0.0

@@ -42,7 +42,7 @@ def test_hand_computed_curves_valid_math_and_code(tmp_path):
         ["    return x * 2\n", "    return x + 3\n"],  # passes, fails
     ]
     rewards = [[0.1, 0.9, 0.5, 0.3], None, None]
-    sandbox = E.SandboxConfig(timeout=5, temp_root=str(tmp_path))
+    sandbox = E.SandboxConfig(timeout=30, temp_root=str(tmp_path))
     sets, per = E.summarise(prompts, gens, rewards=rewards, sandbox=sandbox)
     v, m, c = (r["metrics"] for r in per)
     # valid, N = 4, c = 3: pass@2 = 1 - C(1,2)/C(4,2) = 1. maj@2 over the 6 pairs (a tie goes to
@@ -122,3 +122,18 @@ def test_prompt_shapes_and_errors(tmp_path):
     for rec, match in bad:
         with pytest.raises(ValueError, match=f"p2.jsonl:2: .*{match}"):
             E.read_prompts(_write(tmp_path / "p2.jsonl", [lines[0], rec]))
+
+
+def test_humaneval_samples_file_reads_as_generations(tmp_path):
+    ps = [E.EvalPrompt("HumanEval/0", U), E.EvalPrompt("HumanEval/1", U)]
+    lines = [
+        {"task_id": "HumanEval/0", "completion": "a"},
+        {"task_id": "HumanEval/1", "completion": "b"},
+        {"task_id": "HumanEval/0", "completion": "c"},
+    ]
+    assert E.read_generations(_write(tmp_path / "s.jsonl", lines), ps) == [["a", "c"], ["b"]]
+    bad = [{"task_id": "HumanEval/0", "completion": 3}]
+    with pytest.raises(ValueError, match="s2.jsonl:1: 'completion' must be a string, got 3"):
+        E.read_generations(_write(tmp_path / "s2.jsonl", bad), ps)
+    with pytest.raises(ValueError, match="prompt_id 'HumanEval/9' is not in the prompts file"):
+        E.read_generations(_write(tmp_path / "s3.jsonl", [{"task_id": "HumanEval/9"}]), ps)

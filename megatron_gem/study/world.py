@@ -14,7 +14,18 @@ one or two abilities, a home place and one or two foods. From it we write
 * evaluation prompts (``{"id", "split", "messages", "valid"}``): every instruction, marked
   ``seen`` (it appears in the SFT data) or ``unseen`` (held out of SFT), with its full valid set.
 
-Answers are short (1 word, or 3 for "Name two animals ..."), the vocabulary is small, and the
+Instructions come in three task groups (``TASK_GROUPS``, by family; ``task_group(id)``):
+
+* ``open``: many valid answers ("Name an animal that can fly."): quality vs diversity;
+* ``rare``: 1-3 valid answers ("Name an animal that is red and can dig."), so pass@k separates
+  a model collapsed onto a few popular answers from one that still spreads over the rest;
+* ``single``: one answer, asked in several wordings ("What colour is mapa?", "Where does mapa
+  live?"), so a majority vote over k samples (maj@k) has a right answer. Their seen/unseen
+  split is by animal and relation: an unseen animal's colour (or home) is asked in no wording
+  in SFT, so answering it needs the pre-training facts.
+
+Answers are short (1 word, or 3 for "Name two animals ..."; a test counts their tokens against
+the default generation budget), the vocabulary is small, and the
 default sizes keep a tiny GPT pre-train + SFT on 2 CPU cores within minutes.
 """
 
@@ -29,6 +40,27 @@ from pathlib import Path
 
 ABILITIES = ("fly", "swim", "climb", "dig", "sing", "jump")
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey")
+
+# Task group of each instruction family (see the module docstring).
+TASK_GROUPS = {
+    **dict.fromkeys(("ability", "colour", "place", "food", "home", "diet", "pair"), "open"),
+    "rare": "rare",
+    "colour_of": "single",
+    "home_of": "single",
+}
+# The wordings of the single-answer questions ({a}: the animal's name).
+RELATION_WORDINGS = {
+    "colour_of": (
+        "What colour is {a}?",
+        "Which colour does {a} have?",
+        "Tell me the colour of {a}.",
+    ),
+    "home_of": (
+        "Where does {a} live?",
+        "In which place does {a} live?",
+        "Tell me the home of {a}.",
+    ),
+}
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -62,11 +94,31 @@ class WorldConfig:
     min_valid: int = 2
     # Include "Name two animals that can X." (3-word answers, ordered pairs of distinct animals).
     pair_prompts: bool = True
+    # "rare" group: "Name an animal that is C and can X." where 1..rare_max animals are valid.
+    rare_max: int = 3
+    # "single" group: the colour and home of this many animals, each in every wording
+    # (0: none), each seen instruction in SFT this many times (it has one answer: repeating it
+    # adds weight, not variety).
+    relation_animals: int = 16
+    sft_answers_per_single: int = 1
 
     def __post_init__(self):
-        for name in ("n_animals", "n_places", "n_foods", "pretrain_docs", "sft_answers_per_prompt"):
+        for name in (
+            "n_animals",
+            "n_places",
+            "n_foods",
+            "pretrain_docs",
+            "sft_answers_per_prompt",
+            "sft_answers_per_single",
+            "rare_max",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.relation_animals <= self.n_animals:
+            raise ValueError(
+                f"WorldConfig.relation_animals must be in [0, n_animals={self.n_animals}], "
+                f"got {self.relation_animals}"
+            )
         if self.n_animals < 4:
             raise ValueError(f"WorldConfig.n_animals must be >= 4, got {self.n_animals}")
         if self.heldout_docs < 0:
@@ -96,12 +148,14 @@ class Animal:
 
 @dataclass(frozen=True)
 class Instruction:
-    """One instruction with its complete set of valid answers."""
+    """One instruction with its complete set of valid answers; ``unit``: what is held out of SFT
+    together (default: the instruction itself; for a single-answer question, its animal)."""
 
     id: str
     family: str
     text: str
     valid: tuple[str, ...]
+    unit: str = ""
 
 
 @dataclass
@@ -160,7 +214,11 @@ class World:
         for ins in self.instructions:
             if ins.id not in self.seen_ids:
                 continue
-            for _ in range(self.config.sft_answers_per_prompt):
+            single = TASK_GROUPS[ins.family] == "single"
+            reps = (
+                self.config.sft_answers_per_single if single else self.config.sft_answers_per_prompt
+            )
+            for _ in range(reps):
                 out.append(
                     {
                         "messages": [
@@ -179,6 +237,8 @@ class World:
             rest = [n for n in names if n != first]
             second = _weighted_choice(rng, rest, [self._weight(n) for n in rest])
             return f"{first} and {second}"
+        if len(ins.valid) == 1:  # a single answer (colours have no popularity)
+            return ins.valid[0]
         return _weighted_choice(rng, list(ins.valid), [self._weight(v) for v in ins.valid])
 
     def _weight(self, answer: str) -> float:
@@ -200,6 +260,12 @@ def _pseudo_words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
             taken.add(w)
             out.append(w)
     return out
+
+
+def task_group(instruction_id: str) -> str | None:
+    """The task group ("open", "rare", "single") of an eval prompt id ("family:key"), or None
+    for an id that is not the embedded world's."""
+    return TASK_GROUPS.get(str(instruction_id).split(":", 1)[0])
 
 
 def build_world(config: WorldConfig = WorldConfig()) -> World:
@@ -233,10 +299,12 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
 
     instructions: list[Instruction] = []
 
-    def add(family: str, key: str, text: str, valid):
+    def add(family: str, key: str, text: str, valid, min_valid=None, max_valid=None, unit=""):
         valid = tuple(sorted(set(valid)))
-        if len(valid) >= max(1, config.min_valid):
-            instructions.append(Instruction(f"{family}:{key}", family, text, valid))
+        lo = max(1, config.min_valid if min_valid is None else min_valid)
+        if lo <= len(valid) <= (max_valid or len(valid)):
+            iid = f"{family}:{key}"
+            instructions.append(Instruction(iid, family, text, valid, unit or iid))
 
     for ab in ABILITIES:
         add(
@@ -280,13 +348,31 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
                 [f"{x} and {y}" for x in able for y in able if x != y],
             )
 
-    # Hold out a share of each family, so every kind of instruction is seen in SFT.
+    # Rare valid sets: the colour-and-ability combinations that 1..rare_max animals have.
+    for c in COLOURS:
+        for ab in ABILITIES:
+            add(
+                "rare",
+                f"{c}-{ab}",
+                f"Name an animal that is {c} and can {ab}.",
+                [a.name for a in animals if a.colour == c and ab in a.abilities],
+                min_valid=1,
+                max_valid=config.rare_max,
+            )
+    # Single answers: one animal's colour or home, in every wording; held out by animal.
+    for a in animals[: config.relation_animals]:
+        for family, answer in (("colour_of", a.colour), ("home_of", a.place)):
+            for w, text in enumerate(RELATION_WORDINGS[family]):
+                add(family, f"{a.name}:{w}", text.format(a=a.name), [answer], 1, 1, a.name)
+
+    # Hold out a share of each family's units, so every kind of instruction is seen in SFT.
     seen: set[str] = set()
     for family in dict.fromkeys(i.family for i in instructions):
-        ids = [i.id for i in instructions if i.family == family]
-        rng.shuffle(ids)
-        n_unseen = min(len(ids) - 1, round(config.unseen_fraction * len(ids)))
-        seen.update(ids[n_unseen:])
+        units = list(dict.fromkeys(i.unit for i in instructions if i.family == family))
+        rng.shuffle(units)
+        n_unseen = min(len(units) - 1, round(config.unseen_fraction * len(units)))
+        seen_units = set(units[n_unseen:])
+        seen.update(i.id for i in instructions if i.family == family and i.unit in seen_units)
     return World(config, animals, places, foods, popularity, instructions, frozenset(seen))
 
 

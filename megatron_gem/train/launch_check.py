@@ -511,11 +511,9 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
         # the bf16 logits, without)
         # only with PP=1, where the first stage (the one estimated) is also the last. The fused
         # op never materialises them: take out exactly Megatron's term (the same formula with
-        # no vocabulary) and put in the op's workspace, one fp32 chunk of tokens x V/tp. With
+        # no vocabulary) and put in the op's workspace (``workspace_bytes``). With
         # PP > 1 the estimated first stage holds no logits, so the flag changes nothing there.
-        import torch
-
-        from megatron_gem.ops.linear_gem import _default_chunk_tokens
+        from megatron_gem.ops.linear_gem import workspace_bytes
 
         no_vocab = copy.copy(a)
         no_vocab.padded_vocab_size = 0
@@ -523,9 +521,8 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
             logits = activations - activation_memory(no_vocab, num_microbatches) / MIB
         v_local = a.padded_vocab_size // a.tensor_model_parallel_size
         tokens = a.seq_length * a.micro_batch_size  # the output layer sees the gathered sequence
-        # the op's chunk on a GPU (a device name only: nothing is allocated here)
-        rows = min(tokens, _default_chunk_tokens(v_local, torch.device("cuda")))
-        workspace = rows * v_local * 4 / MIB
+        dtype_bytes = 2 if (a.bf16 or a.fp16) else 4
+        workspace = workspace_bytes(tokens, a.hidden_size, v_local, dtype_bytes, "cuda") / MIB
         activations += workspace - logits
         method += (
             f", fused output layer + GEM: logits {_size(logits)} -> workspace {_size(workspace)}"

@@ -11,7 +11,8 @@
 #
 # Steps: setup (install the wheel), device (nvidia-smi, torch/triton versions), tests (pytest
 # tests/ops: the CUDA tests at real sizes), bench (examples/benchmark_loss.py, 8192 tokens x
-# V/tp 16032/32064/64128, bf16), train_gem / train_ce (a small Llama-style model, 20
+# V/tp 16032/32064/64128, bf16), bench_linear (the fused output layer + GEM, --linear, at
+# 8192 tokens x H 4096 x V/tp 64128), train_gem / train_ce (a small Llama-style model, 20
 # iterations, --bf16, local transformer spec, mock data, torchrun on 1 GPU). Each step has its
 # own timeout, clipped to what is left of GPU_CHECK_BUDGET_S; a failing step does not stop the
 # others. Every step's full log is in the output folder; the summary is the last thing printed.
@@ -39,12 +40,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 
 : "${GPU_CHECK_DRY_RUN:=0}"
-: "${GPU_CHECK_STEPS:=setup device tests bench train_gem train_ce}"
+: "${GPU_CHECK_STEPS:=setup device tests bench bench_linear train_gem train_ce}"
 : "${GPU_CHECK_BUDGET_S:=560}"    # all steps together; the device tool's limit is 600 s
 : "${PYTHON:=python3}"
 : "${SCRATCH:=${TMPDIR:-/tmp}/gpu_check_scratch}"
 : "${TRAIN_ITERS:=20}"
 : "${BENCH_ARGS:=--tokens 8192 --local-vocab 16032 32064 64128 --tp 1 --dtypes bf16}"
+# the fused output layer + GEM at the Llama-3 8B TP 2 shape (issue 14)
+: "${BENCH_LINEAR_ARGS:=--linear --tokens 8192 --hidden 4096 --local-vocab 64128 --dtypes bf16 --repeats 10}"
 OUT_DIR=$(realpath -m "${OUT:-$REPO/gpu_check_out}")
 case "$GPU_CHECK_DRY_RUN" in 0|1) ;; *) echo "GPU_CHECK_DRY_RUN=$GPU_CHECK_DRY_RUN: use 0 or 1" >&2; exit 2 ;; esac
 mkdir -p "$OUT_DIR" || exit 1
@@ -151,6 +154,13 @@ if wanted bench; then
     read -r -a bench_args <<< "$BENCH_ARGS"
     run_step bench 150 "$PYTHON" examples/benchmark_loss.py "${bench_args[@]}"
     show_log bench 45
+fi
+
+# ---------------------------------------------------------------- bench_linear: fused head + GEM
+if wanted bench_linear; then
+    read -r -a bench_linear_args <<< "$BENCH_LINEAR_ARGS"
+    run_step bench_linear 120 "$PYTHON" examples/benchmark_loss.py "${bench_linear_args[@]}"
+    show_log bench_linear 30
 fi
 
 # ---------------------------------------------------------------- train: GEM, then CE

@@ -147,13 +147,16 @@ def test_gpu_check_dry_run_prints_every_step_and_its_training_arguments_parse(tm
     proc = subprocess.run(["bash", str(CHECK)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for step in ("setup", "device", "tests", "bench", "train_gem", "train_ce"):
+    for step in ("setup", "device", "tests", "bench", "bench_linear", "train_gem", "train_ce"):
         assert f"===== {step} (timeout " in out and f"{step}: dry run" in out, out
     assert "-m pytest tests/ops -q" in out
     assert "examples/benchmark_loss.py --tokens 8192 --local-vocab 16032 32064 64128" in out
     assert "--nproc-per-node 1 -m megatron_gem.train" in out
     assert "--loss gem" in out and "--loss ce" in out
-    assert (tmp_path / "summary.txt").read_text().count("dry run") == 6
+    assert (
+        "examples/benchmark_loss.py --linear --tokens 8192 --hidden 4096 --local-vocab 64128" in out
+    )
+    assert (tmp_path / "summary.txt").read_text().count("dry run") == 7
 
     from megatron_gem.train import launch_check as lc
 

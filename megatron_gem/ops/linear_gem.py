@@ -106,17 +106,24 @@ class _Tiles:
 
 
 def workspace_bytes(
-    tokens: int, hidden_size: int, v_local: int, dtype_bytes: int = 2, device: str = "cuda"
+    tokens: int,
+    hidden_size: int,
+    v_local: int,
+    dtype_bytes: int = 2,
+    device: str = "cuda",
+    impl: str = "auto",
 ) -> int:
     """Peak bytes the op holds beyond its inputs, outputs and the two gradients, at the default
-    tiles (all tokens in one block, the torch impl): one tile of logits in the input dtype, two
-    fp32 scratch blocks, and ``dhidden``'s fp32 accumulator for low-precision inputs. For memory
-    estimates (the launch dry run); the benchmark measures it."""
+    tiles (all tokens in one block): one tile of logits in the input dtype, the torch impl's two
+    fp32 scratch blocks (the Triton kernels, ``auto`` on CUDA, need none), and ``dhidden``'s fp32
+    accumulator for low-precision inputs. For memory estimates (the launch dry run); the
+    benchmark measures it."""
     dev = torch.device(device)
     vc = min(v_local, max(_MIN_CHUNK_VOCAB, _budget(_TILE_ELEMENTS, dev) // tokens))
     sub = max(1, _budget(_SCRATCH_ELEMENTS, dev) // vc)
     tile = tokens * vc * dtype_bytes
-    scratch = 2 * min(sub, tokens) * vc * 4
+    triton = impl == "triton" or (impl == "auto" and dev.type == "cuda")
+    scratch = 0 if triton else 2 * min(sub, tokens) * vc * 4
     accumulator = tokens * hidden_size * 4 if dtype_bytes < 4 else 0
     return tile + scratch + accumulator
 

@@ -522,7 +522,12 @@ def estimate_memory(args: argparse.Namespace, vocab_size: int, num_microbatches:
         v_local = a.padded_vocab_size // a.tensor_model_parallel_size
         tokens = a.seq_length * a.micro_batch_size  # the output layer sees the gathered sequence
         dtype_bytes = 2 if (a.bf16 or a.fp16) else 4
-        workspace = workspace_bytes(tokens, a.hidden_size, v_local, dtype_bytes, "cuda") / MIB
+        workspace = (
+            workspace_bytes(
+                tokens, a.hidden_size, v_local, dtype_bytes, "cuda", a.gem_impl or "auto"
+            )
+            / MIB
+        )
         activations += workspace - logits
         method += (
             f", fused output layer + GEM: logits {_size(logits)} -> workspace {_size(workspace)}"

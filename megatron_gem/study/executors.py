@@ -121,10 +121,12 @@ def run_local(study: Study, only: Sequence[str] | None = None, jobs: int = 1) ->
         while True:
             if error is None:
                 busy = {s.name for s in running.values()}
+                memo: dict = {}  # one reading of the markers per round (a study has hundreds)
                 ready = [
                     s
                     for s in todo
-                    if s.name not in busy and all(study.done(study.by_name[d]) for d in s.deps)
+                    if s.name not in busy
+                    and all(study.done(study.by_name[d], memo) for d in s.deps)
                 ]
                 inproc = [s for s in ready if s.kind not in SUBPROCESS_KINDS]
                 for s in [s for s in ready if s.kind in SUBPROCESS_KINDS]:

@@ -625,7 +625,7 @@ def study_embedder(name: str | None):
     """(texts -> embeddings or None, which model it is or why none) for embedding
     diversity. Loaded once per process (the local executor's evaluation stages share it);
     encodes on one torch thread (the cores are the sampler's) and each distinct text once
-    (samples repeat)."""
+    (samples repeat), alone (so the result does not depend on the order of evaluations)."""
     if name in _EMBEDDERS:
         return _EMBEDDERS[name]
     import torch
@@ -648,7 +648,11 @@ def study_embedder(name: str | None):
         new = [t for t in dict.fromkeys(texts) if t not in cache]
         if new:
             with _one_thread():
-                cache.update(zip(new, embed(new).cpu()))
+                # One text at a time: batched, an embedding depends (in float rounding, ~1e-7)
+                # on the texts padded with it, i.e. on which texts were new, i.e. on the order
+                # the evaluations ran in; with two stages at a time that is timing.
+                for t in new:
+                    cache[t] = embed([t])[0].cpu()
         return torch.stack([cache[t] for t in texts])
 
     _EMBEDDERS[name] = (embedder, what)

@@ -22,6 +22,7 @@ from megatron_gem.study.config import (
 )
 from megatron_gem.study.executors import (
     SlurmOptions,
+    default_jobs,
     launch_scripts_dir,
     run_local,
     run_slurm,
@@ -79,6 +80,12 @@ def build_parser():
         r.add_argument(f"--{k}", type=float)
     r.add_argument("--sft-lr-decay-style", choices=LR_DECAY_STYLES)
     r.add_argument("--executor", choices=("local", "slurm"), default="local")
+    r.add_argument(
+        "--jobs",
+        type=int,
+        help="local: stages at a time (independent training runs and evaluations; "
+        "default: one per core, a training run counting its --nproc processes)",
+    )
     r.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then check")
     r.add_argument("--partition")
     r.add_argument("--account")
@@ -170,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     wait_slurm(study, jobs)
                     print_outputs(study)
             else:
-                run_local(study)
+                jobs = default_jobs(study.cfg) if args.jobs is None else args.jobs
+                run_local(study, jobs=jobs)
                 print_outputs(study)
         elif args.command == "run-stage":
             study = load_study(args.out)

@@ -37,11 +37,34 @@ from megatron_gem.study.steps import (
 # ---- local execution -------------------------------------------------------------------------
 
 
-def run_local(study: Study, only: Sequence[str] | None = None) -> list[str]:
-    """Run every pending stage in order (``only``: just these, for ``run-stage``); returns the
-    names of the stages run. The user's inputs are checked first (every line); what is
-    pending is decided again after each stage, so an input edited since the last run reruns
-    only the stages that read what changed."""
+# Stages that run as subprocesses (the training entry): the local executor runs these
+# alongside the in-process stages, which share this process's interpreter and so one at a time.
+SUBPROCESS_KINDS = ("pretrain", "sft")
+
+
+def default_jobs(cfg) -> int:
+    """Stages at a time by default: one per core, a training run counting its processes (at
+    most 8: beyond, memory rather than cores limits CPU training)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // cfg.nproc))
+
+
+def run_local(study: Study, only: Sequence[str] | None = None, jobs: int = 1) -> list[str]:
+    """Run every pending stage (``only``: just these, for ``run-stage``); returns the names of
+    the stages run, in the order they finished. The user's inputs are checked first (every
+    line); what is pending is decided again after each stage, so an input edited since the
+    last run reruns only the stages that read what changed.
+
+    ``jobs`` > 1: up to that many independent stages at a time, training runs (subprocesses)
+    in worker threads beside the in-process stages (export, evaluation, ...), which run in
+    this thread one at a time. A stage is marked done only when it succeeded; the first
+    failure starts nothing new, waits for the stages running, then is raised (a training
+    failure names its log)."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}")
     check_before_start(study)
     study.init_folder()
 
@@ -52,25 +75,93 @@ def run_local(study: Study, only: Sequence[str] | None = None) -> list[str]:
     if not todo:
         study.log(f"nothing to do: every stage of {study.out} is done")
         return ran
-    study.log(f"{len(todo)} of {len(study.stages)} stages to run in {study.out}")
-    while todo:
-        s = todo[0]
-        if s.name in ran:
-            raise RuntimeError(f"stage {s.name}: ran but is not done (its marker)")
-        missing = [d for d in s.deps if not study.done(study.by_name[d])]
-        if missing:
-            raise RuntimeError(f"stage {s.name}: input stage(s) {missing} are not done")
-        n = f"({len(ran) + 1}/{len(ran) + len(todo)})"
+    total = len(todo)
+    study.log(
+        f"{total} of {len(study.stages)} stages to run in {study.out}"
+        + (f" ({jobs} at a time)" if jobs > 1 else "")
+    )
+    started: list[str] = []
+
+    def run_one(s: Stage) -> None:
+        n = f"({len(started)}/{total})"
         study.log(f"{n} {s.name}: {describe(study.cfg, s)}")
         t0 = time.time()
         study.prepare_output(s)
         RUNNERS[s.kind](study, s)
         study.mark(s, round(time.time() - t0, 1))
         study.log(f"{n} {s.name} done in {time.time() - t0:.0f} s")
+
+    def start(s: Stage) -> None:
+        if s.name in started:
+            raise RuntimeError(f"stage {s.name}: ran but is not done (its marker)")
+        missing = [d for d in s.deps if not study.done(study.by_name[d])]
+        if missing:
+            raise RuntimeError(f"stage {s.name}: input stage(s) {missing} are not done")
+        started.append(s.name)
+
+    def finished(s: Stage, before: int) -> list[Stage]:
         ran.append(s.name)
-        before, todo = len(todo) - 1, pending()
-        if s.kind == "data" and len(todo) < before:
-            study.log(f"   unchanged data files: {before - len(todo)} stage(s) stay done")
+        now = pending()
+        if s.kind == "data" and len(now) < before - 1:
+            study.log(f"   unchanged data files: {before - 1 - len(now)} stage(s) stay done")
+        return now
+
+    if jobs == 1:
+        while todo:
+            start(todo[0])
+            run_one(todo[0])
+            todo = finished(todo[0], len(todo))
+        return ran
+
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    running: dict = {}  # future -> stage (training runs in worker threads)
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while True:
+            if error is None:
+                busy = {s.name for s in running.values()}
+                memo: dict = {}  # one reading of the markers per round (a study has hundreds)
+                ready = [
+                    s
+                    for s in todo
+                    if s.name not in busy
+                    and all(study.done(study.by_name[d], memo) for d in s.deps)
+                ]
+                inproc = [s for s in ready if s.kind not in SUBPROCESS_KINDS]
+                for s in [s for s in ready if s.kind in SUBPROCESS_KINDS]:
+                    if len(running) >= jobs - (1 if inproc else 0):
+                        break  # a slot stays for this thread's next stage
+                    start(s)
+                    running[pool.submit(run_one, s)] = s
+                if inproc and len(running) < jobs:
+                    s = inproc[0]
+                    try:
+                        start(s)
+                        run_one(s)
+                        todo = finished(s, len(todo))
+                    except BaseException as err:  # noqa: BLE001 -- re-raised below
+                        error = err
+                    continue
+                if not running and todo:
+                    raise RuntimeError(
+                        f"stage(s) {[s.name for s in todo[:3]]}: pending, but their input "
+                        "stages are neither done nor running"
+                    )
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in done:
+                s = running.pop(f)
+                if f.exception() is not None:
+                    error = error or f.exception()
+                elif error is None:
+                    todo = finished(s, len(todo))
+                else:
+                    ran.append(s.name)
+    if error is not None:
+        study.log(f"stopped: {str(error).splitlines()[0]}")
+        raise error
     return ran
 
 

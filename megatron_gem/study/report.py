@@ -471,10 +471,23 @@ def plot_test_time_curves(records, path, sets: Sequence[str] | None = None):
         h, lab = ax.get_legend_handles_labels()
         if len(h) > len(handles):
             handles, labels = h, lab
-    fig.legend(handles, labels, loc="upper center", ncol=min(6, max(1, len(labels))), frameon=False)
+    # The title on top, the legend under it: its rows (one line per run, size and seed: 24
+    # in the default study) get their own height, so neither covers the other or the panels.
+    ncol = min(6, max(1, len(labels)))
+    rows = -(-len(labels) // ncol)
+    fig.set_figheight(fig.get_figheight() + 0.25 * rows)
+    h = fig.get_figheight()
     step_txt = ", ".join(f"{z}: step {st}" for z, st in steps.items())
-    fig.suptitle(f"Test-time scaling ({step_txt})", y=1 - 0.35 / fig.get_figheight())
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.65 / fig.get_figheight()))
+    fig.suptitle(f"Test-time scaling ({step_txt})", y=1 - 0.1 / h, va="top")
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1 - 0.45 / h),
+        ncol=ncol,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.55 + 0.25 * rows) / h))
     _save(fig, path)
 
 

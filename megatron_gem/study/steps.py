@@ -339,23 +339,35 @@ def _cpu_flag() -> list[str]:
 def _run_train(study: Study, s: Stage) -> None:
     s.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(s.out / INPUTS, study.dep_tokens(s))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes",
-        "1",
-        f"--nproc-per-node={study.cfg.nproc}",
-        "-m",
-        "megatron_gem.train",
-        *_cpu_flag(),
-        *train_argv(study, s),
-    ]
+    entry = ["-m", "megatron_gem.train", *_cpu_flag(), *train_argv(study, s)]
     # The installed package: the caller's environment and working directory (every path in the
     # flags is absolute: the study folder is resolved).
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
+    if study.cfg.nproc == 1:
+        # One process: the entry itself, with the variables torchrun would set. torchrun's
+        # agent costs a second interpreter's start and ~15% of a core while it polls the
+        # worker, on a machine where every run is a few seconds of work.
+        cmd = [sys.executable, *entry]
+        env.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            f"--nproc-per-node={study.cfg.nproc}",
+            *entry,
+        ]
     log = _logfile(study, s)
     study.log(f"   log: {log}")
     with open(log, "a", encoding="utf-8") as f:
@@ -376,6 +388,15 @@ def _run_train(study: Study, s: Stage) -> None:
         raise RuntimeError(
             f"stage {s.name}: training ended without its final checkpoint; log {log}"
         )
+
+
+def _free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (the OS's pick: concurrent runs get different ones)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _short_iteration_line(line: str) -> str:
@@ -604,7 +625,7 @@ def study_embedder(name: str | None):
     """(texts -> embeddings or None, which model it is or why none) for embedding
     diversity. Loaded once per process (the local executor's evaluation stages share it);
     encodes on one torch thread (the cores are the sampler's) and each distinct text once
-    (samples repeat)."""
+    (samples repeat), alone (so the result does not depend on the order of evaluations)."""
     if name in _EMBEDDERS:
         return _EMBEDDERS[name]
     import torch
@@ -627,7 +648,11 @@ def study_embedder(name: str | None):
         new = [t for t in dict.fromkeys(texts) if t not in cache]
         if new:
             with _one_thread():
-                cache.update(zip(new, embed(new).cpu()))
+                # One text at a time: batched, an embedding depends (in float rounding, ~1e-7)
+                # on the texts padded with it, i.e. on which texts were new, i.e. on the order
+                # the evaluations ran in; with two stages at a time that is timing.
+                for t in new:
+                    cache[t] = embed([t])[0].cpu()
         return torch.stack([cache[t] for t in texts])
 
     _EMBEDDERS[name] = (embedder, what)

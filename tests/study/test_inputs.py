@@ -269,3 +269,24 @@ def test_a_study_folder_without_the_new_options_is_the_same_study_at_their_defau
     S.Study(S.preset("ci"), out, log=lambda m: None).init_folder()  # accepted
     with pytest.raises(ValueError, match=r"differs in: sft_lrs\)"):
         S.Study(S.preset("ci", sft_lrs=(1e-3, 2e-3)), out).init_folder()
+
+
+def test_the_default_preset_is_a_scaling_study():
+    """The README's main job (issue 16, must-hold 1): >= 2 sizes x >= 2 seeds x CE and GEM at
+    two betas x >= 2 lrs, checkpoints to trace curves, one process per run (2 at a time on 2
+    cores); the frontier and matching on the prompts SFT taught."""
+    cfg = S.preset("default")
+    assert len(cfg.sizes) >= 2 and len(cfg.seeds) >= 2 and len(cfg.lrs()) >= 2
+    assert len(cfg.betas) == 2 and 1.0 not in cfg.betas
+    assert len(cfg.sft_steps()) >= 4 and (cfg.tp, cfg.nproc) == (1, 1)
+    assert cfg.prompt_set == "seen"
+    runs = cfg.runs()
+    assert len(runs) == len(cfg.seeds) * len(cfg.lrs()) * (1 + len(cfg.betas))
+    assert {(m, b, seed, lr) for _, m, b, seed, lr in runs} == {
+        (m, b, seed, lr)
+        for seed in cfg.seeds
+        for lr in cfg.lrs()
+        for m, b in [("ce", None), *(("gem", b) for b in cfg.betas)]
+    }
+    params = [z.num_layers * z.hidden_size**2 for z in cfg.sizes]
+    assert params == sorted(set(params))  # distinct sizes, smallest first

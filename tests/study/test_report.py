@@ -135,3 +135,17 @@ def test_bad_input():
         R.results_csv([{"method": "ce", "model_size": "s"}])
     with pytest.raises(ValueError, match="prompt_set 'seen'"):
         R.write_report(study(), "unused-dir-never-written", prompt_set="seen")
+
+
+def test_report_with_quality_and_forgetting_but_no_diversity(tmp_path):
+    """Records with quality and forgetting but no diversity metric at all: the frontier and the
+    matching are drawn on forgetting alone (once a crash: the diversity axis was assumed)."""
+    recs = [
+        {k: v for k, v in r.items() if "diversity" not in k and "effective_valid" not in k}
+        for r in study()
+    ]
+    paths = R.write_report(recs, tmp_path / "out", prompt_set="unseen")
+    assert set(paths) == {"csv", "report", "metrics_vs_size", "quality_vs_forgetting", "frontier"}
+    text = paths["report"].read_text()
+    assert "#### Quality vs forgetting" in text and "Quality vs effective" not in text
+    assert "## Quality-matched comparison" in text

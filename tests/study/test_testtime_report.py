@@ -181,7 +181,7 @@ def test_task_sets_are_means_over_each_group_and_split():
     }
 
 
-def test_study_embedder_loads_once_embeds_each_text_once_on_one_thread(monkeypatch):
+def test_study_embedder_loads_once_embeds_each_text_once_alone_on_one_thread(monkeypatch):
     calls, threads = [], []
 
     def fake_sentence_embedder(path):
@@ -202,8 +202,14 @@ def test_study_embedder_loads_once_embeds_each_text_once_on_one_thread(monkeypat
     out = emb(["ab", "c", "ab"])
     assert out.tolist() == [[2.0, 1.0], [1.0, 1.0], [2.0, 1.0]]
     emb(["c", "def"])
-    assert calls == [("load", "/models/st"), ("encode", ["ab", "c"]), ("encode", ["def"])]
-    assert threads == [1, 1, 1]
+    # each new text alone: its embedding cannot depend on the texts batched with it
+    assert calls == [
+        ("load", "/models/st"),
+        ("encode", ["ab"]),
+        ("encode", ["c"]),
+        ("encode", ["def"]),
+    ]
+    assert threads == [1, 1, 1, 1]
     assert S.study_embedder("none") == (None, "skipped (embedding_model is 'none')")
     # no model given: the packaged all-MiniLM-L6-v2 when it imports, else skipped with why
     path, what = S._embedding_model(None)

@@ -150,8 +150,8 @@ def test_every_valid_answer_fits_the_default_generation_budget(tmp_path):
     from megatron_gem.eval import megatron_chat_format
     from megatron_gem.study.config import preset
 
-    cfg = preset("default")
-    files = W.write_world(tmp_path / "w", W.WorldConfig(seed=cfg.world_seed))
+    cfg = preset("default")  # the default preset's world (its overrides of WorldConfig)
+    files = W.write_world(tmp_path / "w", W.WorldConfig(seed=cfg.world_seed, **cfg.world_overrides))
     texts = iter_training_text([str(files.pretrain), str(files.sft), str(files.eval)])
     sp = train_sentencepiece(texts, tmp_path / "spm", cfg.vocab_size)
     fmt = megatron_chat_format(build_tokenizer("SentencePieceTokenizer", sp))

@@ -63,6 +63,7 @@ import os
 import re
 import socket
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -246,6 +247,35 @@ def _measure_once(fn, logits, target, grad, device, intermediate):
     return dt, mem.extra
 
 
+def _take_turns(methods, names, measure, repeats, failed, rank):
+    """{name: (best seconds, worst extra bytes)} of ``measure(methods[name])`` (rank 0; {} on
+    the others). Round-robin over the methods, so drift in a shared machine's speed hits all of
+    them; the first round warms up (and compiles). A method that raises (e.g. the fused CE's
+    torch.compile failing on a host) is dropped here and, through ``failed``, later."""
+    samples = {n: [] for n in names if n not in failed}
+    for round_ in range(repeats + 1):
+        for name in list(samples):
+            try:
+                sample = measure(methods[name])
+            except Exception as exc:
+                del samples[name]
+                failed.add(name)
+                if rank == 0:
+                    print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            if round_:
+                samples[name].append(sample)
+    if rank != 0:
+        return {}
+    return {
+        name: (
+            min(s for s, _ in got) if got else math.nan,
+            max(e for _, e in got) if got else math.nan,
+        )
+        for name, got in samples.items()
+    }
+
+
 def _worker(rank, world, args, phase, results):
     cuda = torch.cuda.is_available()
     if cuda:
@@ -275,34 +305,19 @@ def _worker(rank, world, args, phase, results):
                 args.tokens, 1, local_vocab, generator=gen, device=device, dtype=torch.float32
             )
             logits = logits.mul_(3).to(dtype)
-            samples = {n: [] for n in names if n not in failed}
-            # Round-robin over the methods, so drift in a shared machine's speed hits all of
-            # them; the first round warms up (and compiles). Best time, worst memory.
-            for round_ in range(args.repeats + 1):
-                for name in list(samples):
-                    try:
-                        sample = _measure_once(
-                            methods[name],
-                            logits,
-                            target,
-                            grad,
-                            device,
-                            args.logits == "intermediate",
-                        )
-                    except Exception as exc:  # e.g. the fused CE's torch.compile failing on a host
-                        del samples[name]
-                        failed.add(name)
-                        if rank == 0:
-                            print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
-                        continue
-                    if round_:
-                        samples[name].append(sample)
-            if rank == 0:
-                for name, got in samples.items():
-                    sec = min(s for s, _ in got) if got else math.nan
-                    extra = max(e for _, e in got) if got else math.nan
-                    results.append((world, dtype_name, local_vocab, name, phase, sec, extra))
-            del logits
+            measure = partial(
+                _measure_once,
+                logits=logits,
+                target=target,
+                grad=grad,
+                device=device,
+                intermediate=args.logits == "intermediate",
+            )
+            for name, (sec, extra) in _take_turns(
+                methods, names, measure, args.repeats, failed, rank
+            ).items():
+                results.append((world, dtype_name, local_vocab, name, phase, sec, extra))
+            del logits, measure  # the partial holds them too
     dist.barrier()
     dist.destroy_process_group()
 
@@ -403,27 +418,19 @@ def _linear_worker(rank, world, args, phase, results):
             weight = torch.randn(local_vocab, args.hidden, generator=gen, device=device)
             # logits ~ 3 N(0, 1), as the loss benchmark's
             hidden, weight = hidden.to(dtype), weight.mul_(3 / args.hidden**0.5).to(dtype)
-            samples = {n: [] for n in names if n not in failed}
-            for round_ in range(args.repeats + 1):  # round-robin; the first round warms up
-                for name in list(samples):
-                    try:
-                        sample = _measure_linear_once(
-                            methods[name], hidden, weight, target, grad, device
-                        )
-                    except Exception as exc:
-                        del samples[name]
-                        failed.add(name)
-                        if rank == 0:
-                            print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
-                        continue
-                    if round_:
-                        samples[name].append(sample)
-            if rank == 0:
-                for name, got in samples.items():
-                    sec = min(s for s, _ in got) if got else math.nan
-                    extra = max(e for _, e in got) if got else math.nan
-                    results.append((world, dtype_name, local_vocab, name, phase, sec, extra))
-            del hidden, weight
+            measure = partial(
+                _measure_linear_once,
+                hidden=hidden,
+                weight=weight,
+                target=target,
+                grad=grad,
+                device=device,
+            )
+            for name, (sec, extra) in _take_turns(
+                methods, names, measure, args.repeats, failed, rank
+            ).items():
+                results.append((world, dtype_name, local_vocab, name, phase, sec, extra))
+            del hidden, weight, measure
     dist.barrier()
     dist.destroy_process_group()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,23 @@ def run_train(nproc: int, argv: list[str], timeout: float = 300, env: dict | Non
             f"training entry failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}"
         )
     return proc.stdout
+
+
+def run_script(path: Path, source: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Write ``source`` to ``path`` and run it as ``python PATH PORT`` (a free local port, for a
+    script that spawns its own gloo ranks), with the checkout on PYTHONPATH and one thread; stdout
+    and stderr together in ``.stdout``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path.write_text(source)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(path), str(port)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+    )

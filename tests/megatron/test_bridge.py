@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -107,23 +106,9 @@ def test_hook_on_megatron_gpt_model_beta1_linear_is_ce_per_iteration(tmp_path):
     """Must hold (without Bridge): the hook makes the built GPTModel GEM's; at beta 1 (linear)
     the reported lm loss is Megatron's CE iteration by iteration, the gradients are CE's, and
     the GEM loss value itself is CE - entropy (not CE)."""
-    from conftest import REPO
+    from conftest import run_script
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "bridge_hook.py"
-    script.write_text(_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(port)],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=300,
-    )
+    proc = run_script(tmp_path / "bridge_hook.py", _SCRIPT)
     iters = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ITER")]
     grads = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("GRAD")]
     assert proc.returncode == 0 and len(iters) == len(grads) == 3, proc.stdout[-4000:]

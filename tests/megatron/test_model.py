@@ -206,28 +206,10 @@ print("RESULT", (packed[0, 5:12] - alone[0, :7]).abs().max().item(),
 def test_packed_samples_do_not_attend_to_each_other(tmp_path):
     """Sample B packed after A gives the logits B gives alone, whatever A is; a plain causal
     mask over the pack does not (so the check can fail)."""
-    import os
-    import socket
-    import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import run_script
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "packed.py"
-    script.write_text(_PACKED_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(port)],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=300,
-    )
+    proc = run_script(tmp_path / "packed.py", _PACKED_SCRIPT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stdout[-4000:]
     vs_alone, vs_other_a, vs_causal = map(float, lines[-1].split()[1:])
@@ -333,28 +315,10 @@ def test_statistics_only_for_the_main_head_with_mtp(tmp_path):
     """GPTModel 0.19.2 calls the loss for each MTP depth (process_mtp_loss) before the main head:
     only the main head's call computes the statistics, every call is sync-free, and the stats
     popped are the main head's cross-entropy (float64, from the logits it was given)."""
-    import os
-    import socket
-    import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import run_script
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "mtp.py"
-    script.write_text(_MTP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(port)],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=300,
-    )
+    proc = run_script(tmp_path / "mtp.py", _MTP_SCRIPT)
     flags = [line for line in proc.stdout.splitlines() if line.startswith("FLAGS")]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stdout[-4000:]

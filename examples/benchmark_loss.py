@@ -276,7 +276,8 @@ def _take_turns(methods, names, measure, repeats, failed, rank):
     }
 
 
-def _worker(rank, world, args, phase, results):
+def _init_rank(rank, world):
+    """(cuda, device, group) of a benchmark rank: NCCL on CUDA, else gloo with one thread."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
@@ -285,6 +286,11 @@ def _worker(rank, world, args, phase, results):
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(1)
+    return cuda, device, group
+
+
+def _worker(rank, world, args, phase, results):
+    cuda, device, group = _init_rank(rank, world)
     methods, notes = _methods(group, world, args.methods)
     if rank == 0:
         for note in notes:
@@ -395,14 +401,7 @@ def _measure_linear_once(fn, hidden, weight, target, grad, device):
 
 def _linear_worker(rank, world, args, phase, results):
     """As _worker, for --linear: every rank draws the same hidden and weight shard."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    group = dist.new_group(list(range(world)))
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(1)
+    cuda, device, group = _init_rank(rank, world)
     methods = _linear_methods(group, args.methods)
     failed = set()
     for dtype_name in args.dtypes:
